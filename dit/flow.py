@@ -1,0 +1,244 @@
+"""Flow matching for the DiT generator: training loss, time distributions and samplers.
+
+Convention (the same as the tokenizer's):
+
+    x_t = (1 - t) * x + t * eps,        t = 0 clean data, t = 1 pure noise, eps ~ N(0, I)
+    v   = x - eps                       the network's regression target ("velocity")
+
+so dx_t/dt = eps - x = -v, and integrating from t = 1 down to t = 0 over a step t_i -> t_{i+1}
+(t_{i+1} < t_i) is
+
+    x <- x + v * (t_i - t_{i+1}).
+
+From a velocity prediction v at (x_t, t) the clean and noise estimates are
+
+    x_hat   = x_t + t * v               eps_hat = x_t - (1 - t) * v
+
+and, since x_t | x ~ N((1 - t) x, t^2 I), the score is grad log p_t(x_t) = -eps_hat / t.
+
+`model_fn(x (B, C, H, W), t (B,) float in [0, 1], y (B,) long)` returns (B, C', H, W) with
+C' >= C; only the first C channels are used, so a DiT with learn_sigma=True (C' = 2C) works
+and its variance channels are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from tokenizer.errors import UserError
+
+__all__ = [
+    "apply_time_shift",
+    "sample_t",
+    "flow_matching_loss",
+    "time_grid",
+    "guided_velocity",
+    "sample",
+]
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+T_KINDS = ("logit_normal", "uniform", "shifted")
+METHODS = ("euler", "heun", "sde")
+
+
+def apply_time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3 resolution-dependent time shift t' = s t / (1 + (s - 1) t).
+
+    Keeps 0 and 1 fixed and is monotone; s > 1 moves mass towards t = 1 (noise), which suits
+    larger latents whose signal survives more noise. s = 1 is the identity.
+    """
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against x."""
+    return t.view(-1, *([1] * (x.ndim - 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def sample_t(
+    batch: int,
+    kind: str = "logit_normal",
+    generator: Optional[torch.Generator] = None,
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Training timesteps (batch,) float32 in [0, 1].
+
+    kind:
+      "logit_normal"  t = sigmoid(mean + std * n), n ~ N(0, 1) (SD3 default; median sigmoid(mean));
+      "uniform"       t ~ U(0, 1);
+      "shifted"       t ~ U(0, 1), then the time shift with `shift`.
+    A `shift` other than 1 is applied after any kind (so logit-normal + shift, as SD3 uses at
+    high resolution, is kind="logit_normal", shift=s). The generator, if given, fixes the device.
+    """
+    if kind not in T_KINDS:
+        raise UserError(f"unknown timestep distribution {kind!r}; valid: {', '.join(T_KINDS)}")
+    if generator is not None:
+        device = generator.device
+    if kind == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
+    else:
+        t = torch.rand(batch, generator=generator, device=device)
+    return apply_time_shift(t, shift)
+
+
+def flow_matching_loss(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    *,
+    generator: Optional[torch.Generator] = None,
+    t_kind: str = "logit_normal",
+    t_mean: float = 0.0,
+    t_std: float = 1.0,
+    t_shift: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """MSE between the predicted velocity and x - eps, in float32.
+
+    x: (B, C, H, W) clean latents, y: (B,) labels, t: (B,) in [0, 1] (drawn with `sample_t`
+    from t_kind/t_mean/t_std/t_shift if None), noise: like x (drawn if None).
+    Returns a scalar (reduction="mean") or per-sample losses (B,) (reduction="none").
+    Only the first C output channels are compared (learn_sigma channels are ignored).
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if t is None:
+        t = sample_t(x.shape[0], t_kind, generator=generator, mean=t_mean, std=t_std,
+                     shift=t_shift, device=x.device)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    tb = _bcast(t.to(x.dtype), x)
+    x_t = (1 - tb) * x + tb * noise
+    v = model_fn(x_t, t, y)[:, : x.shape[1]]
+    target = x.float() - noise.float()
+    per_sample = F.mse_loss(v.float(), target, reduction="none").flatten(1).mean(1)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+def time_grid(
+    steps: int,
+    shift: float = 1.0,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decreasing grid (steps + 1,) from exactly 1 to exactly 0.
+
+    Uniform for shift=1; otherwise the uniform grid passed through `apply_time_shift`, which for
+    s > 1 spends more steps at high noise.
+    """
+    if steps < 1:
+        raise UserError(f"the number of sampling steps must be >= 1, got {steps}")
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    t = apply_time_shift(t, shift)
+    t[0], t[-1] = 1.0, 0.0  # exact endpoints despite rounding in the shift
+    return t.to(device=device, dtype=dtype)
+
+
+def guided_velocity(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    t: float,
+    y: torch.Tensor,
+    cfg_scale: float = 1.0,
+    guidance_interval: Tuple[float, float] = (0.0, 1.0),
+    null_class: Optional[int] = None,
+) -> torch.Tensor:
+    """Velocity (B, C, H, W) at scalar time t, with classifier-free guidance on ALL channels.
+
+    Inside guidance_interval (lo <= t <= hi) and cfg_scale != 1: conditional and unconditional
+    (y replaced by null_class) run in one batched forward and v = v_u + s (v_c - v_u).
+    Otherwise a single conditional forward gives v = v_c.
+    """
+    c = x.shape[1]
+    lo, hi = guidance_interval
+    if cfg_scale == 1.0 or not (lo <= t <= hi):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        return model_fn(x, tt, y)[:, :c].to(x.dtype)
+    if null_class is None:
+        raise UserError("classifier-free guidance (cfg_scale != 1) needs a null class; "
+                        "the model has none (trained with class_dropout_prob=0?)")
+    x2 = torch.cat([x, x])
+    y2 = torch.cat([y, torch.full_like(y, null_class)])
+    tt = torch.full((x2.shape[0],), t, device=x.device, dtype=torch.float32)
+    v_c, v_u = model_fn(x2, tt, y2)[:, :c].to(x.dtype).chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+@torch.no_grad()
+def sample(
+    model_fn: ModelFn,
+    noise: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 50,
+    method: str = "euler",
+    cfg_scale: float = 1.0,
+    guidance_interval: Tuple[float, float] = (0.0, 1.0),
+    null_class: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    time_shift: float = 1.0,
+    sde_scale: float = 1.0,
+) -> torch.Tensor:
+    """Integrate from noise (t = 1) to data (t = 0); returns x at t = 0, shaped like noise.
+
+    noise: (B, C, H, W) standard normal, y: (B,) long labels. null_class defaults to
+    `model_fn.null_class` (a DiT has it) and is only needed when cfg_scale != 1.
+    The grid is `time_grid(steps, time_shift)`. Methods (h = t_i - t_{i+1} > 0):
+
+      euler  x <- x + h v(x, t_i)                                         steps evaluations
+      heun   x' = x + h v1, v1 = v(x, t_i); x <- x + h (v1 + v(x', t_{i+1})) / 2
+             on every step, including the last one into t = 0: v is well defined at t = 0
+             under this parameterisation (no division by t). 2*steps evaluations.
+      sde    Euler-Maruyama on the reverse SDE with the same marginals as the ODE,
+             dx = [-v - g^2/2 * score] dt + g dW (dt < 0), with g(t)^2 = 2 * sde_scale * t,
+             chosen so that the 1/t of the score cancels:
+                 x <- x + h (v - sde_scale * eps_hat) + sqrt(2 * sde_scale * t_i * h) * z,
+             eps_hat = x - (1 - t_i) v, z ~ N(0, I) from `generator`. The last step is the
+             plain Euler step (no noise), so the output is the model's clean estimate.
+             sde_scale = 0 recovers Euler. steps evaluations.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown sampling method {method!r}; valid: {', '.join(METHODS)}")
+    if null_class is None:
+        null_class = getattr(model_fn, "null_class", None)
+    grid = time_grid(steps, time_shift, dtype=torch.float64).tolist()
+
+    def vel(x: torch.Tensor, t: float) -> torch.Tensor:
+        return guided_velocity(model_fn, x, t, y, cfg_scale, guidance_interval, null_class)
+
+    x = noise
+    for i in range(steps):
+        t_cur, t_next = grid[i], grid[i + 1]
+        h = t_cur - t_next
+        v = vel(x, t_cur)
+        if method == "euler":
+            x = x + h * v
+        elif method == "heun":
+            x_pred = x + h * v
+            x = x + h * 0.5 * (v + vel(x_pred, t_next))
+        else:  # sde
+            if i == steps - 1:
+                x = x + h * v
+            else:
+                eps_hat = x - (1 - t_cur) * v
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + h * (v - sde_scale * eps_hat) + (2 * sde_scale * t_cur * h) ** 0.5 * z
+    return x

@@ -1,0 +1,237 @@
+"""Auxiliary training losses of the tokenizer: LPIPS (VGG), REPA against DINOv2-base, and the KL term.
+
+Frozen networks (the LPIPS trunk and heads, the DINOv2 teacher) are *held outside* the module tree: they live in a
+one-element Python list, so they never appear in ``state_dict()``, ``parameters()`` or ``modules()`` (training
+checkpoints, optimizers and DDP only see trainable weights, e.g. the REPA projector), and ``.train()`` on a parent
+cannot switch them out of eval mode. ``_apply`` is overridden so that ``.to(device)``, ``.cuda()``, ``.float()``, ...
+still move/cast them together with the owning module.
+
+Weights: every pretrained network can be loaded from a local file (``weights_path``); otherwise the library's normal
+download path is used (which also finds a pre-seeded local cache). If neither works a one-line
+``WeightsUnavailableError`` says which file is missing, where to put it and how to switch the loss off.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenizer.errors import WeightsUnavailableError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _load_state_dict_file(path: str | Path, what: str) -> dict:
+    """A state dict from a .safetensors file or a torch file (weights_only); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{what} weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt / foreign file
+        raise WeightsUnavailableError(f"cannot read {what} weights file {path} ({_first_line(err)})") from None
+
+
+class _HoldsFrozen(nn.Module):
+    """Base for modules that keep one frozen network out of their state dict (see module docstring)."""
+
+    def _hold(self, net: nn.Module) -> None:
+        net.requires_grad_(False).eval()
+        self._frozen = [net]  # a list: invisible to nn.Module registration
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if getattr(self, "_frozen", None):
+            self._frozen[0]._apply(fn)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------- LPIPS
+def _torchvision_weights_file(net: str) -> str:
+    """File name torchvision caches for the ImageNet backbone lpips builds (``pretrained=True`` → IMAGENET1K_V1)."""
+    from torchvision import models
+
+    enum = {"vgg": models.VGG16_Weights, "vgg16": models.VGG16_Weights, "alex": models.AlexNet_Weights,
+            "squeeze": models.SqueezeNet1_1_Weights}[net]
+    return enum.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+
+
+def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | Path | None = None) -> nn.Module:
+    """A frozen, eval-mode ``lpips.LPIPS`` (v0.1, with linear heads).
+
+    weights_path: full LPIPS state dict (trunk + heads), loaded strictly into a randomly built network.
+    pretrained=True: torchvision ImageNet trunk via lpips' normal path (download to / cache in
+    ``$TORCH_HOME/hub/checkpoints``) and the calibrated heads shipped in the lpips wheel.
+    pretrained=False: random trunk (tests only).
+    """
+    import lpips
+
+    with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" warnings from inside lpips
+        warnings.simplefilter("ignore")
+        if weights_path is not None:
+            model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+            state = _load_state_dict_file(weights_path, f"LPIPS ({net})")
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise WeightsUnavailableError(
+                    f"{weights_path} is not a full lpips.LPIPS(net={net!r}) state dict ({_first_line(err)[:200]})"
+                ) from None
+        elif pretrained:
+            try:
+                model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=False, verbose=False)
+            except Exception as err:  # no network and no cached file, or a broken cached file
+                name = _torchvision_weights_file(net)
+                where = Path(torch.hub.get_dir()) / "checkpoints" / name
+                raise WeightsUnavailableError(
+                    f"LPIPS ({net}) needs the torchvision ImageNet weights {name}, which could not be loaded or "
+                    f"downloaded ({_first_line(err)[:120]}); put the file at {where}, give a full LPIPS state dict "
+                    f"as weights_path, or switch LPIPS off (training: losses.lpips=0)"
+                ) from None
+        else:
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    return model.requires_grad_(False).eval()
+
+
+class LPIPSLoss(_HoldsFrozen):
+    """Frozen LPIPS distance between images in [-1, 1]; ``forward`` returns the batch mean (a scalar).
+
+    The lpips network is held outside the state dict (``state_dict()`` is empty). Feature normalisation uses
+    eps = 1e-8 instead of lpips' 1e-10 to avoid NaNs (spec §3.2): this forward re-implements lpips' v0.1 forward
+    with its own normalisation rather than patching ``lpips.normalize_tensor`` globally.
+    """
+
+    EPS = 1e-8
+
+    def __init__(self, net: str = "vgg", pretrained: bool = True, weights_path: str | Path | None = None):
+        super().__init__()
+        self.net_name = net
+        self._hold(build_lpips(net, pretrained=pretrained, weights_path=weights_path))
+
+    @property
+    def lpips(self) -> nn.Module:
+        return self._frozen[0]
+
+    def per_image(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS per image, shape (B,)."""
+        m = self.lpips
+        fx, fy = m.net(m.scaling_layer(x)), m.net(m.scaling_layer(y))
+        total = 0.0
+        for k in range(m.L):
+            a = fx[k] / (fx[k].square().sum(1, keepdim=True).sqrt() + self.EPS)
+            b = fy[k] / (fy[k].square().sum(1, keepdim=True).sqrt() + self.EPS)
+            total = total + m.lins[k]((a - b).square()).mean((2, 3))
+        return total.flatten()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.per_image(x, y).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------- REPA
+class DinoV2Teacher(nn.Module):
+    """Frozen DINOv2-base (timm ``vit_base_patch14_dinov2.lvd142m``, 768-d, patch 14) used as REPA teacher.
+
+    weights_path: a local state dict (.safetensors or torch file) in timm format, or in the original
+    facebookresearch/dinov2 format (converted by timm's ``checkpoint_filter_fn``). pretrained=True without a file
+    downloads from the Hugging Face hub (cache: $HF_HOME/hub). pretrained=False: random weights (tests only).
+    The module always stays in eval mode.
+    """
+
+    MODEL_NAME = "vit_base_patch14_dinov2.lvd142m"
+    PATCH = 14
+    DIM = 768
+
+    def __init__(self, pretrained: bool = True, weights_path: str | Path | None = None):
+        super().__init__()
+        import timm
+
+        kwargs = dict(dynamic_img_size=True, num_classes=0)
+        if weights_path is not None:
+            model = timm.create_model(self.MODEL_NAME, pretrained=False, **kwargs)
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            state = _load_state_dict_file(weights_path, "DINOv2")
+            try:
+                model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+            except Exception as err:
+                raise WeightsUnavailableError(
+                    f"{weights_path} is not a DINOv2-base ({self.MODEL_NAME}) state dict ({_first_line(err)[:200]})"
+                ) from None
+        elif pretrained:
+            try:
+                model = timm.create_model(self.MODEL_NAME, pretrained=True, **kwargs)
+            except Exception as err:  # no network / not in the HF cache
+                raise WeightsUnavailableError(
+                    f"DINOv2 teacher weights (hf-hub timm/{self.MODEL_NAME}) could not be loaded or downloaded "
+                    f"({_first_line(err)[:120]}); give aux_losses.repa.dino_weights=<file> or switch REPA off "
+                    f"with losses.repa=0"
+                ) from None
+        else:
+            model = timm.create_model(self.MODEL_NAME, pretrained=False, **kwargs)
+        self.model = model.requires_grad_(False).eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens (B, gh*gw, 768), row-major, for images in [-1, 1] resized to (14·gh, 14·gw)."""
+        gh, gw = grid
+        x = ((images.float() + 1) / 2 - self.mean) / self.std
+        x = F.interpolate(x, size=(self.PATCH * gh, self.PATCH * gw), mode="bicubic", align_corners=False)
+        tokens = self.model.forward_features(x)
+        return tokens[:, self.model.num_prefix_tokens:]  # drop CLS (and register) tokens
+
+
+class REPALoss(_HoldsFrozen):
+    """REPA: 1 − mean token-wise cosine similarity between projected student tokens and DINOv2 tokens (fp32).
+
+    Only the trainable ``projector`` (Linear C→C, SiLU, Linear C→768 for n_layers=2) is in the state dict; the
+    teacher is held outside it. ``teacher=None`` builds the pretrained ``DinoV2Teacher()``.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int = 768, n_layers: int = 2,
+                 teacher: DinoV2Teacher | None = None):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError("n_layers must be >= 1")
+        layers: list[nn.Module] = []
+        for _ in range(n_layers - 1):
+            layers += [nn.Linear(student_dim, student_dim), nn.SiLU()]
+        layers.append(nn.Linear(student_dim, teacher_dim))
+        self.projector = nn.Sequential(*layers)
+        self._hold(teacher if teacher is not None else DinoV2Teacher(pretrained=True))
+
+    @property
+    def teacher(self) -> DinoV2Teacher:
+        return self._frozen[0]
+
+    def forward(self, student_feats: torch.Tensor, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """student_feats (B, gh*gw, C) row-major tokens; images (B, 3, H, W) in [-1, 1] (the real images)."""
+        if student_feats.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"student has {student_feats.shape[1]} tokens, grid {grid} needs {grid[0] * grid[1]}")
+        target = self.teacher.features(images, grid)
+        pred = self.projector(student_feats)
+        return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+
+
+# ------------------------------------------------------------------------------------------------------------ KL
+def kl_loss(posterior) -> torch.Tensor:
+    """Mean over the batch of the posterior's per-sample KL divergence (``posterior.kl()`` → (B,))."""
+    return posterior.kl().mean()

@@ -1,0 +1,169 @@
+"""SSDD: a KL encoder plus the single-step-distillable diffusion decoder, behind one small API (spec §8.2).
+
+    model = SSDD(encoder="f8c4", decoder="M", checkpoint="F8C4_M_256.safetensors")
+    z = model.encode(x).mode()                 # x: (B, 3, H, W) in [-1, 1] -> z: (B, 4, H/8, W/8)
+    x_rec = model.decode(z, steps=8)           # Euler on the (1 - i/N)^2 grid, from fixed or fresh noise
+
+The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (spec §8.4), so those
+load unchanged. Files written by this project also carry the architecture in their safetensors metadata, so
+`SSDD.from_checkpoint(path)` rebuilds the right model without being told.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tokenizer.checkpoint import load_weights, read_weights
+from tokenizer.decoder import SSDDDecoder
+from tokenizer.encoder import DiagonalGaussian, build_encoder
+from tokenizer.errors import UserError
+from tokenizer.flow import clean_estimate, euler_sample, flow_matching_loss, noisy_input, sample_t_logit_normal
+
+
+@dataclass
+class TrainStep:
+    """What one training forward returns: the pieces the auxiliary losses need, and the core losses."""
+
+    x0_gt: torch.Tensor  # the image the one-step estimate should match (real image, or teacher sample)
+    x0_pred: torch.Tensor  # x_t + t * v_pred
+    t: torch.Tensor
+    z: torch.Tensor
+    noise: torch.Tensor
+    features: torch.Tensor  # middle-transformer tokens for REPA, (B, N, C_mid)
+    token_grid: tuple
+    losses: dict = field(default_factory=dict)
+
+
+class SSDD(nn.Module):
+    def __init__(
+        self,
+        encoder: str | nn.Module = "f8c4",
+        decoder: str = "M",
+        encoder_checkpoint: str | None = None,
+        encoder_train: bool = False,
+        fm_trainer: dict | None = None,
+        fm_sampler: dict | None = None,
+        checkpoint: str | None = None,
+        encoder_base_channels: int = 128,
+        single_step: bool = False,
+    ):
+        super().__init__()
+        self.encoder = build_encoder(encoder, encoder_base_channels) if isinstance(encoder, str) else encoder
+        self.decoder = SSDDDecoder(decoder, z_channels=self.encoder.z_channels)
+        self.encoder_name = encoder if isinstance(encoder, str) else type(encoder).__name__
+        self.decoder_name = decoder
+        self.encoder_base_channels = encoder_base_channels
+        self.encoder_train = encoder_train
+        fm_trainer = dict(fm_trainer or {})
+        t_args = dict(fm_trainer.get("t_sampler_args") or {})
+        self.t_mean, self.t_std = float(t_args.get("t_mean", 0.0)), float(t_args.get("t_std", 1.0))
+        fm_sampler = dict(fm_sampler or {})
+        self.default_steps = int(fm_sampler.get("steps", 8))
+        self.t_pow_shift = float(fm_sampler.get("t_pow_shift", 2.0))
+        # A distilled decoder was trained for one step only: decode() must default to 1 (issue 3).
+        self.single_step = single_step
+        if encoder_checkpoint:
+            load_weights(self.encoder, encoder_checkpoint, what=f"encoder {self.encoder_name}", prefix="encoder.")
+        if checkpoint:
+            self.load_checkpoint(checkpoint)
+        if not encoder_train:
+            self.encoder.requires_grad_(False)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    def architecture(self) -> dict:
+        """What `from_checkpoint` needs to rebuild this model (stored in safetensors metadata)."""
+        return {
+            "encoder": self.encoder_name,
+            "decoder": self.decoder_name,
+            "encoder_base_channels": self.encoder_base_channels,
+            "single_step": int(self.single_step),
+        }
+
+    def load_checkpoint(self, path: str) -> dict:
+        meta = load_weights(self, path, what=f"SSDD(encoder={self.encoder_name}, decoder={self.decoder_name})")
+        if meta.get("single_step") == "1":
+            self.single_step = True
+        return meta
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
+        """Build from a file this project wrote (architecture in its metadata); official files need `encoder=`/`decoder=`."""
+        _, meta = read_weights(path)
+        arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels") if k in meta}
+        arch.update(overrides)
+        if "encoder" not in arch or "decoder" not in arch:
+            raise UserError(f"{path} does not say its architecture: pass encoder='f8c4'-style and decoder='M'-style")
+        arch["encoder_base_channels"] = int(arch.get("encoder_base_channels", 128))
+        return cls(checkpoint=path, **arch)
+
+    # ------------------------------------------------------------------ inference API
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder factor -> posterior over (B, C, H/F, W/F)."""
+        f = self.patch_size
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] % f or x.shape[-2] % f:
+            raise UserError(f"encode expects (B, 3, H, W) with H, W multiples of {f}, got {tuple(x.shape)}")
+        return self.encoder(x)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x_t, t, z)
+
+    @torch.compiler.disable  # the sampler loop stays eager; the decoder inside it may be compiled
+    def decode(self, z: torch.Tensor, steps: int | None = None, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latent (B, C, h, w) -> image (B, 3, h*F, w*F) in about [-1, 1] (not clamped).
+
+        `noise` fixes the starting point (same shape as the image); otherwise it is drawn with `generator`.
+        """
+        if steps is None:
+            steps = 1 if self.single_step else self.default_steps
+        f = self.patch_size
+        shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device="cpu" if generator is None else generator.device)
+            noise = noise.to(device=z.device, dtype=z.dtype)
+        elif tuple(noise.shape) != shape:
+            raise UserError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        return euler_sample(lambda x, t: self.velocity(x, t, z), noise, steps, self.t_pow_shift)
+
+    # ------------------------------------------------------------------ training / reconstruction
+
+    def forward(self, x: torch.Tensor, steps: int | None = None, noise: torch.Tensor | None = None,
+                z: torch.Tensor | None = None, from_noise: bool = False, target: torch.Tensor | None = None,
+                generator: torch.Generator | None = None):
+        """Eval mode: reconstruct x. Train mode: one flow-matching step, returns a `TrainStep`.
+
+        In training, `from_noise=True` forces t = 1 (the student of distillation starts from pure noise)
+        and `target` replaces x as the clean end of the path (the teacher's sample x_T).
+        """
+        if not self.training:
+            if z is None:
+                z = self.encode(x).mode()
+            return self.decode(z, steps=steps, noise=noise, generator=generator)
+
+        b = x.shape[0]
+        losses = {}
+        if z is None:
+            with torch.set_grad_enabled(self.encoder_train and torch.is_grad_enabled()):
+                posterior = self.encode(x)
+                z = posterior.sample(generator=generator)
+            if self.encoder_train:
+                losses["kl"] = posterior.kl().mean()
+        x0 = x if target is None else target
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if from_noise:
+            t = torch.ones(b, device=x0.device, dtype=x0.dtype)
+        else:
+            t = sample_t_logit_normal(b, self.t_mean, self.t_std, generator, x0.device).to(x0.dtype)
+        x_t = noisy_input(x0, t, noise)
+        v, feats = self.decoder(x_t, t, z, return_features=True)
+        losses["diffusion"] = flow_matching_loss(v, x0, noise)
+        grid = (x.shape[-2] // 8, x.shape[-1] // 8)
+        return TrainStep(x0, clean_estimate(x_t, t, v), t, z, noise, feats, grid, losses)
