@@ -127,7 +127,9 @@ class LabelEmbedder(nn.Module):
             drop = force_drop_ids == 1
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
-    def forward(self, y: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, y: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             y = self.drop_labels(y, force_drop_ids)
         return self.embedding_table(y)
@@ -171,7 +173,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        mod = self.adaLN_modulation(c).chunk(6, dim=1)  # each (B, h)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x

@@ -223,12 +223,12 @@ def test_transformer_block_is_local_and_bias_learns():
     ctx = torch.randn(1, 32, *grid)
 
     x2 = x.clone()
-    x2[0, 8 * 16 + 8] += 1.0
+    x2[0, 8 * 16 + 8] += torch.randn(dim)  # not a constant: LayerNorm would remove a uniform shift
     with torch.no_grad():
         diff = (block(x2, ctx, grid) - block(x, ctx, grid)).abs().amax(-1)[0].view(grid)
     ys, xs = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     inside = ((ys - 8).abs() <= 7) & ((xs - 8).abs() <= 7)
-    assert torch.equal(diff > 1e-6, inside)
+    assert diff[inside].min() > 1e-4 and diff[~inside].max() == 0  # -1e7 logits give exact zeros
 
     fresh = TransformerBlock(dim, heads=4, ctx_channels=32, window=8)  # zero-initialised table
     (fresh(x, ctx, grid) * torch.randn(1, 256, dim)).sum().backward()

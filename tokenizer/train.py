@@ -366,6 +366,14 @@ def task_z_stats(cfg):
     return stats
 
 
+def one_line(error: Exception) -> str:
+    """The user-facing line of an error; DataLoader workers wrap it in a traceback, whose last line it is."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    return lines[-1].split("Error: ", 1)[-1]
+
+
 TASKS = {"train": train, "eval": task_eval, "z_stats": task_z_stats}
 
 
@@ -380,7 +388,7 @@ def main(argv=None) -> int:
             raise UserError("distill_teacher=true (single-step distillation) is not implemented yet")
         TASKS[cfg.task](cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

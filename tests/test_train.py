@@ -1,0 +1,133 @@
+"""The training task end to end on the embedded data: loss falls, exact resume after a kill, 2-process DDP,
+and one-line errors for user mistakes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenizer.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny model so CPU runs take seconds: 32-wide encoder, XS decoder, 32-px Fashion-MNIST.
+TINY = ["config=configs/fmnist.yaml", "ssdd.encoder_base_channels=32", "dataset.batch_size=16",
+        "training.eval_images=32", "training.sample_every=1000", "training.log_freq=5", "eval.batch_size=32"]
+
+
+def losses(run_dir):
+    """Last logged loss per step (a resumed run logs the re-done steps again)."""
+    out = {}
+    with open(os.path.join(run_dir, "losses.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def cli(args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "tokenizer.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_loss_falls_on_embedded_data(tmp_path):
+    assert main([*TINY, f"ckpt_dir={tmp_path}", "run_name=fall", "training.max_steps=60", "training.lr=1e-3"]) == 0
+    run = tmp_path / "jobs" / "fall"
+    values = list(losses(run).values())
+    assert len(values) == 60
+    first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert (run / "checkpoints" / "last" / "model_ae_ema.safetensors").exists()
+    assert any(p.startswith("events.out.tfevents") for _, _, fs in os.walk(run) for p in fs)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path):
+    common = [*TINY, f"ckpt_dir={tmp_path}", "training.max_steps=14", "training.ckpt_every=4"]
+    assert main([*common, "run_name=straight"]) == 0
+    reference = losses(tmp_path / "jobs" / "straight")
+
+    proc = cli([*common, "run_name=killed"])
+    state = tmp_path / "jobs" / "killed" / "checkpoints" / "last" / "training_state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    saved_step = json.load(open(state))["step"]
+    assert saved_step < 14
+
+    assert main([*common, "run_name=killed"]) == 0
+    resumed = losses(tmp_path / "jobs" / "killed")
+    assert resumed == reference  # every step's loss, bit for bit
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ends_with_identical_weights(tmp_path):
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/ddp_worker.py",
+           *TINY, f"ckpt_dir={tmp_path}", "run_name=ddp", "training.max_steps=4"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world 2" in res.stdout
+    a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    init = None
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and training moved them (the test would pass trivially on untouched weights)
+    torch.manual_seed(0)
+    from tokenizer.train import build_model
+    from tokenizer.config import load_config
+    init = build_model(load_config("ssdd.yaml", TINY)).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a)
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys):
+    cases = [
+        (["ssdd.decoder=Q"], "decoder"),
+        (["training.lrr=1"], "lrr"),
+        (["task=fly"], "unknown task"),
+        (["dataset.name=imagefolder", f"dataset.root={tmp_path}/nowhere"], "nowhere"),
+        (["task=eval", f"ssdd.checkpoint={tmp_path}/missing.safetensors"], "missing"),
+    ]
+    for args, needle in cases:
+        assert main([*TINY, f"ckpt_dir={tmp_path}", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and needle in err, (args, err)
+
+
+def test_corrupt_image_in_dataset_is_reported_by_name(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        d = tmp_path / "data" / split / "cls"
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(d / f"ok{i}.png")
+    (tmp_path / "data" / "train" / "cls" / "broken.png").write_bytes(os.urandom(200))
+    rc = main([*TINY, f"ckpt_dir={tmp_path}", "run_name=c", "dataset.name=imagefolder",
+               f"dataset.root={tmp_path}/data", "dataset.batch_size=4", "training.max_steps=2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "broken.png" in err and "\n" not in err
+
+
+def test_checkpoint_of_another_architecture_exits_with_key_list(tmp_path):
+    from tokenizer import SSDD
+    from tokenizer.checkpoint import save_weights
+
+    path = tmp_path / "s.safetensors"
+    save_weights(SSDD(encoder="f8c4", decoder="S", encoder_base_channels=32), str(path))
+    proc = cli([*TINY, f"ckpt_dir={tmp_path}", "task=eval", f"ssdd.checkpoint={path}"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "mis-shaped" in lines[0] and "decoder." in lines[0], err
