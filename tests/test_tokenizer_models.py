@@ -140,7 +140,7 @@ def test_timestep_embedding_cos_first():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, factor", [("f8c4", 8), ("f16c4", 16)])
+@pytest.mark.parametrize("name, factor", [("f8c4", 8), ("f16c4", 16), ("f4c4", 4)])
 def test_encode_decode_shapes(name, factor):
     torch.manual_seed(0)
     enc = build_encoder(name, base_channels=32).eval()
@@ -169,7 +169,9 @@ def test_decoder_rejects_bad_shapes():
     with pytest.raises(UserError):
         dec(torch.zeros(1, 3, 36, 36), torch.zeros(1), torch.zeros(1, 4, 4, 4))  # not a multiple of 8
     with pytest.raises(UserError):
-        dec(torch.zeros(1, 3, 32, 32), torch.zeros(1), torch.zeros(1, 4, 8, 8))  # f4 latent: finer than tokens
+        dec(torch.zeros(1, 3, 32, 32), torch.zeros(1), torch.zeros(1, 4, 3, 3))  # grids that do not divide
+    with pytest.raises(UserError):
+        dec(torch.zeros(1, 3, 32, 32), torch.zeros(1), torch.zeros(1, 8, 4, 4))  # wrong channel count
 
 
 # ---------------------------------------------------------------------------------------------------------

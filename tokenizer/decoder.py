@@ -61,8 +61,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def resize_nearest(x: torch.Tensor, size) -> torch.Tensor:
-    """Nearest resize of a (B, C, h, w) map; a no-op when the size already matches (the f8 transformer case)."""
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="nearest")
+    """Nearest resize of a (B, C, h, w) map; a no-op when the size already matches (the f8 transformer case).
+
+    Shrinking (only f4 latents, finer than the 1/8 token grid, need it) averages instead of dropping positions.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(x, tuple(size))
+    return F.interpolate(x, size=tuple(size), mode="nearest")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,7 +369,7 @@ class SSDDDecoder(nn.Module):
 
     x_t: (B, 3, H, W) noisy image, H and W multiples of 8;
     t:   (B,) float noise level in [0, 1] (1 = pure noise), scaled by `timescale` before the embedding;
-    z:   (B, z_channels, h, w) latent, with H/8 and W/8 multiples of h and w (encoder factor F >= 8).
+    z:   (B, z_channels, h, w) latent at 1/F of the image (F = 4, 8, 16, 32).
     Returns v (B, 3, H, W), or (v, feats) with feats (B, H/8 * W/8, C_mid) from block `repa_block`.
     """
 
@@ -377,7 +384,9 @@ class SSDDDecoder(nn.Module):
         widths = level_widths(cfg["channels"], cfg["ch_mult"])
         c0, c_mid = widths[0], widths[-1]
         temb_dim = 4 * c0
-        self.repa_block = min(4, cfg["depth"] // 2)
+        self.depth = cfg["depth"]
+        self.mid_channels = c_mid
+        self.repa_block = min(4, cfg["depth"] // 2)  # REPA reads this block's tokens (5th block for every size)
 
         self.conv_in = nn.Conv2d(3 + z_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, temb_dim)
@@ -436,10 +445,11 @@ class SSDDDecoder(nn.Module):
         h, w = z.shape[-2:]
         if H % TOKEN_STRIDE or W % TOKEN_STRIDE:
             raise UserError(f"decoder image size must be a multiple of {TOKEN_STRIDE}, got {H}x{W}")
-        if (H // TOKEN_STRIDE) % h or (W // TOKEN_STRIDE) % w:
+        gh, gw = H // TOKEN_STRIDE, W // TOKEN_STRIDE
+        if (gh % h or gw % w) and (h % gh or w % gw):
             raise UserError(
-                f"latent grid {h}x{w} does not divide the {H // TOKEN_STRIDE}x{W // TOKEN_STRIDE} token grid of a "
-                f"{H}x{W} image: the encoder factor must be a multiple of {TOKEN_STRIDE}"
+                f"latent grid {h}x{w} and the {gh}x{gw} token grid of a {H}x{W} image must divide one another "
+                f"(encoder factors 4, 8, 16, 32)"
             )
         if z.shape[1] != self.z_channels:
             raise UserError(f"decoder expects {self.z_channels} latent channels, got {z.shape[1]}")

@@ -123,6 +123,11 @@ class ReconstructionMetrics:
 
     @torch.no_grad()
     def update(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        """Add a batch; both (B, 3, H, W) in [-1, 1] (any device/dtype). Runs in fp32 even inside autocast."""
+        with torch.autocast(self.device.type, enabled=False):
+            self._update(originals, reconstructions)
+
+    def _update(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
         if self._reduced:
             raise RuntimeError("update() after all_reduce()/gather(): call reset() first")
         if originals.shape != reconstructions.shape or originals.dim() != 4 or originals.shape[1] != 3:

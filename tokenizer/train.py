@@ -290,7 +290,7 @@ def train(cfg):
             ema.update(raw_model, step)
             bar.update(1)
             if accelerator.is_main_process:
-                record = {"step": step, "loss": float(total) / world, **{k: float(v) for k, v in losses.items()}}
+                record = {"step": step, "loss": float(total) / world, **{k: float(v.detach()) for k, v in losses.items()}}
                 loss_log.write(json.dumps(record) + "\n")
                 loss_log.flush()
                 if step % t.log_freq == 0 or step == total_steps:
