@@ -3,7 +3,6 @@
 import os
 import sys
 
-import torch
 from safetensors.torch import save_file
 
 from tokenizer.config import load_config
@@ -14,4 +13,4 @@ model = train(cfg)
 rank = int(os.environ.get("RANK", 0))
 state = {k: v.contiguous() for k, v in model.state_dict().items()}
 save_file(state, os.path.join(cfg.ckpt_dir, f"rank{rank}.safetensors"))
-print(f"rank {rank} world {torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}")
+print(f"rank {rank} done")

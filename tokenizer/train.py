@@ -177,6 +177,7 @@ def train(cfg):
     out_dir = run_dir(cfg)
     if accelerator.is_main_process:
         print(OmegaConf.to_yaml(cfg))
+        print(f"{world} process(es) on {device}, mixed precision: {accelerator.mixed_precision}")
         os.makedirs(out_dir, exist_ok=True)
         OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
     t = cfg.training
@@ -251,69 +252,68 @@ def train(cfg):
     model.train()
     set_optimizer_mode(optimizer, train=True)  # evaluation and samples use the EMA copy, so this never flips back
     fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    t_last = time.time()
-    while step < total_steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_index=k * per_rank_bs)
-        train_set.set_epoch(epoch)  # per-item augmentation randomness is a function of (seed, epoch, index)
-        for x, _ in loader:
-            x = x.to(device, non_blocking=True)
-            g = step_generator(cfg, step, rank, device)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    out = model(x, generator=g)
-                    losses = dict(out.losses)
-                    if "lpips" in aux:
-                        losses["lpips"] = aux["lpips"](out.x0_pred.float(), out.x0_gt.float())
-                    if "repa" in aux:
-                        losses["repa"] = aux["repa"](out.features.float(), x, out.token_grid)
-                    loss = sum(getattr(w, name) * value for name, value in losses.items())
-                total = accelerator.reduce(loss.detach(), "sum")
-                if not torch.isfinite(total):
-                    raise UserError(f"non-finite loss at step {step} ({ {k: float(v) for k, v in losses.items()} }); "
-                                    f"lower training.lr or check the data; checkpoints/last holds the last good state")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if world > 1:  # the REPA projector sits outside DDP: average its gradients by hand
-                        for p in aux.parameters():
-                            if p.grad is not None:
-                                torch.distributed.all_reduce(p.grad)
-                                p.grad /= world
-                    if t.grad_clip:
-                        accelerator.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
-                        if len(list(aux.parameters())):
-                            accelerator.clip_grad_norm_(aux.parameters(), t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            ema.update(raw_model, step)
-            bar.update(1)
-            if accelerator.is_main_process:
-                record = {"step": step, "loss": float(total) / world, **{k: float(v.detach()) for k, v in losses.items()}}
-                loss_log.write(json.dumps(record) + "\n")
-                loss_log.flush()
-                if step % t.log_freq == 0 or step == total_steps:
-                    now = time.time()
-                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}
-                                    | {"train/steps_per_s": t.log_freq / max(now - t_last, 1e-9)}, step=step)
-                    t_last = now
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step % t.sample_every == 0 and accelerator.is_main_process:
-                with torch.no_grad():
-                    z = ema.model.encode(fixed_x).mode()
-                    g0 = torch.Generator(device).manual_seed(0)
-                    rows = [fixed_x] + [ema.model.decode(z, steps=n, generator=g0) for n in sorted({1, cfg.ssdd.fm_sampler.steps})]
-                grid = save_grid(os.path.join(out_dir, "samples", f"step{step:07d}.png"), rows)
-                tb.add_image("reconstructions (top: input, then 1-step, N-step)", grid, step)
-            end_of_epoch = step % steps_per_epoch == 0
-            if end_of_epoch and (step // steps_per_epoch) % t.eval_freq == 0:
-                evaluate()
-            elif step % t.ckpt_every == 0 or step == total_steps:
-                checkpoint("last")
-            if step >= total_steps or end_of_epoch:
-                break
-    bar.close()
+    with tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True) as bar:
+        t_last = time.time()
+        while step < total_steps:
+            epoch, k = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, start_index=k * per_rank_bs)
+            train_set.set_epoch(epoch)  # per-item augmentation randomness is a function of (seed, epoch, index)
+            for x, _ in loader:
+                x = x.to(device, non_blocking=True)
+                g = step_generator(cfg, step, rank, device)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        out = model(x, generator=g)
+                        losses = dict(out.losses)
+                        if "lpips" in aux:
+                            losses["lpips"] = aux["lpips"](out.x0_pred.float(), out.x0_gt.float())
+                        if "repa" in aux:
+                            losses["repa"] = aux["repa"](out.features.float(), x, out.token_grid)
+                        loss = sum(getattr(w, name) * value for name, value in losses.items())
+                    total = accelerator.reduce(loss.detach(), "sum")
+                    if not torch.isfinite(total):
+                        raise UserError(f"non-finite loss at step {step} ({ {k: float(v) for k, v in losses.items()} }); "
+                                        f"lower training.lr or check the data; checkpoints/last holds the last good state")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if world > 1:  # the REPA projector sits outside DDP: average its gradients by hand
+                            for p in aux.parameters():
+                                if p.grad is not None:
+                                    torch.distributed.all_reduce(p.grad)
+                                    p.grad /= world
+                        if t.grad_clip:
+                            accelerator.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
+                            if len(list(aux.parameters())):
+                                accelerator.clip_grad_norm_(aux.parameters(), t.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                ema.update(raw_model, step)
+                bar.update(1)
+                if accelerator.is_main_process:
+                    record = {"step": step, "loss": float(total) / world, **{k: float(v.detach()) for k, v in losses.items()}}
+                    loss_log.write(json.dumps(record) + "\n")
+                    loss_log.flush()
+                    if step % t.log_freq == 0 or step == total_steps:
+                        now = time.time()
+                        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}
+                                        | {"train/steps_per_s": t.log_freq / max(now - t_last, 1e-9)}, step=step)
+                        t_last = now
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if step % t.sample_every == 0 and accelerator.is_main_process:
+                    with torch.no_grad():
+                        z = ema.model.encode(fixed_x).mode()
+                        g0 = torch.Generator(device).manual_seed(0)
+                        rows = [fixed_x] + [ema.model.decode(z, steps=n, generator=g0) for n in sorted({1, cfg.ssdd.fm_sampler.steps})]
+                    grid = save_grid(os.path.join(out_dir, "samples", f"step{step:07d}.png"), rows)
+                    tb.add_image("reconstructions (top: input, then 1-step, N-step)", grid, step)
+                end_of_epoch = step % steps_per_epoch == 0
+                if (end_of_epoch and (step // steps_per_epoch) % t.eval_freq == 0) or step == total_steps:
+                    evaluate()  # also at the very end, so every run finishes with metrics and a best/ checkpoint
+                elif step % t.ckpt_every == 0:
+                    checkpoint("last")
+                if step >= total_steps or end_of_epoch:
+                    break
     accelerator.end_training()
     if loss_log:
         loss_log.close()
