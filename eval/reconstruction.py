@@ -19,8 +19,8 @@ import torch
 
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
-from tokenizer.errors import UserError
-from tokenizer.train import build_model, make_accelerator, one_line, reconstruct_split, resolve_checkpoint, save_grid
+from tokenizer.errors import UserError, run_cli
+from tokenizer.train import build_model, make_accelerator, reconstruct_split, resolve_checkpoint, save_grid
 
 COLUMNS = [("psnr", "PSNR (dB) ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.4f}"), ("lpips", "LPIPS ↓", "{:.4f}"),
            ("rfid", "rFID ↓", "{:.2f}"), ("mse", "MSE ↓", "{:.5f}")]
@@ -35,50 +35,51 @@ def markdown(rows: list, header: str) -> str:
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
 
+def evaluate(args) -> None:
+    cfg = load_config("ssdd.yaml", args.overrides)
+    if not cfg.ssdd.checkpoint:
+        raise UserError("give the checkpoint to evaluate: ssdd.checkpoint=<file or run_name>")
+    accelerator = make_accelerator(cfg)
+    model = build_model(cfg).to(accelerator.device).eval()
+    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
+    ckpt = resolve_checkpoint(cfg, cfg.ssdd.checkpoint)
+    out = args.out or os.path.join(os.path.dirname(ckpt), "reconstruction")
+    rows, decoded = [], []
+    fixed = torch.stack([dataset[i][0] for i in range(cfg.show_samples)]).to(accelerator.device)
+    for steps in args.steps:
+        t0 = time.time()
+        r = reconstruct_split(cfg, accelerator, model, dataset, steps)
+        if accelerator.is_main_process:
+            rows.append({"steps": steps, "seconds": round(time.time() - t0, 1), **r})
+            with torch.no_grad():
+                g = torch.Generator(accelerator.device).manual_seed(0)
+                decoded.append(model.decode(model.encode(fixed).mode(), steps=steps, generator=g))
+    if not accelerator.is_main_process:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    meta = {"checkpoint": ckpt, "split": cfg.eval.split, "n_images": rows[0]["n_images"],
+            "im_size": cfg.dataset.im_size, "dataset": cfg.dataset.name, "machine": platform.node(),
+            "device": str(accelerator.device), "date": time.strftime("%Y-%m-%d"),
+            "command": "python eval/reconstruction.py " + " ".join(args.argv)}
+    with open(out + ".json", "w") as f:
+        json.dump({**meta, "results": rows}, f, indent=2)
+    header = (f"Reconstruction of {meta['n_images']} {cfg.dataset.name} {cfg.eval.split} images "
+              f"({cfg.dataset.im_size} px), {os.path.relpath(ckpt)}")
+    with open(out + ".md", "w") as f:
+        f.write(markdown(rows, header))
+    save_grid(out + ".png", [fixed] + decoded)
+    print(markdown(rows, header))
+    print(f"wrote {out}.json, .md, .png")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 8], help="decoder step counts to compare")
     ap.add_argument("--out", default=None, help="output path without extension (default: beside the checkpoint)")
     ap.add_argument("overrides", nargs="*", help="tokenizer config overrides, key=value")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config("ssdd.yaml", args.overrides)
-        if not cfg.ssdd.checkpoint:
-            raise UserError("give the checkpoint to evaluate: ssdd.checkpoint=<file or run_name>")
-        accelerator = make_accelerator(cfg)
-        model = build_model(cfg).to(accelerator.device).eval()
-        dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
-        ckpt = resolve_checkpoint(cfg, cfg.ssdd.checkpoint)
-        out = args.out or os.path.join(os.path.dirname(ckpt), "reconstruction")
-        rows, decoded = [], []
-        fixed = torch.stack([dataset[i][0] for i in range(cfg.show_samples)]).to(accelerator.device)
-        for steps in args.steps:
-            t0 = time.time()
-            r = reconstruct_split(cfg, accelerator, model, dataset, steps)
-            if accelerator.is_main_process:
-                rows.append({"steps": steps, "seconds": round(time.time() - t0, 1), **r})
-                with torch.no_grad():
-                    g = torch.Generator(accelerator.device).manual_seed(0)
-                    decoded.append(model.decode(model.encode(fixed).mode(), steps=steps, generator=g))
-        if accelerator.is_main_process:
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            meta = {"checkpoint": ckpt, "split": cfg.eval.split, "n_images": rows[0]["n_images"],
-                    "im_size": cfg.dataset.im_size, "dataset": cfg.dataset.name, "machine": platform.node(),
-                    "device": str(accelerator.device), "date": time.strftime("%Y-%m-%d"),
-                    "command": "python eval/reconstruction.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-            with open(out + ".json", "w") as f:
-                json.dump({**meta, "results": rows}, f, indent=2)
-            header = (f"Reconstruction of {meta['n_images']} {cfg.dataset.name} {cfg.eval.split} images "
-                      f"({cfg.dataset.im_size} px), {os.path.relpath(ckpt)}")
-            with open(out + ".md", "w") as f:
-                f.write(markdown(rows, header))
-            save_grid(out + ".png", [fixed] + decoded)
-            print(markdown(rows, header))
-            print(f"wrote {out}.json, .md, .png")
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(evaluate, args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_tr
 from tokenizer.config import load_config
 from tokenizer.data import EpochSampler, build_dataset
 from tokenizer.ema import EMA
-from tokenizer.errors import UserError
+from tokenizer.errors import UserError, run_cli
 from tokenizer.ssdd import SSDD
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -206,30 +206,44 @@ def train(cfg):
     ckpt_root = os.path.join(out_dir, "checkpoints")
     step, best = 0, None
     if resolve_state_dir(os.path.join(ckpt_root, "last")):
-        state = load_training_state(os.path.join(ckpt_root, "last"), {"ae": model, "ae_ema": ema.model, "aux_losses": aux}, optimizer)
+        state = load_training_state(os.path.join(ckpt_root, "last"),
+                                    {"ae": model, "ae_ema": ema.model, "aux_losses": aux}, optimizer)
         step, best = state["step"], state.get("best")
         if accelerator.is_main_process:
             print(f"resumed {out_dir} at step {step}")
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    modules = {"ae": raw_model, "ae_ema": ema.model, "aux_losses": aux}  # the files of a training state
     accelerator.init_trackers("tensorboard")
     tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
-    w = cfg.losses
     loss_log = open(os.path.join(out_dir, "losses.jsonl"), "a") if accelerator.is_main_process else None
+    fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
+    step_counts = sorted({1, cfg.ssdd.fm_sampler.steps})  # samples and evals show 1-step next to N-step decodes
 
-    def checkpoint(name: str):
+    def batches():
+        """Training batches from the current step on, epoch after epoch, resuming mid-epoch exactly."""
+        epoch, k = divmod(step, steps_per_epoch)
+        while True:
+            sampler.set_epoch(epoch, start_index=k * per_rank_bs)
+            train_set.set_epoch(epoch)  # per-item augmentation randomness is a function of (seed, epoch, index)
+            for x, _ in loader:
+                yield x.to(device, non_blocking=True)
+            epoch, k = epoch + 1, 0
+
+    def checkpoint(*names):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            meta = raw_model.architecture()
-            save_training_state(os.path.join(ckpt_root, name), {"ae": raw_model, "ae_ema": ema.model, "aux_losses": aux},
-                                optimizer, {"step": step, "best": best, "config": OmegaConf.to_container(cfg)}, meta)
+            for name in names:
+                save_training_state(os.path.join(ckpt_root, name), modules, optimizer,
+                                    {"step": step, "best": best, "config": OmegaConf.to_container(cfg)},
+                                    raw_model.architecture())
 
     def evaluate():
-        """EMA reconstructions of the val split at 1 step and at the sampler's N steps; refreshes last/ and best/."""
+        """EMA reconstructions of (part of) the val split at 1 and N steps; refreshes last/ and, if better, best/."""
         nonlocal best
         results = {}
-        for n in sorted({1, cfg.ssdd.fm_sampler.steps}):
+        for n in step_counts:
             grid = os.path.join(out_dir, "samples", f"eval_step{step:07d}_{n}steps.png")
             results[n] = reconstruct_split(cfg, accelerator, ema.model, val_set, n, t.eval_images, grid)
         improved = False
@@ -243,77 +257,70 @@ def train(cfg):
             score = main[key] if key in HIGHER_IS_BETTER else -main[key]
             improved = best is None or score > best
             best = score if improved else best
-        checkpoint("last")
-        if improved:
-            save_training_state(os.path.join(ckpt_root, "best"), {"ae": raw_model, "ae_ema": ema.model, "aux_losses": aux},
-                                optimizer, {"step": step, "best": best, "config": OmegaConf.to_container(cfg)},
-                                raw_model.architecture())
+        checkpoint("last", "best") if improved else checkpoint("last")
+
+    def sample_grid():
+        with torch.no_grad():
+            z = ema.model.encode(fixed_x).mode()
+            decoded = [ema.model.decode(z, steps=n, generator=torch.Generator(device).manual_seed(0)) for n in step_counts]
+        grid = save_grid(os.path.join(out_dir, "samples", f"step{step:07d}.png"), [fixed_x] + decoded)
+        tb.add_image("reconstructions (top: input, then 1-step, N-step)", grid, step)
 
     model.train()
     set_optimizer_mode(optimizer, train=True)  # evaluation and samples use the EMA copy, so this never flips back
-    fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
-    with tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True) as bar:
-        t_last = time.time()
-        while step < total_steps:
-            epoch, k = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, start_index=k * per_rank_bs)
-            train_set.set_epoch(epoch)  # per-item augmentation randomness is a function of (seed, epoch, index)
-            for x, _ in loader:
-                x = x.to(device, non_blocking=True)
-                g = step_generator(cfg, step, rank, device)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        out = model(x, generator=g)
-                        losses = dict(out.losses)
-                        if "lpips" in aux:
-                            losses["lpips"] = aux["lpips"](out.x0_pred.float(), out.x0_gt.float())
-                        if "repa" in aux:
-                            losses["repa"] = aux["repa"](out.features.float(), x, out.token_grid)
-                        loss = sum(getattr(w, name) * value for name, value in losses.items())
-                    total = accelerator.reduce(loss.detach(), "sum")
-                    if not torch.isfinite(total):
-                        raise UserError(f"non-finite loss at step {step} ({ {k: float(v) for k, v in losses.items()} }); "
-                                        f"lower training.lr or check the data; checkpoints/last holds the last good state")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if world > 1:  # the REPA projector sits outside DDP: average its gradients by hand
-                            for p in aux.parameters():
-                                if p.grad is not None:
-                                    torch.distributed.all_reduce(p.grad)
-                                    p.grad /= world
-                        if t.grad_clip:
-                            accelerator.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
-                            if len(list(aux.parameters())):
-                                accelerator.clip_grad_norm_(aux.parameters(), t.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step += 1
-                ema.update(raw_model, step)
-                bar.update(1)
-                if accelerator.is_main_process:
-                    record = {"step": step, "loss": float(total) / world, **{k: float(v.detach()) for k, v in losses.items()}}
-                    loss_log.write(json.dumps(record) + "\n")
-                    loss_log.flush()
-                    if step % t.log_freq == 0 or step == total_steps:
-                        now = time.time()
-                        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}
-                                        | {"train/steps_per_s": t.log_freq / max(now - t_last, 1e-9)}, step=step)
-                        t_last = now
-                        bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if step % t.sample_every == 0 and accelerator.is_main_process:
-                    with torch.no_grad():
-                        z = ema.model.encode(fixed_x).mode()
-                        g0 = torch.Generator(device).manual_seed(0)
-                        rows = [fixed_x] + [ema.model.decode(z, steps=n, generator=g0) for n in sorted({1, cfg.ssdd.fm_sampler.steps})]
-                    grid = save_grid(os.path.join(out_dir, "samples", f"step{step:07d}.png"), rows)
-                    tb.add_image("reconstructions (top: input, then 1-step, N-step)", grid, step)
-                end_of_epoch = step % steps_per_epoch == 0
-                if (end_of_epoch and (step // steps_per_epoch) % t.eval_freq == 0) or step == total_steps:
-                    evaluate()  # also at the very end, so every run finishes with metrics and a best/ checkpoint
-                elif step % t.ckpt_every == 0:
-                    checkpoint("last")
-                if step >= total_steps or end_of_epoch:
-                    break
+    trainable_aux = list(aux.parameters())
+    t_last = time.time()
+    with tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
+              dynamic_ncols=True) as bar:
+        for x in batches() if step < total_steps else ():  # a finished run, re-run, has nothing to do
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    out = model(x, generator=step_generator(cfg, step, rank, device))
+                    losses = dict(out.losses)
+                    if "lpips" in aux:
+                        losses["lpips"] = aux["lpips"](out.x0_pred.float(), out.x0_gt.float())
+                    if "repa" in aux:
+                        losses["repa"] = aux["repa"](out.features.float(), x, out.token_grid)
+                    loss = sum(cfg.losses[name] * value for name, value in losses.items())
+                total = accelerator.reduce(loss.detach(), "sum")
+                if not torch.isfinite(total):  # stop before the bad step reaches the weights or a checkpoint
+                    raise UserError(f"non-finite loss at step {step} ({ {k: float(v) for k, v in losses.items()} }); "
+                                    f"lower training.lr or check the data; checkpoints/last holds the last good state")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if world > 1:  # the REPA projector sits outside DDP: average its gradients by hand
+                        for p in trainable_aux:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= world
+                    if t.grad_clip:
+                        accelerator.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
+                        if trainable_aux:
+                            accelerator.clip_grad_norm_(trainable_aux, t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            ema.update(raw_model, step)
+            bar.update(1)
+
+            if accelerator.is_main_process:
+                record = {"step": step, "loss": float(total) / world, **{k: float(v.detach()) for k, v in losses.items()}}
+                loss_log.write(json.dumps(record) + "\n")
+                loss_log.flush()
+                if step % t.log_freq == 0 or step == total_steps:
+                    now = time.time()
+                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}
+                                    | {"train/steps_per_s": t.log_freq / max(now - t_last, 1e-9)}, step=step)
+                    t_last = now
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if step % t.sample_every == 0:
+                    sample_grid()
+            end_of_epoch = step % steps_per_epoch == 0
+            if (end_of_epoch and (step // steps_per_epoch) % t.eval_freq == 0) or step == total_steps:
+                evaluate()  # also at the very end, so every run finishes with metrics and a best/ checkpoint
+            elif step % t.ckpt_every == 0:
+                checkpoint("last")
+            if step >= total_steps:
+                break
     accelerator.end_training()
     if loss_log:
         loss_log.close()
@@ -366,31 +373,22 @@ def task_z_stats(cfg):
     return stats
 
 
-def one_line(error: Exception) -> str:
-    """The user-facing line of an error; DataLoader workers wrap it in a traceback, whose last line it is."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(error).__name__
-    return lines[-1].split("Error: ", 1)[-1]
-
-
 TASKS = {"train": train, "eval": task_eval, "z_stats": task_z_stats}
 
 
+def run(argv: list[str]) -> None:
+    cfg = load_config("ssdd.yaml", argv)
+    if cfg.run_name is None:
+        cfg.run_name = time.strftime("%Y-%m-%d/%H-%M-%S")
+    if cfg.task not in TASKS:
+        raise UserError(f"unknown task '{cfg.task}' (choose one of {', '.join(TASKS)})")
+    if cfg.distill_teacher:
+        raise UserError("distill_teacher=true (single-step distillation) is not implemented yet")
+    TASKS[cfg.task](cfg)
+
+
 def main(argv=None) -> int:
-    try:
-        cfg = load_config("ssdd.yaml", sys.argv[1:] if argv is None else argv)
-        if cfg.run_name is None:
-            cfg.run_name = time.strftime("%Y-%m-%d/%H-%M-%S")
-        if cfg.task not in TASKS:
-            raise UserError(f"unknown task '{cfg.task}' (choose one of {', '.join(TASKS)})")
-        if cfg.distill_teacher:
-            raise UserError("distill_teacher=true (single-step distillation) is not implemented yet")
-        TASKS[cfg.task](cfg)
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
