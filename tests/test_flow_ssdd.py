@@ -95,3 +95,14 @@ def test_bad_inputs_give_user_errors():
         SSDD(encoder="f8c4", decoder="Q")
     with pytest.raises(UserError):
         SSDD(encoder="f7x4", decoder="S")
+
+
+def test_build_from_config_section(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ssdd:\n  encoder: f16c4\n  encoder_base_channels: 32\n  decoder: XS\n  compile: true\n"
+                   "  fm_sampler: {steps: 3, t_pow_shift: 2.0}\n")
+    model = SSDD.build(str(cfg))
+    assert model.patch_size == 16 and model.decoder_name == "XS" and model.default_steps == 3
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    # a plain mapping without the `ssdd:` wrapper works too
+    assert SSDD.build({"encoder": "f8c4", "encoder_base_channels": 32, "decoder": "XS"}, eval=False).training

@@ -102,6 +102,27 @@ class SSDD(nn.Module):
         arch["encoder_base_channels"] = int(arch.get("encoder_base_channels", 128))
         return cls(checkpoint=path, **arch)
 
+    @classmethod
+    def build(cls, config, checkpoint: str | None = None, freeze: bool = True, eval: bool = True) -> "SSDD":
+        """Build from the `ssdd:` section of a YAML file (path) or mapping, as the official `SSDD.build`.
+
+        Keys used: encoder, decoder, encoder_base_channels, encoder_checkpoint, encoder_train, fm_trainer,
+        fm_sampler, checkpoint (the `checkpoint` argument wins). Training-only keys (compile, ema) are ignored.
+        """
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(config) if isinstance(config, str) else OmegaConf.create(config)
+        cfg = OmegaConf.to_container(cfg.get("ssdd", cfg), resolve=True)
+        keys = ("encoder", "decoder", "encoder_base_channels", "encoder_checkpoint", "encoder_train", "fm_trainer",
+                "fm_sampler", "checkpoint")
+        kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+        if checkpoint is not None:
+            kwargs["checkpoint"] = checkpoint
+        model = cls(**kwargs)
+        if freeze:
+            model.requires_grad_(False)
+        return model.eval() if eval else model
+
     # ------------------------------------------------------------------ inference API
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
