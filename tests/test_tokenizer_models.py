@@ -5,6 +5,7 @@ Big models are built on the meta device (no memory, no init cost); forward passe
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tokenizer.decoder import DECODER_SIZES, RelativePositionBias, SSDDDecoder, TransformerBlock, timestep_embedding
 from tokenizer.encoder import DiagonalGaussian, Encoder, build_encoder, parse_encoder_name
@@ -251,3 +252,25 @@ def test_user_errors():
             parse_encoder_name(bad)
     assert parse_encoder_name("f16c16") == (16, 16)
     assert parse_encoder_name("f8c4") == (8, 4)
+
+
+def test_modulation_halves_follow_the_official_order():
+    """Released weights only decode correctly if each projection's halves mean what they meant upstream:
+    AdaLN (transformer) is (shift, scale); AdaGN (ResNet norm1) is (scale, shift)."""
+    from tokenizer.decoder import AdaGroupNorm, AdaLayerNorm
+
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 16, 8), torch.randn(2, 4, 4, 4)  # 16 tokens of width 8 on a 4x4 grid
+    ln = AdaLayerNorm(8, 4)
+    torch.nn.init.zeros_(ln.linear.weight)
+    with torch.no_grad():
+        ln.linear.bias.copy_(torch.cat([torch.full((8,), 0.5), torch.full((8,), 2.0)]))  # shift 0.5, scale 2
+    expected = F.layer_norm(x, (8,)) * 3.0 + 0.5
+    assert torch.allclose(ln(x, ctx, (4, 4)), expected, atol=1e-5)
+
+    gn = AdaGroupNorm(32, 4)
+    torch.nn.init.zeros_(gn.ctx_proj.weight)
+    with torch.no_grad():
+        gn.ctx_proj.bias.copy_(torch.cat([torch.full((32,), 2.0), torch.full((32,), 0.5)]))  # scale 2, shift 0.5
+    h = torch.randn(2, 32, 8, 8)
+    assert torch.allclose(gn(h, ctx), F.group_norm(h, 32, eps=1e-5) * 3.0 + 0.5, atol=1e-5)

@@ -276,8 +276,9 @@ class Attention(nn.Module):
 class AdaLayerNorm(nn.Module):
     """(B, N, C), ctx (B, C0, h, w) -> (B, N, C): LayerNorm without affine, x * (1 + scale) + shift.
 
-    scale/shift = Linear(SiLU(z-context)) per latent position, nearest-repeated onto the (gh, gw) token grid
+    shift/scale = Linear(SiLU(z-context)) per latent position, nearest-repeated onto the (gh, gw) token grid
     (identity for f8, 2x2 blocks for f16, ...). Only z modulates the transformer; t does not.
+    Unlike the ResNets' AdaGN, the official AdaLN puts *shift first* in the projection: released weights need it.
     """
 
     def __init__(self, dim: int, ctx_channels: int, eps: float = 1e-5):
@@ -288,7 +289,7 @@ class AdaLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, grid) -> torch.Tensor:
         mod = self.linear(F.silu(ctx).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, 2C, h, w)
         mod = resize_nearest(mod, grid).flatten(2).transpose(1, 2)  # (B, N, 2C)
-        scale, shift = mod.chunk(2, dim=-1)
+        shift, scale = mod.chunk(2, dim=-1)
         return self.norm(x) * (1 + scale) + shift
 
 

@@ -61,8 +61,9 @@ class DiagonalGaussian:
         return self.mean + self.std * noise
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample, (B,): summed over C, H, W."""
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+        """KL(q || N(0, I)) per sample, (B,): summed over C, H, W, in fp32 even under bf16 autocast."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
 
 
 def _norm(channels: int) -> nn.GroupNorm:
