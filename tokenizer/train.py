@@ -96,12 +96,6 @@ def build_optimizer(cfg, named_params):
     raise UserError(f"unknown training.optimizer '{t.optimizer}' (choose radam_schedulefree or adamw)")
 
 
-def set_optimizer_mode(optimizer, train: bool) -> None:
-    """Schedule-free optimisers keep two weight sequences and must be told which one the model should hold."""
-    if hasattr(optimizer, "train"):
-        optimizer.train() if train else optimizer.eval()
-
-
 def step_generator(cfg, step: int, rank: int, device) -> torch.Generator:
     """All randomness of one training step (timesteps, noise, posterior sample) derives from (seed, step, rank)."""
     return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
@@ -267,7 +261,9 @@ def train(cfg):
         tb.add_image("reconstructions (top: input, then 1-step, N-step)", grid, step)
 
     model.train()
-    set_optimizer_mode(optimizer, train=True)  # evaluation and samples use the EMA copy, so this never flips back
+    # Schedule-free optimisers keep two weight sequences; the model holds the training one throughout, since
+    # evaluation and sample grids use the EMA copy (accelerate's wrapper forwards train() where it exists).
+    optimizer.train()
     trainable_aux = list(aux.parameters())
     t_last = time.time()
     with tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
