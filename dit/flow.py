@@ -23,7 +23,7 @@ and its variance channels are ignored.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -4,7 +4,6 @@
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -13,20 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tokenizer.errors import UserError, run_cli  # noqa: E402
-
-
-def read_losses(run_dir: str) -> dict:
-    """{step: record}, keeping the last record of a step (a resumed run logs re-done steps again)."""
-    path = os.path.join(run_dir, "losses.jsonl")
-    if not os.path.isfile(path):
-        raise UserError(f"no losses.jsonl in {run_dir}")
-    records = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            records[r["step"]] = r
-    return dict(sorted(records.items()))
+from tokenizer.errors import run_cli  # noqa: E402
+from tokenizer.train import read_loss_log  # noqa: E402
 
 
 def smooth(values: list, window: int) -> list:
@@ -40,7 +27,7 @@ def smooth(values: list, window: int) -> list:
 def plot(args) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for run in args.runs:
-        records = read_losses(run)
+        records = read_loss_log(run)
         steps = list(records)
         for key in args.keys:
             values = [records[s][key] for s in steps if key in records[s]]

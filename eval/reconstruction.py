@@ -18,9 +18,8 @@ import time
 import torch
 
 from tokenizer.config import load_config
-from tokenizer.data import build_dataset
-from tokenizer.errors import UserError, run_cli
-from tokenizer.train import build_model, make_accelerator, reconstruct_split, resolve_checkpoint, save_grid
+from tokenizer.errors import run_cli
+from tokenizer.train import load_for_eval, reconstruct_split, save_grid
 
 COLUMNS = [("psnr", "PSNR (dB) ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.4f}"), ("lpips", "LPIPS ↓", "{:.4f}"),
            ("rfid", "rFID ↓", "{:.2f}"), ("mse", "MSE ↓", "{:.5f}")]
@@ -37,12 +36,7 @@ def markdown(rows: list, header: str) -> str:
 
 def evaluate(args) -> None:
     cfg = load_config("ssdd.yaml", args.overrides)
-    if not cfg.ssdd.checkpoint:
-        raise UserError("give the checkpoint to evaluate: ssdd.checkpoint=<file or run_name>")
-    accelerator = make_accelerator(cfg)
-    model = build_model(cfg).to(accelerator.device).eval()
-    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
-    ckpt = resolve_checkpoint(cfg, cfg.ssdd.checkpoint)
+    accelerator, model, dataset, ckpt = load_for_eval(cfg)
     out = args.out or os.path.join(os.path.dirname(ckpt), "reconstruction")
     rows, decoded = [], []
     fixed = torch.stack([dataset[i][0] for i in range(cfg.show_samples)]).to(accelerator.device)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenizer.train import main
+from tokenizer.train import main, read_loss_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model so CPU runs take seconds: 32-wide encoder, XS decoder, 32-px Fashion-MNIST.
@@ -21,13 +21,8 @@ TINY = ["config=configs/fmnist.yaml", "ssdd.encoder_base_channels=32", "dataset.
 
 
 def losses(run_dir):
-    """Last logged loss per step (a resumed run logs the re-done steps again)."""
-    out = {}
-    with open(os.path.join(run_dir, "losses.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["step"]] = r["loss"]
-    return out
+    """Last logged loss per step."""
+    return {step: r["loss"] for step, r in read_loss_log(str(run_dir)).items()}
 
 
 def cli(args, **kw):

@@ -11,7 +11,6 @@ states are restored from checkpoints/last.
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_training_state, save_weights
+from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_training_state
 from tokenizer.config import load_config
 from tokenizer.data import EpochSampler, build_dataset
 from tokenizer.ema import EMA
@@ -323,18 +322,37 @@ def train(cfg):
     return raw_model
 
 
+def load_for_eval(cfg):
+    """(accelerator, model, eval split, checkpoint file) for evaluating `ssdd.checkpoint`."""
+    if not cfg.ssdd.checkpoint:
+        raise UserError("evaluation needs ssdd.checkpoint=<file or run_name>")
+    checkpoint = resolve_checkpoint(cfg, cfg.ssdd.checkpoint)
+    accelerator = make_accelerator(cfg)
+    model = build_model(cfg).to(accelerator.device).eval()
+    return accelerator, model, build_dataset(cfg.dataset, cfg.eval.split, train=False), checkpoint
+
+
+def read_loss_log(run_directory: str) -> dict:
+    """{step: record} from a run's losses.jsonl, keeping a step's last record (a resumed run logs re-done steps again)."""
+    path = os.path.join(run_directory, "losses.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"no losses.jsonl in {run_directory}")
+    records = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            records[r["step"]] = r
+    return dict(sorted(records.items()))
+
+
 def task_eval(cfg):
     """Reconstruct the eval split with `ssdd.fm_sampler.steps` (or eval.steps) and write eval_<N>steps.json."""
-    accelerator = make_accelerator(cfg)
-    if not cfg.ssdd.checkpoint:
-        raise UserError("task=eval needs ssdd.checkpoint=<file or run_name>")
-    model = build_model(cfg).to(accelerator.device).eval()
+    accelerator, model, dataset, checkpoint = load_for_eval(cfg)
     steps = cfg.eval.steps or cfg.ssdd.fm_sampler.steps
-    dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
-    out_dir = os.path.dirname(resolve_checkpoint(cfg, cfg.ssdd.checkpoint))
+    out_dir = os.path.dirname(checkpoint)
     result = reconstruct_split(cfg, accelerator, model, dataset, steps, grid_path=os.path.join(out_dir, f"eval_{steps}steps.png"))
     if accelerator.is_main_process:
-        result = {"checkpoint": resolve_checkpoint(cfg, cfg.ssdd.checkpoint), "steps": steps, "split": cfg.eval.split,
+        result = {"checkpoint": checkpoint, "steps": steps, "split": cfg.eval.split,
                   "im_size": cfg.dataset.im_size, **result}
         with open(os.path.join(out_dir, f"eval_{steps}steps.json"), "w") as f:
             json.dump(result, f, indent=2)
