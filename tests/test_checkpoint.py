@@ -25,6 +25,22 @@ def test_round_trip_and_from_checkpoint(tmp_path):
         assert k == k2 and torch.equal(a, b)
 
 
+def test_decoder_only_file_decodes_like_the_full_model_and_refuses_to_encode(tmp_path):
+    model = small().eval()
+    model.single_step = True
+    path = str(tmp_path / "dec.safetensors")
+    model.save_decoder(path, dtype=torch.float16)
+    again = SSDD.from_checkpoint(path).eval()
+    assert not again.has_encoder and again.single_step  # decode() defaults to 1 step, as the source model
+    for k, v in model.decoder.state_dict().items():  # fp16 on disk: equal up to fp16 rounding
+        torch.testing.assert_close(again.decoder.state_dict()[k], v.half().float())
+    z, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again.decode(z, noise=noise), model.decode(z, noise=noise), atol=2e-2, rtol=0)
+    with pytest.raises(UserError, match="decoder-only"):
+        again.encode(torch.zeros(1, 3, 32, 32))
+
+
 def test_other_architecture_lists_mismatched_keys(tmp_path):
     path = str(tmp_path / "s.safetensors")
     save_weights(small(decoder="S"), path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenizer.checkpoint import load_weights, read_weights
+from tokenizer.checkpoint import load_weights, read_weights, save_weights
 from tokenizer.decoder import SSDDDecoder
 from tokenizer.encoder import DiagonalGaussian, build_encoder
 from tokenizer.errors import UserError
@@ -63,6 +63,8 @@ class SSDD(nn.Module):
         self.t_pow_shift = float(fm_sampler.get("t_pow_shift", 2.0))
         # A distilled decoder was trained for one step only: decode() must default to 1 (issue 3).
         self.single_step = single_step
+        # False after loading a decoder-only file (what a generator needs to ship): encode() then refuses.
+        self.has_encoder = True
         if encoder_checkpoint:
             load_weights(self.encoder, encoder_checkpoint, what=f"encoder {self.encoder_name}", prefix="encoder.")
         if checkpoint:
@@ -86,10 +88,26 @@ class SSDD(nn.Module):
         }
 
     def load_checkpoint(self, path: str) -> dict:
-        meta = load_weights(self, path, what=f"SSDD(encoder={self.encoder_name}, decoder={self.decoder_name})")
+        """Strict load of a whole-model file, or of a decoder-only file written by `save_decoder`."""
+        what = f"SSDD(encoder={self.encoder_name}, decoder={self.decoder_name})"
+        _, meta = read_weights(path)
+        if meta.get("parts") == "decoder":
+            load_weights(self.decoder, path, what=f"the decoder of {what}", prefix="decoder.")
+            self.has_encoder = False
+        else:
+            load_weights(self, path, what=what)
         if meta.get("single_step") == "1":
             self.single_step = True
         return meta
+
+    def save_decoder(self, path: str, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
+        """Write only `decoder.*` (optionally cast, e.g. to fp16 for shipping) with the architecture metadata.
+
+        Generation needs no encoder; `from_checkpoint` rebuilds a decode-only model from such a file.
+        """
+        state = {f"decoder.{k}": v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                 for k, v in self.decoder.state_dict().items()}
+        save_weights(state, path, {**self.architecture(), "parts": "decoder", **(metadata or {})})
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
@@ -127,6 +145,8 @@ class SSDD(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder factor -> posterior over (B, C, H/F, W/F)."""
+        if not self.has_encoder:
+            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not encode images")
         f = self.patch_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] % f or x.shape[-2] % f:
             raise UserError(f"encode expects (B, 3, H, W) with H, W multiples of {f}, got {tuple(x.shape)}")
