@@ -1,0 +1,504 @@
+"""Decoding speed and peak memory: the KL-VAE decoder against SSDD decoders at 1 and 8 steps, in one run.
+
+    python eval/decoder_benchmark.py --decoders kl S B M L XL H --steps 1 8 --sizes 128 256 512 \
+        --batch-sizes 1 4 16 --out docs/decoder_benchmark [--quality quality.json]
+
+Weights are random: speed and memory do not depend on their values, so no checkpoint is needed. For each
+configuration (decoder, steps, resolution, batch) the decode call runs `--warmup` times untimed, then `--repeats`
+times timed; images/s is batch / median time. CUDA is synchronised around every call; peak memory is
+torch.cuda.max_memory_allocated on GPU and the peak RSS (VmHWM, reset through /proc/self/clear_refs) on CPU, both
+reported as the increase over what was held before decoding (the model weights are excluded). Configurations
+that run out of memory or whose estimated time exceeds --max-seconds-per-config are recorded as skipped.
+
+Writes <out>.json (machine, settings, every row), <out>.md (table and speed ratios) and, with --quality, a
+quality-vs-speed scatter <out>_quality_vs_speed.png (x: images/s measured here for the quality file's decoder
+configurations at its im_size and the largest batch measured; y: the chosen metric).
+"""
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from tokenizer.decoder import DECODER_SIZES
+from tokenizer.encoder import build_encoder, parse_encoder_name
+from tokenizer.errors import UserError, run_cli
+from tokenizer.kl_decoder import build_kl_decoder
+from tokenizer.ssdd import SSDD
+
+DECODERS = ["kl", *DECODER_SIZES]  # "kl" = KL-VAE decoder; the rest are SSDD sizes
+METRICS = {"fd_classifier": "lower", "psnr": "higher", "ssim": "higher", "lpips": "lower", "rfid": "lower"}
+WEIGHTS_NOTE = "random weights (decoding speed and memory do not depend on weight values)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checking
+# ----------------------------------------------------------------------------------------------------------
+
+
+def canonical_decoder(name: str) -> str:
+    """'KL' -> 'kl', 'xs' -> 'XS'; anything else is a one-line UserError listing the valid names."""
+    if str(name).lower() == "kl":
+        return "kl"
+    if str(name).upper() in DECODER_SIZES:
+        return str(name).upper()
+    raise UserError(f"unknown decoder {name!r}: choose from {', '.join(DECODERS)}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device):
+    """-> autocast dtype or None (plain fp32). auto: bf16 autocast on CUDA, fp32 on CPU."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], name
+
+
+def load_quality(path: str, metric: str) -> dict:
+    """Read and check the quality file: {"im_size", "encoder", "rows": [{"name", "decoder", "steps", metric...}]}."""
+    try:
+        with open(path) as f:
+            q = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--quality file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--quality file {path} is not valid JSON: {e}") from None
+    if not isinstance(q, dict) or not isinstance(q.get("im_size"), int) or not isinstance(q.get("rows"), list):
+        raise UserError(f"--quality file {path} needs an integer 'im_size' and a list 'rows'")
+    for r in q["rows"]:
+        if not isinstance(r, dict) or "decoder" not in r or "name" not in r:
+            raise UserError(f"--quality file {path}: every row needs 'name' and 'decoder', got {r!r}")
+        r["decoder"] = canonical_decoder(r["decoder"])
+        r["steps"] = 1 if r["decoder"] == "kl" else int(r.get("steps", 1))
+    if not any(isinstance(r.get(metric), (int, float)) for r in q["rows"]):
+        raise UserError(f"no row of --quality file {path} has a numeric {metric!r} (see --quality-metric)")
+    return q
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class CpuPeakMemory:
+    """Peak resident memory of this process above a baseline, via Linux's resettable high-water mark (VmHWM).
+
+    Writing "5" to /proc/self/clear_refs resets VmHWM to the current RSS; `available` is False elsewhere.
+    Freed heap memory is handed back to the OS first (malloc_trim) so that a previous, larger configuration
+    does not leave cached pages that the next one reuses without raising the peak.
+    """
+
+    def __init__(self):
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:
+            self._trim = None
+        self.available = self._reset()
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise OSError(f"{field} not in /proc/self/status")
+
+    def _reset(self) -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._status_kb("VmHWM")
+            return True
+        except OSError:
+            return False
+
+    def start(self):
+        if self._trim is not None:
+            self._trim(0)
+        self._reset()
+        self.baseline_kb = self._status_kb("VmRSS")
+
+    def peak_mb(self) -> float:
+        return (self._status_kb("VmHWM") - self.baseline_kb) / 1024
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+    )
+
+
+def build_decode_fn(decoder: str, encoder: str, kl_base_channels: int, device, compile_: bool):
+    """-> (decode(z, steps) callable, parameter count, latent (C, F)). Random weights, eval mode, on `device`."""
+    f, c = parse_encoder_name(encoder)
+    if decoder == "kl":
+        model = build_kl_decoder(encoder, kl_base_channels).eval().to(device)
+        fn = torch.compile(model) if compile_ else model
+        return (lambda z, steps: fn(z)), sum(p.numel() for p in model.parameters()), (c, f)
+    # SSDD.decode is the code path users call (Euler loop, noise drawn per call). Its encoder is never run: a
+    # 32-wide one only supplies the patch size and channel count, and stays on the CPU.
+    model = SSDD(encoder=build_encoder(encoder, base_channels=32), decoder=decoder).eval()
+    model.decoder.to(device)
+    if compile_:
+        model.decoder = torch.compile(model.decoder)
+    n = sum(p.numel() for p in model.decoder.parameters())
+    return (lambda z, steps: model.decode(z, steps=steps)), n, (c, f)
+
+
+def timed_call(fn, z, steps, device, amp_dtype) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        fn(z, steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+class CostModel:
+    """Predicts one call's seconds from the largest config already measured for the same decoder.
+
+    Cost is taken as proportional to batch * px^2 * steps (SSDD) or batch * px^2 (KL). Larger batches are
+    usually cheaper per image, so extrapolating upwards overestimates: skipping errs on the safe side.
+    """
+
+    def __init__(self):
+        self.best = {}  # decoder key -> (work, seconds per call)
+
+    @staticmethod
+    def work(cfg) -> float:
+        return cfg["batch"] * cfg["px"] ** 2 * cfg["steps"]
+
+    def add(self, cfg, seconds: float):
+        key = decoder_key(cfg)
+        if key not in self.best or self.work(cfg) >= self.best[key][0]:
+            self.best[key] = (self.work(cfg), seconds)
+
+    def estimate(self, cfg):
+        known = self.best.get(decoder_key(cfg))
+        return None if known is None else known[1] * self.work(cfg) / known[0]
+
+
+def decoder_key(cfg) -> tuple:
+    return (cfg["decoder"], cfg["encoder"], cfg.get("kl_base_channels"))
+
+
+def label(row) -> str:
+    if row["decoder"] == "kl":
+        return f"KL-VAE (base {row['kl_base_channels']})"
+    return f"SSDD-{row['decoder']}"
+
+
+def measure(cfg, fn, device, amp_dtype, args, costs: CostModel, cpu_mem: CpuPeakMemory) -> dict:
+    """Runs one configuration; returns the row (status 'ok' or 'skipped' with a reason)."""
+    n_calls = args.warmup + args.repeats
+    est = costs.estimate(cfg)
+    if est is not None and est * n_calls > args.max_seconds_per_config:
+        return {"status": "skipped", "reason": f"time budget: estimated {est * n_calls:.0f} s for {n_calls} calls "
+                f"> --max-seconds-per-config {args.max_seconds_per_config:g}"}
+    c, f = cfg["latent"]
+    z = torch.randn(cfg["batch"], c, cfg["px"] // f, cfg["px"] // f, device=device)
+    steps = cfg["steps"]
+    first = timed_call(fn, z, steps, device, amp_dtype)
+    costs.add(cfg, first)
+    # The first call may include one-off work (compilation, kernel selection); only a clear overrun stops here.
+    if args.warmup + args.repeats > 1 and first * (n_calls - 1) > args.max_seconds_per_config and not args.compile:
+        return {"status": "skipped", "first_call_s": round(first, 3),
+                "reason": f"time budget: one call took {first:.1f} s, {n_calls} calls exceed "
+                          f"--max-seconds-per-config {args.max_seconds_per_config:g}"}
+    for _ in range(args.warmup - 1):
+        timed_call(fn, z, steps, device, amp_dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    elif cpu_mem.available:
+        cpu_mem.start()
+    times = [timed_call(fn, z, steps, device, amp_dtype) for _ in range(args.repeats)]
+    if device.type == "cuda":
+        peak, mem_kind = (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda_max_allocated_above_model"
+    elif cpu_mem.available:
+        peak, mem_kind = cpu_mem.peak_mb(), "rss_hwm_above_baseline"
+    else:
+        peak, mem_kind = None, "unavailable"
+    median = statistics.median(times)
+    costs.add(cfg, median)
+    return {"status": "ok", "images_per_s": cfg["batch"] / median, "ms_per_image": 1000 * median / cfg["batch"],
+            "median_s": median, "times_s": [round(t, 5) for t in times], "first_call_s": round(first, 4),
+            "peak_mb": None if peak is None else round(peak, 1), "memory": mem_kind}
+
+
+def configurations(args, quality) -> list:
+    """Every (decoder, steps, px, batch) to run, grouped by decoder and in increasing cost within a decoder.
+
+    The KL decoder is deterministic and single-pass, so it runs once per (px, batch) whatever --steps says.
+    With a quality file, its decoder configurations are added at its im_size and encoder.
+    """
+    wanted = []  # (decoder, encoder, kl_base, steps, px)
+    for d in args.decoders:
+        for px in args.sizes:
+            for s in ([1] if d == "kl" else args.steps):
+                wanted.append((d, args.encoder, args.kl_base_channels if d == "kl" else None, s, px))
+    if quality is not None:
+        enc = quality.get("encoder", args.encoder)
+        for r in quality["rows"]:
+            kl_base = int(r.get("kl_base_channels", args.kl_base_channels)) if r["decoder"] == "kl" else None
+            wanted.append((r["decoder"], enc, kl_base, r["steps"], quality["im_size"]))
+    seen, cfgs = set(), []
+    for d, enc, kl_base, s, px in wanted:
+        for b in args.batch_sizes:
+            key = (d, enc, kl_base, s, px, b)
+            if key not in seen:
+                seen.add(key)
+                cfgs.append({"decoder": d, "encoder": enc, "kl_base_channels": kl_base, "steps": s, "px": px, "batch": b})
+    order = {k: i for i, k in enumerate(dict.fromkeys(decoder_key(c) for c in cfgs))}
+    cfgs.sort(key=lambda c: (order[decoder_key(c)], c["px"], c["steps"], c["batch"]))
+    for c in cfgs:
+        f = parse_encoder_name(c["encoder"])[0]
+        if c["px"] % max(f, 8):
+            raise UserError(f"image size {c['px']} must be a multiple of {max(f, 8)} for encoder {c['encoder']}")
+    return cfgs
+
+
+def run_all(cfgs, device, amp_dtype, args) -> list:
+    costs, cpu_mem, rows, oom_at = CostModel(), CpuPeakMemory(), [], {}
+    current_key, fn, n_params = None, None, None
+    bar = tqdm(cfgs, desc="decoder configs", unit="cfg")
+    for cfg in bar:
+        key = decoder_key(cfg)
+        if key != current_key:  # one model in memory at a time
+            fn = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            fn, n_params, latent = build_decode_fn(cfg["decoder"], cfg["encoder"], cfg["kl_base_channels"] or 128,
+                                                   device, args.compile)
+            current_key = key
+        bar.set_postfix_str(f"{label(cfg)} {cfg['steps']} step {cfg['px']} px x{cfg['batch']}")
+        row = {"label": label(cfg), **cfg, "params": n_params}
+        # Memory grows with px and batch but hardly with steps: a smaller config that ran out rules this one out.
+        small = oom_at.get(key)
+        if small is not None and cfg["px"] >= small[0] and cfg["batch"] >= small[1]:
+            row.update(status="skipped", reason=f"out of memory already at {small[0]} px, batch {small[1]}")
+        else:
+            try:
+                row.update(measure({**cfg, "latent": latent}, fn, device, amp_dtype, args, costs, cpu_mem))
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is expected; everything else re-raises
+                if not is_oom(e):
+                    raise
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                oom_at[key] = (cfg["px"], cfg["batch"])
+                row.update(status="skipped", reason=f"out of memory ({type(e).__name__})")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------
+
+
+def find(rows, decoder, steps, px, batch, encoder, kl_base=None):
+    for r in rows:
+        if (r["status"] == "ok" and r["decoder"] == decoder and r["steps"] == steps and r["px"] == px
+                and r["batch"] == batch and r["encoder"] == encoder and r["kl_base_channels"] == kl_base):
+            return r
+    return None
+
+
+def ratio_lines(rows, args) -> list:
+    """SSDD 1-step vs KL-VAE and SSDD 1-step vs N-step throughput, for each size/px/batch measured in this run."""
+    lines = []
+    others = [s for s in args.steps if s != 1]
+    for d in args.decoders:
+        if d == "kl":
+            continue
+        for px in args.sizes:
+            for b in args.batch_sizes:
+                one = find(rows, d, 1, px, b, args.encoder)
+                if one is None:
+                    continue
+                parts = []
+                kl = find(rows, "kl", 1, px, b, args.encoder, args.kl_base_channels)
+                if kl is not None:
+                    parts.append(f"1-step throughput = {one['images_per_s'] / kl['images_per_s']:.2f}x "
+                                 f"KL-VAE (base {args.kl_base_channels})")
+                for s in others:
+                    many = find(rows, d, s, px, b, args.encoder)
+                    if many is not None:
+                        parts.append(f"1-step = {one['images_per_s'] / many['images_per_s']:.2f}x {s}-step")
+                if parts:
+                    lines.append(f"- SSDD-{d}, {px} px, batch {b}: " + "; ".join(parts))
+    return lines
+
+
+def markdown(report) -> str:
+    m, s = report["machine"], report["settings"]
+    where = m["gpu"] if m["gpu"] else f"{m['cpu']}, {m['torch_threads']} threads"
+    out = [f"# Decoder throughput ({where})", "",
+           f"{report['date']}, torch {m['torch']}, {s['dtype']}, encoder {s['encoder']}, "
+           f"warm-up {s['warmup']}, median of {s['repeats']}{', torch.compile' if s['compile'] else ''}; "
+           f"{WEIGHTS_NOTE}. Peak MB: memory above the loaded model during decoding "
+           f"({'CUDA max allocated' if m['gpu'] else 'peak RSS'}). Load average at start: {m['load_average']}.", "",
+           f"Command: `{report['command']}`", "",
+           "| decoder | steps | px | batch | images/s | ms/image | peak MB |", "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if r["status"] == "ok":
+            peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+            out.append(f"| {r['label']} | {r['steps']} | {r['px']} | {r['batch']} | {r['images_per_s']:.3g} | "
+                       f"{r['ms_per_image']:.1f} | {peak} |")
+    skipped = [r for r in report["rows"] if r["status"] != "ok"]
+    if skipped:
+        out += ["", "Skipped:", ""]
+        out += [f"- {r['label']}, {r['steps']} step(s), {r['px']} px, batch {r['batch']}: {r['reason']}" for r in skipped]
+    out += ["", "Throughput ratios (same run, same px and batch):", ""]
+    out += report["ratios"] or ["- none: a ratio needs the 1-step SSDD row and the KL-VAE or N-step row measured"]
+    q = report.get("quality")
+    if q:
+        metric = q["metric"]
+        out += ["", f"Quality vs speed ({q['file']}, {q['im_size']} px; figure `*_quality_vs_speed.png`):", "",
+                f"| name | images/s | batch | {metric} |", "|---|---|---|---|"]
+        out += [f"| {p['name']} | {p['images_per_s']:.3g} | {p['batch']} | {p[metric]:.4g} |" for p in q["points"]]
+        out += [f"- left out: {n}" for n in q["notes"]]
+    return "\n".join(out) + "\n"
+
+
+def quality_figure(path, quality, rows, metric, report) -> list:
+    """Scatter of quality vs images/s; returns the points and notes on quality rows that could not be placed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    enc, px = quality.get("encoder", report["settings"]["encoder"]), quality["im_size"]
+    points, notes = [], []
+    for q in quality["rows"]:
+        if not isinstance(q.get(metric), (int, float)):
+            notes.append(f"{q['name']}: no numeric {metric}")
+            continue
+        kl_base = int(q.get("kl_base_channels", report["settings"]["kl_base_channels"])) if q["decoder"] == "kl" else None
+        measured = [r for r in rows if r["status"] == "ok" and r["decoder"] == q["decoder"] and r["steps"] == q["steps"]
+                    and r["px"] == px and r["encoder"] == enc and r["kl_base_channels"] == kl_base]
+        if not measured:
+            notes.append(f"{q['name']}: not measured in this run (skipped)")
+            continue
+        r = max(measured, key=lambda r: r["batch"])
+        points.append((q["name"], r["images_per_s"], q[metric], r["batch"]))
+    if not points:
+        raise UserError(f"no quality row could be matched to a measured configuration at {px} px: {'; '.join(notes)}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ips, val, b in points:
+        ax.scatter(ips, val, s=40)
+        ax.annotate(f"{name} (batch {b})", (ips, val), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.margins(x=0.35, y=0.15)  # room for the labels right of the points
+    ax.set_xlabel(f"decoding throughput, images/s ({px} px, {report['settings']['dtype']}, "
+                  f"{report['machine']['gpu'] or 'CPU'})")
+    ax.set_ylabel(f"{metric} ({METRICS[metric]} is better)")
+    ax.set_title(f"Quality vs speed ({enc}; speed with random weights)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [{"name": n, "images_per_s": ips, metric: val, "batch": b} for n, ips, val, b in points], notes
+
+
+def benchmark(args) -> None:
+    args.decoders = [canonical_decoder(d) for d in args.decoders]
+    parse_encoder_name(args.encoder)
+    for name, vals in [("--steps", args.steps), ("--sizes", args.sizes), ("--batch-sizes", args.batch_sizes)]:
+        if any(v < 1 for v in vals):
+            raise UserError(f"{name} must be positive integers, got {vals}")
+    if args.repeats < 1 or args.warmup < 1:
+        raise UserError("--warmup and --repeats must be >= 1")
+    device = pick_device(args.device)
+    amp_dtype, dtype_name = pick_dtype(args.dtype, device)
+    if args.compile and device.type != "cuda":
+        raise UserError("--compile is for GPU runs only (on CPU compilation dominates a short benchmark)")
+    quality = load_quality(args.quality, args.quality_metric) if args.quality else None
+    cfgs = configurations(args, quality)
+
+    machine = {"cpu": cpu_model(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "host": platform.node(),
+               "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+    rows = run_all(cfgs, device, amp_dtype, args)
+    report = {"machine": machine, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+              "command": "python eval/decoder_benchmark.py " + " ".join(args.argv), "note": WEIGHTS_NOTE,
+              "settings": {"device": str(device), "dtype": dtype_name, "encoder": args.encoder,
+                           "kl_base_channels": args.kl_base_channels, "warmup": args.warmup,
+                           "repeats": args.repeats, "compile": args.compile,
+                           "max_seconds_per_config": args.max_seconds_per_config},
+              "rows": rows}
+    report["ratios"] = ratio_lines(rows, args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    written = [args.out + ".json", args.out + ".md"]
+    if quality is not None:
+        fig_path = args.out + "_quality_vs_speed.png"
+        points, notes = quality_figure(fig_path, quality, rows, args.quality_metric, report)
+        report["quality"] = {"file": args.quality, "metric": args.quality_metric, "im_size": quality["im_size"],
+                             "points": points, "notes": notes}
+        written.append(fig_path)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    md = markdown(report)
+    with open(args.out + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    print("wrote " + ", ".join(written))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--decoders", nargs="+", default=["kl", "S", "B", "M", "L", "XL", "H"],
+                    help=f"kl (KL-VAE) and/or SSDD sizes: {', '.join(DECODER_SIZES)}")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 8], help="SSDD sampler steps (KL-VAE: always 1)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512], help="image side in pixels")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--encoder", default="f8c4", help="latent format f<F>c<C> (sets latent shape and KL-VAE depth)")
+    ap.add_argument("--kl-base-channels", type=int, default=128, help="KL-VAE decoder base width (SD-VAE: 128)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPU only)")
+    ap.add_argument("--max-seconds-per-config", type=float, default=120.0,
+                    help="skip a configuration whose warm-up + repeats are estimated to take longer")
+    ap.add_argument("--quality", default=None, help="quality JSON (im_size, encoder, rows) for the quality-vs-speed plot")
+    ap.add_argument("--quality-metric", default="fd_classifier", choices=list(METRICS))
+    ap.add_argument("--out", default="docs/decoder_benchmark", help="output path without extension")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(benchmark, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
