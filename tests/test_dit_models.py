@@ -93,12 +93,23 @@ def test_published_parameter_counts(name):
 
 
 def test_all_table_names_build():
-    assert len(DiT_models) == 16
-    for size in ("S", "B", "L", "XL"):
+    assert len(DiT_models) == 20
+    for size in ("Ti", "S", "B", "L", "XL"):
         for p in (1, 2, 4, 8):
             model = _meta(f"DiT-{size}/{p}")
             assert model.patch_size == p
             assert model.pos_embed.shape[1] == (32 // p) ** 2
+
+
+def test_cpu_size_ti_is_in_the_table_and_builds():
+    # DiT-Ti is this project's CPU size (not a paper size): depth 6, hidden 192, 3 heads.
+    model = build_dit("DiT-Ti/1", input_size=4, in_channels=4, num_classes=10, learn_sigma=False)
+    assert len(model.blocks) == 6 and model.num_heads == 3 and model.pos_embed.shape == (1, 16, 192)
+    layout = dit_layout(192, 6, 1, 4, 4, 11, 16)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
+    assert sum(p.numel() for p in model.parameters()) == sum(math.prod(s) for s in layout.values()) == 4_166_020
+    out = model(torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([3, 7]))
+    assert out.shape == (2, 4, 4, 4)
 
 
 def test_unknown_name_lists_valid_names():
