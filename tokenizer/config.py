@@ -28,19 +28,18 @@ def _load_yaml(path: str):
 
 
 def load_config(base: str, argv: list[str]):
-    overrides = []
-    overlay = None
+    overrides, overlays = [], []  # config=<yaml> may repeat: overlays apply in order, then key=value overrides
     for arg in argv:
         if "=" not in arg:
             raise UserError(f"arguments are key=value overrides (e.g. dataset.im_size=256), got '{arg}'")
         if arg.startswith("config="):
-            overlay = arg.split("=", 1)[1]
+            overlays.append(arg.split("=", 1)[1])
         else:
             overrides.append(arg)
     cfg = _load_yaml(base)
     OmegaConf.set_struct(cfg, True)
     try:
-        if overlay:
+        for overlay in overlays:
             cfg = OmegaConf.merge(cfg, _load_yaml(overlay))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:

@@ -2,6 +2,7 @@
 
     accelerate launch -m tokenizer.train config=configs/fmnist.yaml run_name=fmnist     # train (resumes if it exists)
     accelerate launch -m tokenizer.train task=eval ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=1
+    accelerate launch -m tokenizer.train distill_teacher=true ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=7  # 1-step student
     python -m tokenizer.train task=z_stats ssdd.checkpoint=fmnist
 
 Every knob is in configs/ssdd.yaml. A run lives in <ckpt_dir>/jobs/<run_name>/: checkpoints/{last,best}/,
@@ -56,7 +57,7 @@ def build_model(cfg) -> SSDD:
         encoder=s.encoder,
         decoder=s.decoder,
         encoder_checkpoint=enc_ckpt,
-        encoder_train=s.encoder_train,
+        encoder_train=s.encoder_train and not cfg.distill_teacher,  # a student decodes the teacher's z: no encoder
         fm_trainer=OmegaConf.to_container(s.fm_trainer),
         fm_sampler=OmegaConf.to_container(s.fm_sampler),
         encoder_base_channels=s.encoder_base_channels,
@@ -65,6 +66,25 @@ def build_model(cfg) -> SSDD:
     if s.checkpoint:
         model.load_checkpoint(resolve_checkpoint(cfg, s.checkpoint))
     return model
+
+
+def build_teacher(cfg) -> SSDD:
+    """The frozen multi-step teacher of distillation: the model of `ssdd.checkpoint`, never checkpointed (spec §5)."""
+    if not cfg.ssdd.checkpoint:
+        raise UserError("distill_teacher=true needs ssdd.checkpoint=<file or run_name> of the multi-step teacher")
+    return build_model(cfg).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def distillation_targets(teacher: SSDD, x: torch.Tensor, steps: int, generator: torch.Generator):
+    """(z, noise, x_T): the teacher encodes with .mode(), draws noise and runs its `steps`-step sampler from it.
+
+    The student then learns the map noise -> x_T in one step: trained at t = 1 on the same (z, noise), with
+    x_T as the clean end of the path, so its flow-matching target is x_T - noise.
+    """
+    z = teacher.encode(x).mode()
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return z, noise, teacher.decode(z, steps=steps, noise=noise)
 
 
 def build_aux_losses(cfg, model: SSDD) -> torch.nn.ModuleDict:
@@ -180,6 +200,10 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg).to(device)
+    teacher = None
+    if cfg.distill_teacher:  # the student starts from the teacher's weights and becomes a one-step decoder
+        teacher = build_teacher(cfg).to(device)
+        model.single_step = True  # recorded in its checkpoints: decode() then defaults to one step
     aux = build_aux_losses(cfg, model).to(device)
     named = [(n, p) for n, p in list(model.named_parameters()) + list(aux.named_parameters()) if p.requires_grad]
     optimizer = build_optimizer(cfg, named)
@@ -212,7 +236,9 @@ def train(cfg):
     tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
     loss_log = open(os.path.join(out_dir, "losses.jsonl"), "a") if accelerator.is_main_process else None
     fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
-    step_counts = sorted({1, cfg.ssdd.fm_sampler.steps})  # samples and evals show 1-step next to N-step decodes
+    # Samples and evals show 1-step next to N-step decodes; a distilled student is judged at one step only.
+    step_counts = [1] if teacher is not None else sorted({1, cfg.ssdd.fm_sampler.steps})
+    main_steps = step_counts[-1]
 
     def batches():
         """Training batches from the current step on, epoch after epoch, resuming mid-epoch exactly."""
@@ -245,7 +271,7 @@ def train(cfg):
                 accelerator.log({f"eval_{n}step/{k}": v for k, v in r.items() if isinstance(v, (int, float))}, step=step)
             tqdm.write(f"step {step}: " + " | ".join(
                 f"{n}-step PSNR {r['psnr']:.2f} SSIM {r['ssim']:.4f}" for n, r in results.items()))
-            main = results[cfg.ssdd.fm_sampler.steps]
+            main = results[main_steps]
             key = t.save_on_best if main.get(t.save_on_best) is not None else "psnr"
             score = main[key] if key in HIGHER_IS_BETTER else -main[key]
             improved = best is None or score > best
@@ -253,11 +279,17 @@ def train(cfg):
         checkpoint("last", "best") if improved else checkpoint("last")
 
     def sample_grid():
+        def seeded():
+            return torch.Generator(device).manual_seed(0)
+
         with torch.no_grad():
             z = ema.model.encode(fixed_x).mode()
-            decoded = [ema.model.decode(z, steps=n, generator=torch.Generator(device).manual_seed(0)) for n in step_counts]
+            decoded = [ema.model.decode(z, steps=n, generator=seeded()) for n in step_counts]
+            if teacher is not None:  # distillation: input, teacher N-step, student 1-step (same noise)
+                decoded.insert(0, teacher.decode(z, steps=cfg.ssdd.fm_sampler.steps, generator=seeded()))
         grid = save_grid(os.path.join(out_dir, "samples", f"step{step:07d}.png"), [fixed_x] + decoded)
-        tb.add_image("reconstructions (top: input, then 1-step, N-step)", grid, step)
+        title = "input, teacher, 1-step student" if teacher is not None else "input, then 1-step, N-step"
+        tb.add_image(f"reconstructions (top to bottom: {title})", grid, step)
 
     model.train()
     # Schedule-free optimisers keep two weight sequences; the model holds the training one throughout, since
@@ -270,7 +302,12 @@ def train(cfg):
         for x in batches() if step < total_steps else ():  # a finished run, re-run, has nothing to do
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    out = model(x, generator=step_generator(cfg, step, rank, device))
+                    gen = step_generator(cfg, step, rank, device)
+                    if teacher is None:
+                        out = model(x, generator=gen)
+                    else:
+                        z, noise, x_teacher = distillation_targets(teacher, x, cfg.ssdd.fm_sampler.steps, gen)
+                        out = model(x, z=z, noise=noise, from_noise=True, target=x_teacher)
                     losses = dict(out.losses)
                     if "lpips" in aux:
                         losses["lpips"] = aux["lpips"](out.x0_pred.float(), out.x0_gt.float())
@@ -396,8 +433,6 @@ def run(argv: list[str]) -> None:
         cfg.run_name = time.strftime("%Y-%m-%d/%H-%M-%S")
     if cfg.task not in TASKS:
         raise UserError(f"unknown task '{cfg.task}' (choose one of {', '.join(TASKS)})")
-    if cfg.distill_teacher:
-        raise UserError("distill_teacher=true (single-step distillation) is not implemented yet")
     TASKS[cfg.task](cfg)
 
 
