@@ -1,0 +1,237 @@
+"""Train a class-conditional DiT with flow matching on cached SSDD latents.
+
+    python -m dit.cache config=configs/dit_fmnist.yaml                    # once: the latent cache
+    accelerate launch -m dit.train config=configs/dit_fmnist.yaml run_name=dit_fmnist key=value ...
+
+Every knob is in configs/dit.yaml. A run lives in <ckpt_dir>/jobs/<run_name>/: checkpoints/last/ (model_dit,
+model_dit_ema, optimizer, training_state.json), TensorBoard logs, samples/*.png (EMA model, CFG, one row per class,
+decoded by the tokenizer's decoder), losses.jsonl. Re-running the same run_name resumes exactly: the data order
+(EpochSampler), timesteps, noise and label dropout are functions of (seed, step, rank), and the model, EMA,
+optimiser and RNG states come back from checkpoints/last. It mirrors tokenizer/train.py and reuses its helpers.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from dit.cache import LatentCache, encoder_hash, load_tokenizer, read_z_stats
+from dit.flow import flow_matching_loss, sample
+from dit.models import build_dit
+from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_training_state
+from tokenizer.config import load_config
+from tokenizer.ema import EMA
+from tokenizer.errors import UserError, run_cli
+from tokenizer.train import build_optimizer, make_accelerator, run_dir, save_grid, step_generator, train_loader
+
+
+def dit_architecture(cfg, cache: LatentCache) -> dict:
+    """What a generator needs besides the weights (stored in the safetensors metadata of every checkpoint)."""
+    m = cache.meta
+    return {
+        "kind": "dit",
+        "model": cfg.model.name,
+        "input_size": m["latent_shape"][1],
+        "in_channels": m["latent_shape"][0],
+        "latent_shape": json.dumps(m["latent_shape"]),
+        "num_classes": m["num_classes"],
+        "learn_sigma": int(cfg.model.learn_sigma),
+        "class_dropout_prob": float(cfg.model.class_dropout_prob),
+        "qk_norm": int(cfg.model.qk_norm),
+        "class_names": json.dumps(cache.class_names),
+        "z_mean": m["z_mean"],
+        "z_std": m["z_std"],
+        "im_size": m["im_size"],
+        "tokenizer_checkpoint": m["encoder_checkpoint"],
+        "encoder_sha256": m["encoder_sha256"],
+        "dataset": m["dataset"]["name"],
+        "sample": json.dumps(OmegaConf.to_container(cfg.sample)),  # the generator's default sampler settings
+    }
+
+
+def build_model(cfg, num_classes: int, latent_shape) -> torch.nn.Module:
+    c, h, w = latent_shape
+    return build_dit(cfg.model.name, input_size=(h, w), in_channels=c, num_classes=num_classes,
+                     learn_sigma=cfg.model.learn_sigma, class_dropout_prob=cfg.model.class_dropout_prob,
+                     qk_norm=cfg.model.qk_norm)
+
+
+def grid_classes(cfg, num_classes: int) -> list:
+    classes = list(cfg.sample.grid_classes) if cfg.sample.grid_classes is not None else list(range(min(num_classes, 10)))
+    bad = [c for c in classes if not 0 <= int(c) < num_classes]
+    if bad:
+        raise UserError(f"sample.grid_classes {bad} outside the model's classes 0..{num_classes - 1}")
+    return [int(c) for c in classes]
+
+
+@torch.no_grad()
+def sample_images(model, decoder, y, noise, cfg, z_mean: float, z_std: float, decoder_noise=None):
+    """Latents from noise with the configured sampler and CFG, de-normalised and decoded to images in [-1, 1]."""
+    s = cfg.sample
+    z = sample(model, noise, y, steps=s.steps, method=s.method, cfg_scale=s.cfg_scale,
+               guidance_interval=tuple(s.guidance_interval), time_shift=s.time_shift,
+               generator=torch.Generator(noise.device).manual_seed(cfg.seed))
+    return decoder.decode(z * z_std + z_mean, steps=s.decoder_steps, noise=decoder_noise).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg):
+    """The training loop. Returns the trained (unwrapped) model."""
+    accelerator = make_accelerator(cfg, log=True)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    out_dir = run_dir(cfg)
+    if accelerator.is_main_process:
+        print(OmegaConf.to_yaml(cfg))
+        print(f"{world} process(es) on {device}, mixed precision: {accelerator.mixed_precision}")
+        os.makedirs(out_dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+    t = cfg.training
+    if t.batch_size % world:
+        raise UserError(f"training.batch_size={t.batch_size} must be divisible by the {world} processes")
+    per_rank_bs = t.batch_size // world
+
+    # The tokenizer: its encoder hash picks (and checks) the cache, its decoder draws the sample grids.
+    tokenizer, tok_ckpt = load_tokenizer(cfg)
+    z_stats = read_z_stats(cfg, tok_ckpt)
+    cache = LatentCache.open(cfg, encoder_hash(tokenizer), tok_ckpt)
+    if abs(cache.meta["z_mean"] - z_stats["z_mean"]) > 1e-6 or abs(cache.meta["z_std"] - z_stats["z_std"]) > 1e-6:
+        raise UserError(f"latent cache {cache.dir} was normalised with z_mean={cache.meta['z_mean']:.5f}, "
+                        f"z_std={cache.meta['z_std']:.5f} but {z_stats['path']} now says {z_stats['z_mean']:.5f}, "
+                        f"{z_stats['z_std']:.5f}; rebuild the cache with python -m dit.cache")
+    decoder = tokenizer.to(device)
+    num_classes, latent_shape = cache.meta["num_classes"], cache.meta["latent_shape"]
+    arch = dit_architecture(cfg, cache)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, num_classes, latent_shape).to(device)
+    optimizer = build_optimizer(cfg, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    ema = EMA(model, t.ema.decay, t.ema.start_iter)
+    if accelerator.is_main_process:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{cfg.model.name}: {n_params / 1e6:.2f} M parameters, latents {tuple(latent_shape)}, "
+              f"{num_classes} classes, cache {cache.dir} ({len(cache)} entries)")
+
+    loader, sampler = train_loader(cfg, cache, per_rank_bs, world, rank)
+    steps_per_epoch = len(sampler) // per_rank_bs
+    if steps_per_epoch == 0:
+        raise UserError(f"the latent cache ({len(cache)} entries) is smaller than one batch ({t.batch_size})")
+    total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
+
+    # Resume: everything needed to continue bit-for-bit is in checkpoints/last.
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    step = 0
+    if resolve_state_dir(os.path.join(ckpt_root, "last")):
+        state = load_training_state(os.path.join(ckpt_root, "last"), {"dit": model, "dit_ema": ema.model}, optimizer)
+        step = state["step"]
+        if accelerator.is_main_process:
+            print(f"resumed {out_dir} at step {step}")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    modules = {"dit": raw_model, "dit_ema": ema.model}  # the files of a training state
+    accelerator.init_trackers("tensorboard")
+    tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
+    loss_log = open(os.path.join(out_dir, "losses.jsonl"), "a") if accelerator.is_main_process else None
+
+    # Sample grids: fixed classes and fixed noise (drawn on the CPU), so grids of different steps compare.
+    shown = grid_classes(cfg, num_classes)
+    per_class = cfg.sample.per_class
+    g = torch.Generator().manual_seed(cfg.seed)
+    grid_y = torch.tensor(shown).repeat_interleave(per_class).to(device)
+    grid_noise = torch.randn((len(grid_y), *latent_shape), generator=g).to(device)
+    f = decoder.patch_size
+    grid_dec_noise = torch.randn((len(grid_y), 3, latent_shape[1] * f, latent_shape[2] * f), generator=g).to(device)
+
+    def batches():
+        """Training batches from the current step on, epoch after epoch, resuming mid-epoch exactly."""
+        epoch, k = divmod(step, steps_per_epoch)
+        while True:
+            sampler.set_epoch(epoch, start_index=k * per_rank_bs)
+            for x, y in loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            epoch, k = epoch + 1, 0
+
+    def checkpoint():
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_training_state(os.path.join(ckpt_root, "last"), modules, optimizer,
+                                {"step": step, "config": OmegaConf.to_container(cfg)}, {**arch, "step": step})
+
+    def sample_grid():
+        images = sample_images(ema.model, decoder, grid_y, grid_noise, cfg, arch["z_mean"], arch["z_std"],
+                               grid_dec_noise)
+        rows = list(images.split(per_class))
+        grid = save_grid(os.path.join(out_dir, "samples", f"step{step:07d}.png"), rows)
+        tb.add_image(f"samples (EMA, cfg {cfg.sample.cfg_scale}, rows: classes {shown})", grid, step)
+
+    model.train()
+    optimizer.train()  # a no-op for AdamW; schedule-free optimisers need it (accelerate forwards it where it exists)
+    t_last = time.time()
+    with tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
+              dynamic_ncols=True) as bar:
+        for x, y in batches() if step < total_steps else ():  # a finished run, re-run, has nothing to do
+            with accelerator.accumulate(model):
+                gen = step_generator(cfg, step, rank, device)
+                # Label dropout for CFG from the step's generator (not the global RNG): resume stays exact.
+                drop = (torch.rand(x.shape[0], generator=gen, device=device) < cfg.model.class_dropout_prob).long()
+                with accelerator.autocast():
+                    loss = flow_matching_loss(lambda xt, tt, yy: model(xt, tt, yy, force_drop_ids=drop), x, y,
+                                              generator=gen, t_kind=cfg.flow.t_kind, t_mean=cfg.flow.t_mean,
+                                              t_std=cfg.flow.t_std, t_shift=cfg.flow.t_shift)
+                total = accelerator.reduce(loss.detach(), "sum")
+                if not torch.isfinite(total):  # stop before the bad step reaches the weights or a checkpoint
+                    raise UserError(f"non-finite loss ({float(total)}) at step {step}; lower training.lr or set "
+                                    f"training.grad_clip; checkpoints/last holds the last good state")
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and t.grad_clip:
+                    grad_norm = accelerator.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            ema.update(raw_model, step)
+            bar.update(1)
+
+            if accelerator.is_main_process:
+                record = {"step": step, "loss": float(total) / world}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                loss_log.write(json.dumps(record) + "\n")
+                loss_log.flush()
+                if step % t.log_freq == 0 or step == total_steps:
+                    now = time.time()
+                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}
+                                    | {"train/steps_per_s": t.log_freq / max(now - t_last, 1e-9)}, step=step)
+                    t_last = now
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if step % t.sample_every == 0 or step == total_steps:
+                    sample_grid()
+            if step % t.ckpt_every == 0 or step == total_steps:
+                checkpoint()
+            if step >= total_steps:
+                break
+    accelerator.end_training()
+    if loss_log:
+        loss_log.close()
+    return raw_model
+
+
+def run(argv: list[str]) -> None:
+    cfg = load_config("dit.yaml", argv)
+    if cfg.run_name is None:
+        cfg.run_name = time.strftime("%Y-%m-%d/%H-%M-%S")
+    train(cfg)
+
+
+def main(argv=None) -> int:
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

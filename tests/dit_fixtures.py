@@ -1,0 +1,32 @@
+"""Shared stand-ins for the DiT tests: a tiny randomly initialised tokenizer (with its z_stats.json) and the
+config overrides that make dit.cache / dit.train run in seconds on a CPU."""
+
+import json
+import os
+
+import torch
+
+from tokenizer import SSDD
+from tokenizer.checkpoint import save_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tokenizer(directory, seed=0, z_mean=0.1, z_std=0.5) -> str:
+    """A 32-wide f8c4 encoder + XS decoder saved as a whole-model file, z_stats.json beside it; returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(seed)
+    model = SSDD(encoder="f8c4", decoder="XS", encoder_base_channels=32)
+    path = os.path.join(str(directory), "tok.safetensors")
+    save_weights(model, path, model.architecture())
+    with open(os.path.join(str(directory), "z_stats.json"), "w") as f:
+        json.dump({"z_mean": z_mean, "z_std": z_std}, f)
+    return path
+
+
+def tiny_args(tokenizer: str, ckpt_dir, images: int = 24) -> list:
+    """dit_fmnist overlay on a few dozen images, small batches, 2-step sampling and a 1-step decoder."""
+    return ["config=configs/dit_fmnist.yaml", f"tokenizer.checkpoint={tokenizer}", f"ckpt_dir={ckpt_dir}",
+            f"dataset.limit={images}", "cache.batch_size=8", "cache.shard_size=16", "training.batch_size=8",
+            "training.log_freq=2", "training.sample_every=1000", "training.ckpt_every=1000", "sample.steps=2",
+            "sample.per_class=1", "sample.grid_classes=[0,7]", "sample.decoder_steps=1"]

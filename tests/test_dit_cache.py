@@ -1,0 +1,97 @@
+"""The latent cache: what it stores equals a fresh encode (and decode), flips are the flipped images' latents,
+and training refuses a cache made by another encoder or at another resolution."""
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from dit.cache import LatentCache
+from dit.cache import main as cache_main
+from dit.train import main as train_main
+from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from tokenizer import SSDD
+from tokenizer.data import FMNIST_CLASSES, FashionMNIST
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache")
+    tok = make_tokenizer(tmp / "tok")
+    os.chdir(ROOT)  # config=configs/... is relative to the repository
+    assert cache_main(tiny_args(tok, tmp)) == 0
+    (directory,) = [p for p in (tmp / "latents").iterdir() if p.is_dir()]
+    return tmp, tok, directory
+
+
+def test_cache_metadata(built):
+    tmp, tok, directory = built
+    meta = json.load(open(directory / "cache.json"))
+    assert meta["encoder_checkpoint"] == tok and len(meta["encoder_sha256"]) == 64
+    assert directory.name.endswith(meta["encoder_sha256"][:12]) and directory.name.startswith("fmnist-train-32px")
+    assert meta["im_size"] == 32 and meta["latent_shape"] == [4, 4, 4]
+    assert meta["z_mean"] == 0.1 and meta["z_std"] == 0.5 and meta["flip"] is True
+    assert meta["class_names"] == list(FMNIST_CLASSES) and meta["num_classes"] == 10
+    assert meta["images"] == 24 and meta["entries"] == 48
+    labels = [FashionMNIST("train")[i][1] for i in range(24)]
+    assert meta["per_class"] == {str(c): labels.count(c) for c in sorted(set(labels))}
+    assert [s["count"] for s in meta["shards"]] == [16, 8]  # shard_size=16 (two batches of 8), then the rest
+
+
+def test_cached_latents_equal_fresh_encodes_and_decodes(built):
+    tmp, tok, directory = built
+    cache = LatentCache(str(directory))
+    model = SSDD.from_checkpoint(tok).eval()
+    data = FashionMNIST("train")
+    idx = [0, 5, 17, 23]  # both shards
+    x = torch.stack([data[i][0] for i in idx])
+    with torch.no_grad():
+        z = model.encode(x).mode()
+        z_flip = model.encode(x.flip(-1)).mode()
+    cached = torch.stack([cache[2 * i][0] for i in idx]) * 0.5 + 0.1  # de-normalised
+    cached_flip = torch.stack([cache[2 * i + 1][0] for i in idx]) * 0.5 + 0.1
+    assert torch.allclose(cached, z, atol=1e-5)
+    assert torch.allclose(cached_flip, z_flip, atol=1e-5)
+    assert not torch.allclose(z, z_flip, atol=1e-2)  # the flip copy is a different latent
+    assert [cache[2 * i][1] for i in idx] == [data[i][1] for i in idx] == [cache[2 * i + 1][1] for i in idx]
+    noise = torch.randn(len(idx), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model.decode(cached, steps=2, noise=noise), model.decode(z, steps=2, noise=noise),
+                              atol=1e-4)
+    assert len(cache) == 48
+
+
+def test_training_refuses_cache_of_another_encoder(built, capsys):
+    tmp, tok, directory = built
+    other = make_tokenizer(tmp / "other", seed=1)
+    rc = train_main([*tiny_args(other, tmp), f"cache.dir={directory}", "run_name=x", "training.max_steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "\n" not in err, err
+    assert "another encoder" in err and str(directory) in err
+    # the default cache location of an encoder without a cache: told to build it
+    assert train_main([*tiny_args(other, tmp), "run_name=y", "training.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no latent cache" in err and "python -m dit.cache" in err and "\n" not in err
+
+
+def test_training_refuses_cache_of_another_resolution(built, capsys):
+    tmp, tok, _ = built
+    for split in ("train",):
+        for cls, colour in (("apple", (200, 0, 0)), ("sky", (0, 0, 200))):
+            d = tmp / "folder" / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (48, 40), tuple(min(255, c + 10 * i) for c in colour)).save(d / f"{i}.png")
+    folder = [*tiny_args(tok, tmp), "dataset.name=imagefolder", f"dataset.root={tmp / 'folder'}",
+              f"cache.dir={tmp / 'folder_cache'}", "training.batch_size=4", "sample.grid_classes=null"]
+    assert cache_main([*folder, "dataset.im_size=32"]) == 0
+    capsys.readouterr()
+    meta = json.load(open(tmp / "folder_cache" / "cache.json"))
+    assert meta["class_names"] == ["apple", "sky"] and meta["entries"] == 16 and meta["im_size"] == 32
+    rc = train_main([*folder, "dataset.im_size=64", "run_name=r", "training.max_steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "32-px" in err and "dataset.im_size=64" in err, err
+    # the same cache at its own resolution trains
+    assert train_main([*folder, "dataset.im_size=32", "run_name=r32", "training.max_steps=2"]) == 0
