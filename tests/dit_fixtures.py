@@ -30,3 +30,24 @@ def tiny_args(tokenizer: str, ckpt_dir, images: int = 24) -> list:
             f"dataset.limit={images}", "cache.batch_size=8", "cache.shard_size=16", "training.batch_size=8",
             "training.log_freq=2", "training.sample_every=1000", "training.ckpt_every=1000", "sample.steps=2",
             "sample.per_class=1", "sample.grid_classes=[0,7]", "sample.decoder_steps=1"]
+
+
+def make_dit(path, tokenizer: str, num_classes: int = 10, class_names=None, seed: int = 0) -> str:
+    """A randomly initialised DiT-Ti/1 on 4x4x4 latents, saved with the metadata dit.train writes."""
+    from dit.models import build_dit
+    from tokenizer.data import FMNIST_CLASSES
+
+    torch.manual_seed(seed)
+    model = build_dit("DiT-Ti/1", input_size=4, in_channels=4, num_classes=num_classes, learn_sigma=False)
+    for p in model.parameters():  # leave the zero init, so outputs depend on the input and the class
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.02)
+    names = list(FMNIST_CLASSES) if class_names is None else class_names
+    meta = {"kind": "dit", "model": "DiT-Ti/1", "input_size": 4, "in_channels": 4, "latent_shape": "[4, 4, 4]",
+            "num_classes": num_classes, "learn_sigma": 0, "class_dropout_prob": 0.1, "qk_norm": 0,
+            "class_names": json.dumps(names), "z_mean": 0.1, "z_std": 0.5, "im_size": 32,
+            "tokenizer_checkpoint": tokenizer, "encoder_sha256": "0" * 64, "dataset": "fmnist", "step": 0,
+            "sample": json.dumps({"method": "euler", "steps": 3, "cfg_scale": 2.0, "guidance_interval": [0.0, 1.0],
+                                  "time_shift": 1.0, "decoder_steps": None})}
+    save_weights(model, str(path), meta)
+    return str(path)

@@ -1,0 +1,135 @@
+"""sample/generate.py and the generator API: a tiny bundle end to end, class names, repeatability, error paths."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from dit.export import main as export_main
+from dit.pipeline import BUNDLE_DIR, Generator, load_generator
+from dit_fixtures import ROOT, make_dit, make_tokenizer
+
+spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "sample", "generate.py"))
+generate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(generate)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A random DiT + random tokenizer exported as a bundle (fp16), as python -m dit.export writes it."""
+    tmp = tmp_path_factory.mktemp("gen")
+    tok = make_tokenizer(tmp / "tok")
+    dit = make_dit(tmp / "dit.safetensors", tok)
+    out = tmp / "bundle"
+    from dit import cache
+
+    # the DiT must come from this tokenizer's encoder: give it the real hash
+    from tokenizer import SSDD
+    from tokenizer.checkpoint import read_weights, save_weights
+
+    state, meta = read_weights(dit)
+    meta["encoder_sha256"] = cache.encoder_hash(SSDD.from_checkpoint(tok))
+    save_weights(state, dit, meta)
+    assert export_main(["--dit", dit, "--out", str(out), "--steps", "2", "--cfg", "3"]) == 0
+    return out, tok, dit
+
+
+def test_export_writes_fp16_bundle(bundle):
+    out, tok, dit = bundle
+    info = json.load(open(out / "bundle.json"))
+    assert sorted(os.listdir(out)) == ["bundle.json", "decoder.safetensors", "dit_ema.safetensors"]
+    assert info["sample"]["steps"] == 2 and info["sample"]["cfg_scale"] == 3.0 and info["sample"]["method"] == "euler"
+    assert info["dit"]["class_names"][7] == "sneaker" and info["latent_shape"] == [4, 4, 4]
+    assert info["decoder"]["single_step"] is False and info["decoder"]["default_steps"] == 8
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float16 for v in load_file(out / "dit_ema.safetensors").values())
+    dec = load_file(out / "decoder.safetensors")
+    assert all(k.startswith("decoder.") and v.dtype == torch.float16 for k, v in dec.items())
+
+
+def test_export_refuses_decoder_of_another_encoder(bundle, tmp_path, capsys):
+    out, tok, dit = bundle
+    other = make_tokenizer(tmp_path / "other", seed=3)
+    assert export_main(["--dit", dit, "--decoder", other, "--out", str(tmp_path / "b")]) == 2
+    assert "another encoder" in capsys.readouterr().err
+
+
+def test_generate_end_to_end(bundle, tmp_path, capsys):
+    out, _, _ = bundle
+    dest = tmp_path / "png"
+    rc = generate.main(["--ckpt", str(out), "--class", "Sneaker", "9", "--num", "2", "--seed", "1", "--out", str(dest),
+                        "--scale", "1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "DiT" in printed and "decoder (SSDD XS)" in printed and " s for 4 latents (euler, 2 steps, cfg 3)" in printed
+    assert "(8 steps)" in printed  # the multi-step decoder's default when the bundle does not set decoder steps
+    singles = sorted(p for p in os.listdir(dest) if p != "grid.png")
+    assert singles == ["0007_sneaker_0.png", "0007_sneaker_1.png", "0009_ankle-boot_0.png", "0009_ankle-boot_1.png"]
+    assert Image.open(dest / "grid.png").size == (2 + 2 * 34, 2 + 2 * 34)  # 2 columns x 2 rows of 32 px, 2-px gaps
+    assert Image.open(dest / "0007_sneaker_0.png").size == (32, 32)
+
+
+def test_generator_api_repeats_with_seed(bundle):
+    out, _, _ = bundle
+    gen = load_generator(str(out), device="cpu")
+    assert isinstance(gen, Generator) and gen.class_names[0] == "t-shirt/top" and gen.num_classes == 10
+    assert gen.resolve_classes(["ANKLE BOOT", 3, "7"]) == [9, 3, 7]
+    a, t = gen.generate([7, 9], num=2, seed=5, steps=2, decoder_steps=1)
+    b, _ = gen.generate([7, 9], num=2, seed=5, steps=2, decoder_steps=1)
+    c, _ = gen.generate([7, 9], num=2, seed=6, steps=2, decoder_steps=1)
+    assert a.shape == (4, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert t["decoder_steps"] == 1 and t["dit_s"] > 0 and t["decoder_s"] > 0
+    # the class changes the DiT's output (so the labels reach the model)
+    d, _ = gen.generate([8, 9], num=2, seed=5, steps=2, decoder_steps=1)
+    assert not torch.equal(a[:2], d[:2]) and torch.equal(a[2:], d[2:])
+
+
+def test_imagenet_names_for_1000_class_models(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    dit = make_dit(tmp_path / "d.safetensors", tok, num_classes=1000,
+                   class_names=[f"n{i:08d}" for i in range(1000)])
+    gen = load_generator(dit, device="cpu")  # decoder from the tokenizer named in the metadata
+    assert gen.resolve_classes(["golden retriever", "Tabby", 0]) == [207, 281, 0]
+    assert gen.class_name(207) == "golden retriever"
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    return err
+
+
+def test_errors_are_one_line_with_choices(bundle, tmp_path, capsys):
+    out, _, _ = bundle
+    base = ["--ckpt", str(out), "--out", str(tmp_path / "o"), "--steps", "1", "--decoder-steps", "1"]
+    assert generate.main([*base, "--class", "10"]) == 2
+    err = _one_line_error(capsys)
+    assert "class 10 is outside" in err and "0..9" in err and "'sneaker'" in err
+    assert generate.main([*base, "--class", "snekaer"]) == 2
+    err = _one_line_error(capsys)
+    assert "unknown class name 'snekaer'" in err and "did you mean 'sneaker'" in err and "(10 classes)" in err
+    assert generate.main([*base, "--class", "sneaker", "--num", "0"]) == 2
+    _one_line_error(capsys)
+    assert generate.main(["--ckpt", str(tmp_path / "nowhere"), "--class", "1"]) == 2
+    assert "not found" in _one_line_error(capsys)
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(os.urandom(300))
+    assert generate.main(["--ckpt", str(bad), "--class", "1"]) == 2
+    assert "cannot read" in _one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "o")  # nothing written on error
+
+
+def test_unknown_imagenet_name_lists_a_short_list_and_count(tmp_path):
+    from tokenizer.errors import UserError
+
+    tok = make_tokenizer(tmp_path / "tok")
+    gen = load_generator(make_dit(tmp_path / "d.safetensors", tok, num_classes=1000, class_names=[]), device="cpu")
+    with pytest.raises(UserError) as e:
+        gen.resolve_classes(["golden retreiver"])
+    msg = str(e.value)
+    assert "did you mean 'golden retriever'" in msg and "(1000 classes in all)" in msg and len(msg) < 600
