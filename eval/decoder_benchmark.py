@@ -228,7 +228,7 @@ def measure(cfg, fn, device, amp_dtype, args, costs: CostModel, cpu_mem: CpuPeak
     first = timed_call(fn, z, steps, device, amp_dtype)
     costs.add(cfg, first)
     # The first call may include one-off work (compilation, kernel selection); only a clear overrun stops here.
-    if args.warmup + args.repeats > 1 and first * (n_calls - 1) > args.max_seconds_per_config and not args.compile:
+    if first * (n_calls - 1) > args.max_seconds_per_config and not args.compile:
         return {"status": "skipped", "first_call_s": round(first, 3),
                 "reason": f"time budget: one call took {first:.1f} s, {n_calls} calls exceed "
                           f"--max-seconds-per-config {args.max_seconds_per_config:g}"}
@@ -365,9 +365,12 @@ def markdown(report) -> str:
            f"{report['date']}, torch {m['torch']}, {s['dtype']}, encoder {s['encoder']}, "
            f"warm-up {s['warmup']}, median of {s['repeats']}{', torch.compile' if s['compile'] else ''}; "
            f"{WEIGHTS_NOTE}. Peak MB: memory above the loaded model during decoding "
-           f"({'CUDA max allocated' if m['gpu'] else 'peak RSS'}). Load average at start: {m['load_average']}.", "",
-           f"Command: `{report['command']}`", "",
-           "| decoder | steps | px | batch | images/s | ms/image | peak MB |", "|---|---|---|---|---|---|---|"]
+           f"({'CUDA max allocated' if m['gpu'] else 'peak RSS'}). Load average (1, 5, 15 min) at start "
+           f"{m['load_average']}, at end {m.get('load_average_end')}.", "",
+           f"Command: `{report['command']}`", ""]
+    if report.get("user_note"):
+        out += [f"Note: {report['user_note']}", ""]
+    out += ["| decoder | steps | px | batch | images/s | ms/image | peak MB |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if r["status"] == "ok":
             peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
@@ -450,8 +453,10 @@ def benchmark(args) -> None:
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "host": platform.node(),
                "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     rows = run_all(cfgs, device, amp_dtype, args)
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     report = {"machine": machine, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
               "command": "python eval/decoder_benchmark.py " + " ".join(args.argv), "note": WEIGHTS_NOTE,
+              "user_note": args.note,
               "settings": {"device": str(device), "dtype": dtype_name, "encoder": args.encoder,
                            "kl_base_channels": args.kl_base_channels, "warmup": args.warmup,
                            "repeats": args.repeats, "compile": args.compile,
@@ -495,6 +500,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quality", default=None, help="quality JSON (im_size, encoder, rows) for the quality-vs-speed plot")
     ap.add_argument("--quality-metric", default="fd_classifier", choices=list(METRICS))
     ap.add_argument("--out", default="docs/decoder_benchmark", help="output path without extension")
+    ap.add_argument("--note", default=None, help="free text recorded in the JSON and Markdown (e.g. machine load)")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return run_cli(benchmark, args)
