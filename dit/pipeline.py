@@ -70,6 +70,7 @@ class Generator:
     latent_shape: tuple
     defaults: dict = field(default_factory=lambda: dict(SAMPLE_DEFAULTS))
     source: str = ""
+    name: str = "DiT"
     info: dict = field(default_factory=dict)
 
     @property
@@ -248,7 +249,7 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder: 
     defaults = {**SAMPLE_DEFAULTS, **_json_field(meta, "sample", {}), **info.get("sample", {})}
     gen = Generator(model=model, decoder=dec, class_names=_json_field(meta, "class_names", []),
                     z_mean=float(meta["z_mean"]), z_std=float(meta["z_std"]), latent_shape=latent_shape,
-                    defaults=defaults, source=str(dit_path), info=info)
+                    defaults=defaults, source=str(dit_path), name=meta["model"], info=info)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return gen.to(device)

@@ -67,7 +67,7 @@ def generate(args) -> None:
     grid = save_outputs(images, ids, names, args.num, args.out, args.scale)
     n = t["images"]
     print(f"classes: {', '.join(f'{i} ({m})' for i, m in zip(ids, names))}; {args.num} per class, seed {args.seed}")
-    print(f"DiT ({gen.model.__class__.__name__} {gen.source}): {t['dit_s']:.2f} s for {n} latents "
+    print(f"DiT ({gen.name}, {gen.source}): {t['dit_s']:.2f} s for {n} latents "
           f"({t['sampler']}, {t['steps']} steps, cfg {t['cfg_scale']:g}) on {t['device']}")
     print(f"decoder (SSDD {gen.decoder.decoder_name}): {t['decoder_s']:.2f} s for {n} images "
           f"({t['decoder_steps']} step{'s' if t['decoder_steps'] > 1 else ''})")
