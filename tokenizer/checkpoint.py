@@ -116,6 +116,15 @@ def _unflatten_optimizer(tensors: dict, plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def _optimizer_files(optimizer) -> dict:
+    """None, one optimiser (-> optimizer.safetensors) or {name: optimiser} (-> optimizer_<name>.safetensors)."""
+    if optimizer is None:
+        return {}
+    if isinstance(optimizer, dict):
+        return {f"optimizer_{name}.safetensors": opt for name, opt in optimizer.items()}
+    return {"optimizer.safetensors": optimizer}
+
+
 # ----------------------------------------------------------------------------- RNG
 
 
@@ -144,7 +153,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_state(directory: str, modules: dict, optimizer, state: dict, metadata: dict | None = None) -> None:
-    """Atomically write modules (name -> nn.Module), optimiser and a JSON state into `directory`."""
+    """Atomically write modules (name -> nn.Module), optimiser(s) and a JSON state into `directory`."""
     parent, name = os.path.split(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
@@ -154,11 +163,11 @@ def save_training_state(directory: str, modules: dict, optimizer, state: dict, m
         os.makedirs(tmp)
         for key, module in modules.items():
             save_weights(module, os.path.join(tmp, f"model_{key}.safetensors"), metadata)
-        if optimizer is not None:
-            tensors, plain = _flatten_optimizer(optimizer.state_dict())
+        for file, opt in _optimizer_files(optimizer).items():
+            tensors, plain = _flatten_optimizer(opt.state_dict())
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                os.path.join(tmp, "optimizer.safetensors"),
+                os.path.join(tmp, file),
                 metadata={"structure": json.dumps(plain)},
             )
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
@@ -204,10 +213,9 @@ def load_training_state(directory: str, modules: dict, optimizer=None) -> dict:
         raise UserError(f"no complete training state in {directory}")
     for key, module in modules.items():
         load_weights(module, os.path.join(found, f"model_{key}.safetensors"), what=f"{key} of this config")
-    if optimizer is not None:
-        path = os.path.join(found, "optimizer.safetensors")
-        tensors, meta = read_weights(path)
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["structure"])))
+    for file, opt in _optimizer_files(optimizer).items():
+        tensors, meta = read_weights(os.path.join(found, file))
+        opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["structure"])))
     with open(os.path.join(found, "training_state.json")) as f:
         state = json.load(f)
     set_rng_state(state.pop("rng"))

@@ -5,7 +5,8 @@
     x_rec = model.decode(z, steps=8)           # Euler on the (1 - i/N)^2 grid, from fixed or fresh noise
 
 The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (spec §8.4), so those
-load unchanged. Files written by this project also carry the architecture in their safetensors metadata, so
+load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
+the same API. Files written by this project also carry the architecture in their safetensors metadata, so
 `SSDD.from_checkpoint(path)` rebuilds the right model without being told.
 """
 
@@ -19,6 +20,7 @@ from tokenizer.decoder import SSDDDecoder
 from tokenizer.encoder import DiagonalGaussian, build_encoder
 from tokenizer.errors import UserError
 from tokenizer.flow import clean_estimate, euler_sample, flow_matching_loss, noisy_input, sample_t_logit_normal
+from tokenizer.kl_decoder import KLDecoder
 
 
 @dataclass
@@ -27,10 +29,10 @@ class TrainStep:
 
     x0_gt: torch.Tensor  # the image the one-step estimate should match (real image, or teacher sample)
     x0_pred: torch.Tensor  # x_t + t * v_pred
-    t: torch.Tensor
+    t: torch.Tensor | None  # None for the KL-VAE baseline (no diffusion)
     z: torch.Tensor
-    noise: torch.Tensor
-    features: torch.Tensor  # middle-transformer tokens for REPA, (B, N, C_mid)
+    noise: torch.Tensor | None
+    features: torch.Tensor | None  # middle-transformer tokens for REPA, (B, N, C_mid); None for the KL-VAE
     token_grid: tuple
     losses: dict = field(default_factory=dict)
 
@@ -47,10 +49,15 @@ class SSDD(nn.Module):
         checkpoint: str | None = None,
         encoder_base_channels: int = 128,
         single_step: bool = False,
+        kl_base_channels: int = 128,
     ):
         super().__init__()
         self.encoder = build_encoder(encoder, encoder_base_channels) if isinstance(encoder, str) else encoder
-        self.decoder = SSDDDecoder(decoder, z_channels=self.encoder.z_channels)
+        if decoder == "kl":  # the KL-VAE baseline: one deterministic conv pass, trained with L1 (+ LPIPS, GAN)
+            self.decoder = KLDecoder(self.encoder.z_channels, self.encoder.patch_size, kl_base_channels)
+        else:
+            self.decoder = SSDDDecoder(decoder, z_channels=self.encoder.z_channels)
+        self.kl_base_channels = kl_base_channels
         self.encoder_name = encoder if isinstance(encoder, str) else type(encoder).__name__
         self.decoder_name = decoder
         self.encoder_base_channels = encoder_base_channels
@@ -78,14 +85,20 @@ class SSDD(nn.Module):
     def patch_size(self) -> int:
         return self.encoder.patch_size
 
+    @property
+    def is_kl(self) -> bool:
+        """True for the KL-VAE baseline decoder (`decoder="kl"`), which has no steps, noise or transformer."""
+        return self.decoder_name == "kl"
+
     def architecture(self) -> dict:
         """What `from_checkpoint` needs to rebuild this model (stored in safetensors metadata)."""
-        return {
+        arch = {
             "encoder": self.encoder_name,
             "decoder": self.decoder_name,
             "encoder_base_channels": self.encoder_base_channels,
             "single_step": int(self.single_step),
         }
+        return arch | ({"kl_base_channels": self.kl_base_channels} if self.is_kl else {})
 
     def load_checkpoint(self, path: str) -> dict:
         """Strict load of a whole-model file, or of a decoder-only file written by `save_decoder`."""
@@ -113,25 +126,26 @@ class SSDD(nn.Module):
     def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
         """Build from a file this project wrote (architecture in its metadata); official files need `encoder=`/`decoder=`."""
         _, meta = read_weights(path)
-        arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels") if k in meta}
+        arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels", "kl_base_channels") if k in meta}
         arch.update(overrides)
         if "encoder" not in arch or "decoder" not in arch:
             raise UserError(f"{path} does not say its architecture: pass encoder='f8c4'-style and decoder='M'-style")
-        arch["encoder_base_channels"] = int(arch.get("encoder_base_channels", 128))
+        for key in ("encoder_base_channels", "kl_base_channels"):
+            arch[key] = int(arch.get(key, 128))
         return cls(checkpoint=path, **arch)
 
     @classmethod
     def build(cls, config, checkpoint: str | None = None, freeze: bool = True, eval: bool = True) -> "SSDD":
         """Build from the `ssdd:` section of a YAML file (path) or mapping, as the official `SSDD.build`.
 
-        Keys used: encoder, decoder, encoder_base_channels, encoder_checkpoint, encoder_train, fm_trainer,
-        fm_sampler, checkpoint (the `checkpoint` argument wins). Training-only keys (compile, ema) are ignored.
+        Keys used: encoder, decoder, encoder_base_channels, kl_base_channels, encoder_checkpoint, encoder_train,
+        fm_trainer, fm_sampler, checkpoint (the `checkpoint` argument wins). Training-only keys (compile, ema) are ignored.
         """
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(config) if isinstance(config, str) else OmegaConf.create(config)
         cfg = OmegaConf.to_container(cfg.get("ssdd", cfg), resolve=True)
-        keys = ("encoder", "decoder", "encoder_base_channels", "encoder_checkpoint", "encoder_train", "fm_trainer",
+        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint", "encoder_train", "fm_trainer",
                 "fm_sampler", "checkpoint")
         kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
         if checkpoint is not None:
@@ -161,7 +175,10 @@ class SSDD(nn.Module):
         """Latent (B, C, h, w) -> image (B, 3, h*F, w*F) in about [-1, 1] (not clamped).
 
         `noise` fixes the starting point (same shape as the image); otherwise it is drawn with `generator`.
+        The KL-VAE baseline ignores steps and noise: it decodes in one deterministic pass.
         """
+        if self.is_kl:
+            return self.decoder(z)
         if steps is None:
             steps = 1 if self.single_step else self.default_steps
         f = self.patch_size
@@ -196,6 +213,11 @@ class SSDD(nn.Module):
                 z = posterior.sample(generator=generator)
             if self.encoder_train:
                 losses["kl"] = posterior.kl().mean()
+        grid = (x.shape[-2] // 8, x.shape[-1] // 8)
+        if self.is_kl:  # plain reconstruction; LPIPS and the GAN term are added by the trainer on x0_pred
+            x_rec = self.decoder(z)
+            losses["l1"] = (x_rec.float() - x.float()).abs().mean()
+            return TrainStep(x, x_rec, None, z, None, None, grid, losses)
         x0 = x if target is None else target
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -206,5 +228,4 @@ class SSDD(nn.Module):
         x_t = noisy_input(x0, t, noise)
         v, feats = self.decoder(x_t, t, z, return_features=True)
         losses["diffusion"] = flow_matching_loss(v, x0, noise)
-        grid = (x.shape[-2] // 8, x.shape[-1] // 8)
         return TrainStep(x0, clean_estimate(x_t, t, v), t, z, noise, feats, grid, losses)

@@ -27,6 +27,7 @@ from tokenizer.config import load_config
 from tokenizer.data import EpochSampler, build_dataset
 from tokenizer.ema import EMA
 from tokenizer.errors import UserError, run_cli
+from tokenizer.kl_decoder import PatchDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
 from tokenizer.ssdd import SSDD
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -61,8 +62,10 @@ def build_model(cfg) -> SSDD:
         fm_trainer=OmegaConf.to_container(s.fm_trainer),
         fm_sampler=OmegaConf.to_container(s.fm_sampler),
         encoder_base_channels=s.encoder_base_channels,
+        kl_base_channels=s.kl_base_channels,
     )
-    model.decoder.repa_block = min(cfg.aux_losses.repa.i_extract, model.decoder.depth // 2)
+    if not model.is_kl:
+        model.decoder.repa_block = min(cfg.aux_losses.repa.i_extract, model.decoder.depth // 2)
     if s.checkpoint:
         model.load_checkpoint(resolve_checkpoint(cfg, s.checkpoint))
     return model
@@ -72,6 +75,8 @@ def build_teacher(cfg) -> SSDD:
     """The frozen multi-step teacher of distillation: the model of `ssdd.checkpoint`, never checkpointed (spec §5)."""
     if not cfg.ssdd.checkpoint:
         raise UserError("distill_teacher=true needs ssdd.checkpoint=<file or run_name> of the multi-step teacher")
+    if cfg.ssdd.decoder == "kl":
+        raise UserError("distill_teacher=true distils a diffusion decoder; the KL-VAE (ssdd.decoder=kl) has one step already")
     return build_model(cfg).eval().requires_grad_(False)
 
 
@@ -95,6 +100,8 @@ def build_aux_losses(cfg, model: SSDD) -> torch.nn.ModuleDict:
     if cfg.losses.lpips > 0:
         aux["lpips"] = LPIPSLoss(net="vgg", pretrained=True, weights_path=cfg.aux_losses.lpips_weights)
     if cfg.losses.repa > 0:
+        if model.is_kl:
+            raise UserError("REPA aligns the SSDD decoder's transformer tokens: set losses.repa=0 for ssdd.decoder=kl")
         teacher = DinoV2Teacher(pretrained=True, weights_path=cfg.aux_losses.repa.dino_weights)
         aux["repa"] = REPALoss(model.decoder.mid_channels, n_layers=cfg.aux_losses.repa.n_layers, teacher=teacher)
     return aux
@@ -207,6 +214,12 @@ def train(cfg):
     aux = build_aux_losses(cfg, model).to(device)
     named = [(n, p) for n, p in list(model.named_parameters()) + list(aux.named_parameters()) if p.requires_grad]
     optimizer = build_optimizer(cfg, named)
+    disc = disc_optimizer = None
+    if cfg.losses.gan > 0:  # optional PatchGAN (hinge loss, LDM's adaptive weight) for the KL-VAE baseline
+        if not model.is_kl:
+            raise UserError("losses.gan > 0 trains a PatchGAN for the KL-VAE baseline: it needs ssdd.decoder=kl")
+        disc = PatchDiscriminator().to(device)
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=t.lr, betas=(0.5, 0.9), weight_decay=0.0)
     ema = EMA(model, cfg.ssdd.ema.decay, cfg.ssdd.ema.start_iter)
     if cfg.ssdd.compile and torch.cuda.is_available():
         model.decoder.compile()
@@ -222,22 +235,29 @@ def train(cfg):
     # Resume: everything needed to continue bit-for-bit is in checkpoints/last.
     ckpt_root = os.path.join(out_dir, "checkpoints")
     step, best = 0, None
+    def optimizers():  # what a training state holds: one optimiser, or two with the discriminator
+        return optimizer if disc is None else {"ae": optimizer, "discriminator": disc_optimizer}
+
+    def state_modules(model):
+        return {"ae": model, "ae_ema": ema.model, "aux_losses": aux} | ({"discriminator": disc} if disc else {})
+
     if resolve_state_dir(os.path.join(ckpt_root, "last")):
-        state = load_training_state(os.path.join(ckpt_root, "last"),
-                                    {"ae": model, "ae_ema": ema.model, "aux_losses": aux}, optimizer)
+        state = load_training_state(os.path.join(ckpt_root, "last"), state_modules(model), optimizers())
         step, best = state["step"], state.get("best")
         if accelerator.is_main_process:
             print(f"resumed {out_dir} at step {step}")
 
     model, optimizer = accelerator.prepare(model, optimizer)
+    if disc is not None:
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     raw_model = accelerator.unwrap_model(model)
-    modules = {"ae": raw_model, "ae_ema": ema.model, "aux_losses": aux}  # the files of a training state
+    modules = state_modules(raw_model)  # the files of a training state
     accelerator.init_trackers("tensorboard")
     tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
     loss_log = open(os.path.join(out_dir, "losses.jsonl"), "a") if accelerator.is_main_process else None
     fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
     # Samples and evals show 1-step next to N-step decodes; a distilled student is judged at one step only.
-    step_counts = [1] if teacher is not None else sorted({1, cfg.ssdd.fm_sampler.steps})
+    step_counts = [1] if teacher is not None or raw_model.is_kl else sorted({1, cfg.ssdd.fm_sampler.steps})
     main_steps = step_counts[-1]
 
     def batches():
@@ -254,7 +274,7 @@ def train(cfg):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             for name in names:
-                save_training_state(os.path.join(ckpt_root, name), modules, optimizer,
+                save_training_state(os.path.join(ckpt_root, name), modules, optimizers(),
                                     {"step": step, "best": best, "config": OmegaConf.to_container(cfg)},
                                     raw_model.architecture())
 
@@ -314,6 +334,11 @@ def train(cfg):
                     if "repa" in aux:
                         losses["repa"] = aux["repa"](out.features.float(), x, out.token_grid)
                     loss = sum(cfg.losses[name] * value for name, value in losses.items())
+                    if disc is not None and step >= t.gan_start_step:
+                        g_loss = generator_loss(disc(out.x0_pred))
+                        scale = adaptive_gan_weight(loss, g_loss, raw_model.decoder.last_layer)
+                        losses["gan"] = scale * g_loss
+                        loss = loss + cfg.losses.gan * losses["gan"]
                 total = accelerator.reduce(loss.detach(), "sum")
                 if not torch.isfinite(total):  # stop before the bad step reaches the weights or a checkpoint
                     raise UserError(f"non-finite loss at step {step} ({ {k: float(v) for k, v in losses.items()} }); "
@@ -330,6 +355,13 @@ def train(cfg):
                             accelerator.clip_grad_norm_(trainable_aux, t.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if disc is not None and step >= t.gan_start_step:  # then the discriminator, on detached outputs
+                    disc_optimizer.zero_grad(set_to_none=True)  # drop what the generator term left in D
+                    with accelerator.autocast():
+                        losses["disc"] = hinge_d_loss(disc(x), disc(out.x0_pred.detach()))
+                    accelerator.backward(losses["disc"])
+                    disc_optimizer.step()
+                    disc_optimizer.zero_grad(set_to_none=True)
             step += 1
             ema.update(raw_model, step)
             bar.update(1)
