@@ -84,7 +84,7 @@ def evaluate(args) -> dict:
         return acc
 
     print("real test split ...", flush=True)
-    x_test, y_test = real_images("test")
+    x_test, y_test = real_images("test", args.real_images, seed=args.seed)
     test_pred = predict(x_test, clf)
     test_stats = stats(x_test)
     n_gen = args.per_class * gen.num_classes
@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", default=None)
     ap.add_argument("--decoder-steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real-images", type=int, default=None, help="random subset of the test split (default: all 10k)")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--classifier", default=None, help="classifier weights (default: the committed asset)")
     ap.add_argument("--device", default=None)

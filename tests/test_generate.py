@@ -133,3 +133,30 @@ def test_unknown_imagenet_name_lists_a_short_list_and_count(tmp_path):
         gen.resolve_classes(["golden retreiver"])
     msg = str(e.value)
     assert "did you mean 'golden retriever'" in msg and "(1000 classes in all)" in msg and len(msg) < 600
+
+
+def test_generation_eval_writes_report(bundle, tmp_path):
+    """eval/generation.py end to end with a random classifier (the numbers are meaningless, the plumbing is not)."""
+    fc = pytest.importorskip("eval.fmnist_classifier")
+    from tokenizer.checkpoint import save_weights
+
+    torch.manual_seed(0)
+    clf = tmp_path / "clf.safetensors"
+    save_weights(fc.FMNISTClassifier(), str(clf))
+    spec = importlib.util.spec_from_file_location("generation", os.path.join(ROOT, "eval", "generation.py"))
+    generation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generation)
+    out, _, _ = bundle
+    dest = str(tmp_path / "report" / "gen")
+    assert generation.main(["--ckpt", str(out), "--per-class", "3", "--cfg", "1", "2", "--steps", "1",
+                            "--decoder-steps", "1", "--classifier", str(clf), "--real-images", "300", "--out", dest]) == 0
+    r = json.load(open(dest + ".json"))
+    assert [s["cfg_scale"] for s in r["scales"]] == [1.0, 2.0] and r["per_class"] == 3
+    assert r["real"]["n_test"] == 300 and r["real"]["n_reference"] == 30 and 0 <= r["real"]["test_accuracy"] <= 1
+    for s in r["scales"]:
+        assert len(s["per_class"]) == 10 and 0 <= s["accuracy"] <= 1 and s["fd"] >= 0
+        assert s["accuracy"] == pytest.approx(sum(s["per_class"]) / 10)  # 3 samples of every class
+    assert r["best_fd_cfg"] in (1.0, 2.0) and r["decoder_steps"] == 1 and r["dit_model"] == "DiT-Ti/1"
+    md = open(dest + ".md").read()
+    assert "| 2 " in md and "ankle boot" in md and "gen.png" in md
+    assert Image.open(dest + ".png").size == (3 * 33 + 1, 10 * 33 + 1)  # 3 per class, one row per class
