@@ -150,8 +150,12 @@ def train_loader(cfg, dataset, batch_size, world, rank):
 
 
 @torch.no_grad()
-def reconstruct_split(cfg, accelerator, model: SSDD, dataset, steps: int, limit=None, grid_path=None):
-    """Reconstruct (part of) a split with fixed noise (seed 0 per process, as the official eval); return metrics."""
+def reconstruct_split(cfg, accelerator, model: SSDD, dataset, steps: int, limit=None, grid_path=None, observers=()):
+    """Reconstruct (part of) a split with fixed noise (seed 0 per process, as the official eval); return metrics.
+
+    Each `observer(originals, reconstructions)` also sees every gathered batch (main process, [-1, 1], unquantised),
+    so a caller can add a metric of its own without a second pass.
+    """
     from tokenizer.metrics import ReconstructionMetrics
 
     if limit is not None:
@@ -169,6 +173,8 @@ def reconstruct_split(cfg, accelerator, model: SSDD, dataset, steps: int, limit=
         x_all, rec_all = accelerator.gather_for_metrics((x, rec))
         if accelerator.is_main_process:
             metrics.update(x_all, rec_all)
+            for observe in observers:
+                observe(x_all, rec_all)
             if shown is None:
                 shown = (x_all[: cfg.show_samples], rec_all[: cfg.show_samples])
     result = metrics.compute() if accelerator.is_main_process else None
