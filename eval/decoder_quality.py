@@ -22,6 +22,7 @@ import time
 
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from eval.fmnist_classifier import FeatureStats, frechet_distance, load_classifier
 from tokenizer.config import load_config
@@ -60,6 +61,19 @@ def training_budget(checkpoint: str) -> dict:
     return out
 
 
+def load_previous(args, cfg) -> list:
+    """Rows of an earlier run of the same table (`--append`), refused if it scored another split or size."""
+    path = args.out + ".json"
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    wanted = {"dataset": cfg.dataset.name, "split": cfg.eval.split, "im_size": cfg.dataset.im_size}
+    if any(old.get(k) != v for k, v in wanted.items()) or (args.limit and old["n_images"] != args.limit):
+        raise UserError(f"--append: {path} scored another split, size or image count than this run ({wanted})")
+    return old["rows"]
+
+
 def markdown(rows: list, header: str) -> str:
     lines = [header, "", "| decoder | steps | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "|---|---" + "|---" * len(COLUMNS) + "|"]
@@ -81,6 +95,7 @@ def evaluate(args) -> None:
     classifier = load_classifier(args.classifier, device=device)
     fixed = torch.stack([dataset[i][0] for i in range(cfg.show_samples)]).to(device)
     real_stats, rows, decoded = None, [], []
+    previous = load_previous(args, cfg) if args.append else []
     for name, spec, steps in entries:
         checkpoint = resolve_checkpoint(cfg, spec)
         model = SSDD.from_checkpoint(checkpoint).to(device).eval()
@@ -111,6 +126,7 @@ def evaluate(args) -> None:
     if not accelerator.is_main_process:
         return
     out = args.out
+    rows = previous + rows
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     meta = {"dataset": cfg.dataset.name, "split": cfg.eval.split, "n_images": rows[0]["n_images"],
             "im_size": cfg.dataset.im_size, "encoder": SSDD.from_checkpoint(rows[0]["checkpoint"]).encoder_name,
@@ -123,7 +139,12 @@ def evaluate(args) -> None:
               f"({meta['im_size']} px), encoder {meta['encoder']}; grid rows: input, then the decoders in order")
     with open(out + ".md", "w") as f:
         f.write(markdown(rows, header))
+    grid_rows = out + ".grid.safetensors"  # the decodes of the grid, so that --append can extend it
+    if args.append and os.path.isfile(grid_rows):
+        earlier = load_file(grid_rows)
+        decoded = [earlier[str(i)].to(device) for i in range(len(earlier))] + decoded
     save_grid(out + ".png", [fixed] + decoded)
+    save_file({str(i): d.float().cpu().contiguous() for i, d in enumerate(decoded)}, grid_rows)
     print(markdown(rows, header))
     print(f"wrote {out}.json, .md, .png")
 
@@ -133,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--entry", action="append", required=True, help="'name=checkpoint:steps', repeatable")
     ap.add_argument("--out", default="docs/decoder_quality", help="output path without extension")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing <out>.json of the same split")
     ap.add_argument("--classifier", default=None, help="classifier weights (default: the committed asset)")
     ap.add_argument("overrides", nargs="*", help="tokenizer config overrides, key=value")
     args = ap.parse_args(argv)

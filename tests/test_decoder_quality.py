@@ -42,3 +42,13 @@ def test_bad_entry_is_a_one_line_error(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "q"), "--entry", "no-steps-here", "config=configs/fmnist.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert "name=checkpoint:steps" in err and "\n" not in err
+
+
+def test_append_adds_rows_and_refuses_another_split(tmp_path):
+    ssdd = stand_in(tmp_path / "ssdd.safetensors", decoder="XS")
+    out = str(tmp_path / "q")
+    common = ["--out", out, "--limit", "16", "config=configs/fmnist.yaml", "eval.batch_size=8"]
+    assert main(["--entry", f"A={ssdd}:1", *common]) == 0
+    assert main(["--append", "--entry", f"B={ssdd}:2", *common]) == 0
+    assert [r["name"] for r in json.load(open(f"{out}.json"))["rows"]] == ["A", "B"]
+    assert main(["--append", "--entry", f"C={ssdd}:1", *common[:2], "--limit", "8", *common[4:]]) == 2
