@@ -36,6 +36,7 @@ from tokenizer.ssdd import SSDD
 
 DECODERS = ["kl", *DECODER_SIZES]  # "kl" = KL-VAE decoder; the rest are SSDD sizes
 METRICS = {"fd_classifier": "lower", "psnr": "higher", "ssim": "higher", "lpips": "lower", "rfid": "lower"}
+NOISY_SPREAD = 1.5  # slowest / fastest timed call above this flags a row as disturbed (shared machine)
 WEIGHTS_NOTE = "random weights (decoding speed and memory do not depend on weight values)"
 
 
@@ -250,7 +251,8 @@ def measure(cfg, fn, device, amp_dtype, args, costs: CostModel, cpu_mem: CpuPeak
     median = statistics.median(times)
     costs.add(cfg, median)
     return {"status": "ok", "images_per_s": cfg["batch"] / median, "ms_per_image": 1000 * median / cfg["batch"],
-            "median_s": median, "times_s": [round(t, 5) for t in times], "first_call_s": round(first, 4),
+            "median_s": median, "times_s": [round(t, 5) for t in times], "spread": round(max(times) / min(times), 3),
+            "first_call_s": round(first, 4),
             "peak_mb": None if peak is None else round(peak, 1), "memory": mem_kind}
 
 
@@ -332,6 +334,11 @@ def find(rows, decoder, steps, px, batch, encoder, kl_base=None):
     return None
 
 
+def noisy_mark(*rows) -> str:
+    """' *' when any of the rows had disturbed timings (see NOISY_SPREAD), else ''."""
+    return " *" if any(r["spread"] > NOISY_SPREAD for r in rows) else ""
+
+
 def ratio_lines(rows, args) -> list:
     """SSDD 1-step vs KL-VAE and SSDD 1-step vs N-step throughput, for each size/px/batch measured in this run."""
     lines = []
@@ -348,11 +355,12 @@ def ratio_lines(rows, args) -> list:
                 kl = find(rows, "kl", 1, px, b, args.encoder, args.kl_base_channels)
                 if kl is not None:
                     parts.append(f"1-step throughput = {one['images_per_s'] / kl['images_per_s']:.2f}x "
-                                 f"KL-VAE (base {args.kl_base_channels})")
+                                 f"KL-VAE (base {args.kl_base_channels}){noisy_mark(one, kl)}")
                 for s in others:
                     many = find(rows, d, s, px, b, args.encoder)
                     if many is not None:
-                        parts.append(f"1-step = {one['images_per_s'] / many['images_per_s']:.2f}x {s}-step")
+                        parts.append(f"1-step = {one['images_per_s'] / many['images_per_s']:.2f}x {s}-step"
+                                     f"{noisy_mark(one, many)}")
                 if parts:
                     lines.append(f"- SSDD-{d}, {px} px, batch {b}: " + "; ".join(parts))
     return lines
@@ -371,10 +379,13 @@ def markdown(report) -> str:
     if report.get("user_note"):
         out += [f"Note: {report['user_note']}", ""]
     out += ["| decoder | steps | px | batch | images/s | ms/image | peak MB |", "|---|---|---|---|---|---|---|"]
+    noisy = False
     for r in report["rows"]:
         if r["status"] == "ok":
             peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-            out.append(f"| {r['label']} | {r['steps']} | {r['px']} | {r['batch']} | {r['images_per_s']:.3g} | "
+            mark = noisy_mark(r)
+            noisy = noisy or bool(mark)
+            out.append(f"| {r['label']} | {r['steps']} | {r['px']} | {r['batch']} | {r['images_per_s']:.3g}{mark} | "
                        f"{r['ms_per_image']:.1f} | {peak} |")
     skipped = [r for r in report["rows"] if r["status"] != "ok"]
     if skipped:
@@ -382,6 +393,9 @@ def markdown(report) -> str:
         out += [f"- {r['label']}, {r['steps']} step(s), {r['px']} px, batch {r['batch']}: {r['reason']}" for r in skipped]
     out += ["", "Throughput ratios (same run, same px and batch):", ""]
     out += report["ratios"] or ["- none: a ratio needs the 1-step SSDD row and the KL-VAE or N-step row measured"]
+    if noisy:
+        out += ["", f"\\* noisy: the slowest timed call took more than {NOISY_SPREAD}x the fastest (see times_s in "
+                "the JSON); a ratio marked * involves such a row."]
     q = report.get("quality")
     if q:
         metric = q["metric"]

@@ -33,7 +33,7 @@ def test_benchmark_end_to_end(tmp_path):
            "--batch-sizes", "1", "2", "--kl-base-channels", "32", "--warmup", "1", "--repeats", "2",
            "--device", "cpu", "--quality", str(qpath), "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     report = json.loads(open(out + ".json").read())
@@ -45,7 +45,7 @@ def test_benchmark_end_to_end(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
     assert {(r["decoder"], r["steps"]) for r in rows} == {("kl", 1), ("XS", 1), ("XS", 2), ("XS", 8)}
     for r in rows:
-        assert r["images_per_s"] > 0 and r["ms_per_image"] > 0 and len(r["times_s"]) == 2
+        assert r["images_per_s"] > 0 and r["ms_per_image"] > 0 and len(r["times_s"]) == 2 and r["spread"] >= 1
         assert r["peak_mb"] is None or r["peak_mb"] >= 0
     # More steps cost more: the 8-step decode is slower than the 1-step one at the same batch.
     by = {(r["decoder"], r["steps"], r["batch"]): r for r in rows}
