@@ -123,7 +123,7 @@ def evaluate(args) -> dict:
     save_image(grid_images[:, :show].flatten(0, 1), out + ".png", nrow=show, normalize=True, value_range=(-1, 1),
                padding=1)
     result = {
-        "generator": str(gen.source), "dit_model": gen.name,
+        "generator": os.path.relpath(gen.source), "dit_model": gen.name,
         "decoder": gen.decoder.decoder_name, "bundle": gen.info or None,
         "class_names": gen.display_names(), "per_class": args.per_class, "seed": args.seed,
         "sampler": t["sampler"], "steps": t["steps"], "decoder_steps": t["decoder_steps"],

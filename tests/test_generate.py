@@ -160,3 +160,18 @@ def test_generation_eval_writes_report(bundle, tmp_path):
     md = open(dest + ".md").read()
     assert "| 2 " in md and "ankle boot" in md and "gen.png" in md
     assert Image.open(dest + ".png").size == (3 * 33 + 1, 10 * 33 + 1)  # 3 per class, one row per class
+
+
+def test_embedded_bundle_works_out_of_the_box(tmp_path, capsys):
+    info = json.load(open(BUNDLE_DIR / "bundle.json"))
+    total = sum(os.path.getsize(BUNDLE_DIR / name) for name in os.listdir(BUNDLE_DIR))
+    assert total <= 25 * 10**6, total  # the repository's size limit for the embedded default
+    from dit.export import sha256_file
+
+    for name, entry in info["files"].items():  # the committed files are the ones bundle.json describes
+        assert sha256_file(str(BUNDLE_DIR / name)) == entry["sha256"], name
+    rc = generate.main(["--class", "sneaker", "--num", "1", "--steps", "2", "--decoder-steps", "1",
+                        "--out", str(tmp_path / "g"), "--device", "cpu"])
+    assert rc == 0
+    assert "7 (sneaker)" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "g" / "0007_sneaker_0.png")
