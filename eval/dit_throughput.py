@@ -86,7 +86,8 @@ def run(args) -> list:
             print(f"{model} latent {tuple(args.latent)} batch {bs}: {r['images_per_s']:.1f} images/s "
                   f"(median step {1000 * r['step_s_median']:.0f} ms, {r['precision']})", flush=True)
             rows.append(r)
-    result = {"device": str(device), "machine": machine, "torch": torch.__version__,
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other jobs on a shared CPU slow the steps
+    result = {"device": str(device), "machine": machine, "torch": torch.__version__, "load_average_1_5_15": load,
               "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python eval/dit_throughput.py " + " ".join(sys.argv[1:]),
               "results": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -95,7 +96,8 @@ def run(args) -> list:
     lines = ["# DiT training throughput", "",
              f"One training step (flow-matching loss, backward, grad clip, AdamW) on random latents; {machine} "
              f"({result['device']}), torch {torch.__version__}, {result['date']}. Median of {args.iters} steps after "
-             f"{args.warmup} warm-up steps. Command: `{result['command']}`", "",
+             f"{args.warmup} warm-up steps" + (f"; load average {load[0]:.1f} at the end (a shared machine)" if load else "")
+             + f". Command: `{result['command']}`", "",
              "| model | params | latent | tokens | batch | precision | median step (ms) | images/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
