@@ -95,6 +95,8 @@ def train(cfg):
     if t.batch_size % world:
         raise UserError(f"training.batch_size={t.batch_size} must be divisible by the {world} processes")
     per_rank_bs = t.batch_size // world
+    if t.grad_accumulate != 1:  # step, data order and the step generator all count one batch per optimiser step
+        raise UserError("training.grad_accumulate must be 1 for dit.train; use more processes or a larger batch")
 
     # The tokenizer: its encoder hash picks (and checks) the cache, its decoder draws the sample grids.
     tokenizer, tok_ckpt = load_tokenizer(cfg)
