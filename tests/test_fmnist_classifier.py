@@ -16,7 +16,6 @@ from tokenizer.errors import UserError
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return load_classifier()
 
 

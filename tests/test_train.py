@@ -26,7 +26,8 @@ def losses(run_dir):
 
 
 def cli(args, **kw):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # the in-process runs' thread count: another one changes float reduction order, and resume must be bit-exact
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.Popen([sys.executable, "-m", "tokenizer.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
