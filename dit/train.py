@@ -26,7 +26,7 @@ from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_tr
 from tokenizer.config import load_config
 from tokenizer.ema import EMA
 from tokenizer.errors import UserError, run_cli
-from tokenizer.train import build_optimizer, make_accelerator, run_dir, save_grid, step_generator, train_loader
+from tokenizer.train import build_optimizer, make_accelerator, save_grid, start_run, step_generator, train_loader
 
 
 def dit_architecture(cfg, cache: LatentCache) -> dict:
@@ -85,12 +85,7 @@ def train(cfg):
     """The training loop. Returns the trained (unwrapped) model."""
     accelerator = make_accelerator(cfg, log=True)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    out_dir = run_dir(cfg)
-    if accelerator.is_main_process:
-        print(OmegaConf.to_yaml(cfg))
-        print(f"{world} process(es) on {device}, mixed precision: {accelerator.mixed_precision}")
-        os.makedirs(out_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+    out_dir = start_run(cfg, accelerator)
     t = cfg.training
     if t.batch_size % world:
         raise UserError(f"training.batch_size={t.batch_size} must be divisible by the {world} processes")

@@ -138,6 +138,18 @@ def make_accelerator(cfg, log: bool = False):
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.training.grad_accumulate, **kw)
 
 
+def start_run(cfg, accelerator) -> str:
+    """Print the config and the process layout, create the run directory and save config.yaml in it; return it."""
+    out_dir = run_dir(cfg)
+    if accelerator.is_main_process:
+        print(OmegaConf.to_yaml(cfg))
+        print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+              f"mixed precision: {accelerator.mixed_precision}")
+        os.makedirs(out_dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+    return out_dir
+
+
 def train_loader(cfg, dataset, batch_size, world, rank):
     """Each rank reads its own shard of a (seed, epoch)-shuffled order; `sampler.set_epoch(e, start_index=k)` resumes mid-epoch."""
     sampler = EpochSampler(len(dataset), num_replicas=world, rank=rank, seed=cfg.seed, shuffle=True)
@@ -200,12 +212,7 @@ def train(cfg):
     """The training loop. Returns the trained (unwrapped) model."""
     accelerator = make_accelerator(cfg, log=True)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    out_dir = run_dir(cfg)
-    if accelerator.is_main_process:
-        print(OmegaConf.to_yaml(cfg))
-        print(f"{world} process(es) on {device}, mixed precision: {accelerator.mixed_precision}")
-        os.makedirs(out_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+    out_dir = start_run(cfg, accelerator)
     t = cfg.training
     if cfg.dataset.batch_size % world:
         raise UserError(f"dataset.batch_size={cfg.dataset.batch_size} must be divisible by the {world} processes")
