@@ -18,10 +18,15 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
 fi
 
 # 2. Virtual environment with the pinned stack and this project (editable, so configs/ stay beside the code).
+#    pip's own output goes to .venv/pip-install.log; its last lines are shown if it fails.
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
-echo "installed into .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+LOG=.venv/pip-install.log
+if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".[test]"; } >"$LOG" 2>&1; then
+  echo "error: pip install failed; the last lines of $LOG:" >&2
+  tail -n 25 "$LOG" >&2
+  exit 1
+fi
+echo "installed into .venv: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)') (pip log: $LOG)"
 
 # 3. The main job on the embedded default: class-to-image generation with the committed Fashion-MNIST bundle
 #    (DiT-Ti/1 on the latents of the project's SSDD tokenizer, decoded by its distilled one-step decoder).

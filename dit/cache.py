@@ -14,10 +14,8 @@ It is written into a temporary sibling and renamed into place, so a killed run l
 Training (`LatentCache.open(cfg, ...)`) refuses a cache whose encoder or resolution is not the config's.
 """
 
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -26,11 +24,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from tokenizer.atomic import atomic_directory
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
-from tokenizer.errors import UserError, run_cli
+from tokenizer.errors import UserError, one_line, run_cli
+from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
+from tokenizer.latent_stats import read_z_stats as read_z_stats_file
+from tokenizer.runs import resolve_checkpoint
 from tokenizer.ssdd import SSDD
-from tokenizer.train import resolve_checkpoint
 
 FORMAT = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,37 +40,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # ----------------------------------------------------------------------------- the tokenizer a config names
 
 
-def encoder_hash(model: SSDD) -> str:
-    """sha256 of the encoder weights (names, shapes and float32 bytes, in key order): the encoder's identity."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.encoder.state_dict().items()):
-        h.update(f"{k}:{tuple(v.shape)};".encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def read_z_stats(cfg, checkpoint: str) -> dict:
     """The z_stats.json named by tokenizer.z_stats, or the one beside the checkpoint."""
-    path = cfg.tokenizer.z_stats or os.path.join(os.path.dirname(checkpoint), "z_stats.json")
-    if not os.path.isfile(path):
-        raise UserError(f"no latent statistics {path}; write them with: python -m tokenizer.train task=z_stats "
-                        f"config=<the tokenizer's config> ssdd.checkpoint={checkpoint} (or set tokenizer.z_stats=)")
-    try:
-        with open(path) as f:
-            stats = json.load(f)
-        mean, std = float(stats["z_mean"]), float(stats["z_std"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read z_mean / z_std from {path}: {e}") from None
-    if not std > 0:
-        raise UserError(f"{path} has z_std={std}; it must be positive")
-    return {"z_mean": mean, "z_std": std, "path": path}
+    path = cfg.tokenizer.z_stats or os.path.join(os.path.dirname(checkpoint), Z_STATS_FILE)
+    return read_z_stats_file(path, f"write them with: python -m tokenizer.train task=z_stats config=<the tokenizer's "
+                                   f"config> ssdd.checkpoint={checkpoint} (or set tokenizer.z_stats=)")
 
 
 def load_tokenizer(cfg) -> tuple[SSDD, str]:
     """(eval-mode SSDD, resolved checkpoint path) for tokenizer.checkpoint."""
     if not cfg.tokenizer.checkpoint:
         raise UserError("set tokenizer.checkpoint=<SSDD file or tokenizer run_name>: its encoder makes the latents")
-    path = resolve_checkpoint(cfg, cfg.tokenizer.checkpoint)
+    path = resolve_checkpoint(cfg.ckpt_dir, cfg.tokenizer.checkpoint)
     model = SSDD.from_checkpoint(path).eval().requires_grad_(False)
     if not model.has_encoder:
         raise UserError(f"{path} is a decoder-only file; the latent cache needs the whole tokenizer (encoder too)")
@@ -88,6 +70,21 @@ def cache_dir(cfg, enc_hash: str) -> str:
 # ----------------------------------------------------------------------------- building
 
 
+def encode_normalised(model: SSDD, x: torch.Tensor, stats: dict, dtype: torch.dtype) -> torch.Tensor:
+    """(z - z_mean) / z_std of the `.mode()` latents, computed in float64, stored as `dtype` on the CPU."""
+    return ((model.encode(x).mode().double() - stats["z_mean"]) / stats["z_std"]).to(dtype).cpu()
+
+
+def write_shard(directory: str, index: int, buf: dict) -> dict:
+    """Write the buffered tensors as shard `index`, empty the buffer, and return the shard's cache.json entry."""
+    name = f"shard_{index:05d}.safetensors"
+    count = sum(len(t) for t in buf["labels"])
+    save_file({k: torch.cat(v).contiguous() for k, v in buf.items() if v}, os.path.join(directory, name))
+    for v in buf.values():
+        v.clear()
+    return {"file": name, "count": count}
+
+
 @torch.no_grad()
 def build_cache(cfg) -> str:
     """Encode dataset.split (plus flips) and write the cache; returns its directory."""
@@ -95,7 +92,7 @@ def build_cache(cfg) -> str:
         raise UserError(f"unknown cache.dtype '{cfg.cache.dtype}' (choose {', '.join(DTYPES)})")
     model, ckpt = load_tokenizer(cfg)
     stats = read_z_stats(cfg, ckpt)
-    enc_hash = encoder_hash(model)
+    enc_hash = model.encoder_sha256()
     out = cache_dir(cfg, enc_hash)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -105,81 +102,55 @@ def build_cache(cfg) -> str:
                         pin_memory=torch.cuda.is_available())
     dtype = DTYPES[cfg.cache.dtype]
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(out)}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     print(f"encoding {len(dataset)} images of {cfg.dataset.name}/{cfg.dataset.split} at {cfg.dataset.im_size} px"
           f"{' (+ flips)' if cfg.cache.flip else ''} with {ckpt} on {device} -> {out}")
-
-    shards, buf, counts = [], {"latents": [], "latents_flip": [], "labels": []}, {}
-    latent_shape = None
     t0 = time.time()
-
-    def normalise(x):
-        return ((model.encode(x).mode().double() - stats["z_mean"]) / stats["z_std"]).to(dtype).cpu()
-
-    def flush():
-        n = sum(len(t) for t in buf["labels"])
-        if not n:
-            return
-        name = f"shard_{len(shards):05d}.safetensors"
-        tensors = {k: torch.cat(v).contiguous() for k, v in buf.items() if v}
-        save_file(tensors, os.path.join(tmp, name))
-        shards.append({"file": name, "count": n})
-        for v in buf.values():
-            v.clear()
-
-    for x, y in tqdm(loader, desc="cache", dynamic_ncols=True):
-        x = x.to(device, non_blocking=True)
-        z = normalise(x)
-        latent_shape = list(z.shape[1:])
-        buf["latents"].append(z)
-        if cfg.cache.flip:
-            buf["latents_flip"].append(normalise(x.flip(-1)))
-        buf["labels"].append(torch.as_tensor(y, dtype=torch.int64))
-        for label in buf["labels"][-1].tolist():
-            counts[label] = counts.get(label, 0) + 1
-        if sum(len(t) for t in buf["labels"]) >= cfg.cache.shard_size:
-            flush()
-    flush()
-    if not shards:
-        raise UserError(f"dataset {cfg.dataset.name}/{cfg.dataset.split} is empty: nothing to cache")
-    num_classes = len(class_names) or (max(counts) + 1)
-    images = sum(s["count"] for s in shards)
-    meta = {
-        "format": FORMAT,
-        "encoder_checkpoint": ckpt,
-        "encoder_sha256": enc_hash,
-        "encoder": model.architecture(),
-        "im_size": int(cfg.dataset.im_size),
-        "dataset": {"name": cfg.dataset.name, "root": cfg.dataset.root, "split": cfg.dataset.split,
-                    "limit": cfg.dataset.limit},
-        "z_mean": stats["z_mean"],
-        "z_std": stats["z_std"],
-        "z_stats_file": stats["path"],
-        "normalisation": "z_cached = (encode(x).mode() - z_mean) / z_std",
-        "latent_shape": latent_shape,
-        "dtype": cfg.cache.dtype,
-        "flip": bool(cfg.cache.flip),
-        "class_names": class_names,
-        "num_classes": num_classes,
-        "images": images,
-        "entries": images * (2 if cfg.cache.flip else 1),
-        "per_class": {str(k): counts[k] for k in sorted(counts)},
-        "shards": shards,
-        "seconds": round(time.time() - t0, 1),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    with open(os.path.join(tmp, "cache.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    old = out + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(out):
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(out) as tmp:  # a killed run leaves no half cache, and an older cache stays until done
+        shards, buf, counts, latent_shape = [], {"latents": [], "latents_flip": [], "labels": []}, {}, None
+        for x, y in tqdm(loader, desc="cache", dynamic_ncols=True):
+            x = x.to(device, non_blocking=True)
+            z = encode_normalised(model, x, stats, dtype)
+            latent_shape = list(z.shape[1:])
+            buf["latents"].append(z)
+            if cfg.cache.flip:
+                buf["latents_flip"].append(encode_normalised(model, x.flip(-1), stats, dtype))
+            buf["labels"].append(torch.as_tensor(y, dtype=torch.int64))
+            for label in buf["labels"][-1].tolist():
+                counts[label] = counts.get(label, 0) + 1
+            if sum(len(t) for t in buf["labels"]) >= cfg.cache.shard_size:
+                shards.append(write_shard(tmp, len(shards), buf))
+        if buf["labels"]:
+            shards.append(write_shard(tmp, len(shards), buf))
+        if not shards:
+            raise UserError(f"dataset {cfg.dataset.name}/{cfg.dataset.split} is empty: nothing to cache")
+        num_classes = len(class_names) or (max(counts) + 1)
+        images = sum(s["count"] for s in shards)
+        meta = {
+            "format": FORMAT,
+            "encoder_checkpoint": ckpt,
+            "encoder_sha256": enc_hash,
+            "encoder": model.architecture(),
+            "im_size": int(cfg.dataset.im_size),
+            "dataset": {"name": cfg.dataset.name, "root": cfg.dataset.root, "split": cfg.dataset.split,
+                        "limit": cfg.dataset.limit},
+            "z_mean": stats["z_mean"],
+            "z_std": stats["z_std"],
+            "z_stats_file": stats["path"],
+            "normalisation": "z_cached = (encode(x).mode() - z_mean) / z_std",
+            "latent_shape": latent_shape,
+            "dtype": cfg.cache.dtype,
+            "flip": bool(cfg.cache.flip),
+            "class_names": class_names,
+            "num_classes": num_classes,
+            "images": images,
+            "entries": images * (2 if cfg.cache.flip else 1),
+            "per_class": {str(k): counts[k] for k in sorted(counts)},
+            "shards": shards,
+            "seconds": round(time.time() - t0, 1),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        with open(os.path.join(tmp, "cache.json"), "w") as f:
+            json.dump(meta, f, indent=2)
     print(f"cached {meta['entries']} latents {tuple(latent_shape)} of {images} images in {meta['seconds']} s: {out}")
     return out
 
@@ -207,7 +178,7 @@ class LatentCache(Dataset):
             try:
                 tensors = load_file(path)
             except Exception as e:  # missing file, truncated file, bad header
-                raise UserError(f"cannot read latent shard {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+                raise UserError(f"cannot read latent shard {path}: {one_line(e)}") from None
             for k, v in tensors.items():
                 parts[k].append(v)
         self.latents = torch.cat(parts["latents"]).float()

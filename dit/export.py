@@ -19,15 +19,13 @@ import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
 
-from dit.cache import encoder_hash
 from dit.flow import METHODS
 from dit.pipeline import DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, load_dit
 from tokenizer.checkpoint import save_weights
 from tokenizer.errors import UserError, run_cli
 from tokenizer.ssdd import SSDD
-from tokenizer.train import resolve_checkpoint
+from tokenizer.runs import resolve_checkpoint
 
 BUNDLE_LIMIT_MB = 25.0
 
@@ -53,11 +51,10 @@ def sha256_file(path: str) -> str:
 def export(args) -> dict:
     dit_path = resolve_dit(args.dit, args.ckpt_dir)
     model, meta = load_dit(dit_path)
-    cfg = OmegaConf.create({"ckpt_dir": args.ckpt_dir})
-    dec_path = resolve_checkpoint(cfg, args.decoder or meta["tokenizer_checkpoint"])
+    dec_path = resolve_checkpoint(args.ckpt_dir, args.decoder or meta["tokenizer_checkpoint"])
     decoder = SSDD.from_checkpoint(dec_path).eval()
     if decoder.has_encoder:
-        h = encoder_hash(decoder)
+        h = decoder.encoder_sha256()
         if h != meta["encoder_sha256"]:
             raise UserError(f"the decoder checkpoint {dec_path} comes with another encoder (sha256 {h[:12]}) than the "
                             f"one whose latents the DiT learnt (sha256 {meta['encoder_sha256'][:12]}); its latents "

@@ -1,6 +1,6 @@
-"""Flow matching for the DiT generator: training loss, time distributions and samplers.
+"""Flow matching for the DiT generator: its training loss, classifier-free guidance and samplers.
 
-Convention (the same as the tokenizer's):
+The convention, time distributions and time grids are the tokenizer's (`tokenizer.flow`, docs/ARCHITECTURE.md §8):
 
     x_t = (1 - t) * x + t * eps,        t = 0 clean data, t = 1 pure noise, eps ~ N(0, I)
     v   = x - eps                       the network's regression target ("velocity")
@@ -26,75 +26,22 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from tokenizer.errors import UserError
+from tokenizer.flow import flow_matching_loss, noisy_input, sample_t, time_grid
 
-__all__ = [
-    "apply_time_shift",
-    "sample_t",
-    "flow_matching_loss",
-    "time_grid",
-    "guided_velocity",
-    "sample",
-]
+__all__ = ["training_loss", "guided_velocity", "sample", "METHODS"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-T_KINDS = ("logit_normal", "uniform", "shifted")
 METHODS = ("euler", "heun", "sde")
-
-
-def apply_time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """SD3 resolution-dependent time shift t' = s t / (1 + (s - 1) t).
-
-    Keeps 0 and 1 fixed and is monotone; s > 1 moves mass towards t = 1 (noise), which suits
-    larger latents whose signal survives more noise. s = 1 is the identity.
-    """
-    if shift == 1.0:
-        return t
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) to broadcast against x."""
-    return t.view(-1, *([1] * (x.ndim - 1)))
 
 
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
-def sample_t(
-    batch: int,
-    kind: str = "logit_normal",
-    generator: Optional[torch.Generator] = None,
-    mean: float = 0.0,
-    std: float = 1.0,
-    shift: float = 1.0,
-    device: Optional[torch.device] = None,
-) -> torch.Tensor:
-    """Training timesteps (batch,) float32 in [0, 1].
-
-    kind:
-      "logit_normal"  t = sigmoid(mean + std * n), n ~ N(0, 1) (SD3 default; median sigmoid(mean));
-      "uniform"       t ~ U(0, 1);
-      "shifted"       t ~ U(0, 1), then the time shift with `shift`.
-    A `shift` other than 1 is applied after any kind (so logit-normal + shift, as SD3 uses at
-    high resolution, is kind="logit_normal", shift=s). The generator, if given, fixes the device.
-    """
-    if kind not in T_KINDS:
-        raise UserError(f"unknown timestep distribution {kind!r}; valid: {', '.join(T_KINDS)}")
-    if generator is not None:
-        device = generator.device
-    if kind == "logit_normal":
-        t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
-    else:
-        t = torch.rand(batch, generator=generator, device=device)
-    return apply_time_shift(t, shift)
-
-
-def flow_matching_loss(
+def training_loss(
     model_fn: ModelFn,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -108,50 +55,25 @@ def flow_matching_loss(
     t_shift: float = 1.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """MSE between the predicted velocity and x - eps, in float32.
+    """The DiT's flow-matching loss: `tokenizer.flow.flow_matching_loss` of model_fn's velocity at (x_t, t, y).
 
-    x: (B, C, H, W) clean latents, y: (B,) labels, t: (B,) in [0, 1] (drawn with `sample_t`
-    from t_kind/t_mean/t_std/t_shift if None), noise: like x (drawn if None).
-    Returns a scalar (reduction="mean") or per-sample losses (B,) (reduction="none").
-    Only the first C output channels are compared (learn_sigma channels are ignored).
+    x: (B, C, H, W) clean latents, y: (B,) labels, t: (B,) in [0, 1] (drawn with `sample_t` from
+    t_kind/t_mean/t_std/t_shift if None), noise: like x (drawn if None). Returns a scalar (reduction="mean")
+    or per-sample losses (B,) (reduction="none"). Only the first C output channels are compared (learn_sigma
+    channels are ignored).
     """
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if t is None:
-        t = sample_t(x.shape[0], t_kind, generator=generator, mean=t_mean, std=t_std,
-                     shift=t_shift, device=x.device)
+        t = sample_t(x.shape[0], t_kind, mean=t_mean, std=t_std, shift=t_shift, generator=generator,
+                     device=x.device)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    tb = _bcast(t.to(x.dtype), x)
-    x_t = (1 - tb) * x + tb * noise
-    v = model_fn(x_t, t, y)[:, : x.shape[1]]
-    target = x.float() - noise.float()
-    per_sample = F.mse_loss(v.float(), target, reduction="none").flatten(1).mean(1)
-    return per_sample.mean() if reduction == "mean" else per_sample
+    v = model_fn(noisy_input(x, t, noise), t, y)[:, : x.shape[1]]
+    return flow_matching_loss(v, x, noise, reduction)
 
 
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
-
-def time_grid(
-    steps: int,
-    shift: float = 1.0,
-    device: Optional[torch.device] = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Decreasing grid (steps + 1,) from exactly 1 to exactly 0.
-
-    Uniform for shift=1; otherwise the uniform grid passed through `apply_time_shift`, which for
-    s > 1 spends more steps at high noise.
-    """
-    if steps < 1:
-        raise UserError(f"the number of sampling steps must be >= 1, got {steps}")
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    t = apply_time_shift(t, shift)
-    t[0], t[-1] = 1.0, 0.0  # exact endpoints despite rounding in the shift
-    return t.to(device=device, dtype=dtype)
-
 
 def guided_velocity(
     model_fn: ModelFn,
@@ -219,7 +141,7 @@ def sample(
         raise UserError(f"unknown sampling method {method!r}; valid: {', '.join(METHODS)}")
     if null_class is None:
         null_class = getattr(model_fn, "null_class", None)
-    grid = time_grid(steps, time_shift, dtype=torch.float64).tolist()
+    grid = time_grid(steps, shift=time_shift, dtype=torch.float64).tolist()
 
     def vel(x: torch.Tensor, t: float) -> torch.Tensor:
         return guided_velocity(model_fn, x, t, y, cfg_scale, guidance_interval, null_class)

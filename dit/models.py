@@ -39,32 +39,15 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp, PatchEmbed
 
+from tokenizer.decoder import timestep_embedding  # the one sinusoidal embedding: [cos, sin], as DiT's
 from tokenizer.errors import UserError
 
-__all__ = ["DiT", "DiT_models", "build_dit", "timestep_embedding", "sincos_pos_embed_2d"]
+__all__ = ["DiT", "DiT_models", "build_dit", "sincos_pos_embed_2d"]
 
 
 # --------------------------------------------------------------------------------------------
 # Embeddings
 # --------------------------------------------------------------------------------------------
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal frequency embedding of (possibly fractional) timesteps.
-
-    t: (B,) -> (B, dim), float32. Layout [cos(t*f_0..f_{k-1}), sin(t*f_0..f_{k-1})] with
-    f_i = max_period^(-i/k), k = dim // 2: cos first, as in the released DiT checkpoints (the
-    order is baked into t_embedder.mlp.0's weights). An odd `dim` gets one zero column.
-    """
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """pos: (M,) float64 -> (M, dim) as [sin(pos*w), cos(pos*w)], w_i = 10000^(-i/(dim/2))."""
@@ -81,7 +64,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     what the published `pos_embed` tensors contain, so a recomputed table equals the stored one.
     """
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs hidden size divisible by 4, got {dim}")
+        raise UserError(f"sin-cos position embedding needs hidden size divisible by 4, got {dim}")
     rows = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)
     return torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1)

@@ -140,7 +140,7 @@ class Generator:
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def generate(self, class_ids, num: int = 1, seed: int = 0, cfg: float | None = None, steps: int | None = None,
+    def generate(self, class_ids, num: int = 1, seed: int = 0, cfg_scale: float | None = None, steps: int | None = None,
                  sampler: str | None = None, decoder_steps: int | None = None, batch_size: int = 256,
                  progress=None) -> tuple[torch.Tensor, dict]:
         """`num` images per class id, class after class -> (images (len(ids)*num, 3, H, W) float32 CPU in [-1, 1],
@@ -149,7 +149,7 @@ class Generator:
         if num < 1:
             raise UserError(f"the number of images per class must be >= 1, got {num}")
         d = self.defaults
-        cfg = float(d["cfg_scale"] if cfg is None else cfg)
+        cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
         steps = int(d["steps"] if steps is None else steps)
         sampler = d["method"] if sampler is None else sampler
         if sampler not in METHODS:
@@ -175,7 +175,7 @@ class Generator:
         t0 = time.perf_counter()
         for i in range(0, len(y), batch_size):
             z = sample(self.model, noise[i:i + batch_size].to(device), y[i:i + batch_size].to(device), steps=steps,
-                       method=sampler, cfg_scale=cfg, guidance_interval=tuple(d["guidance_interval"]),
+                       method=sampler, cfg_scale=cfg_scale, guidance_interval=tuple(d["guidance_interval"]),
                        time_shift=float(d["time_shift"]), generator=sde_gen)
             latents.append(z)
             if progress:
@@ -192,7 +192,7 @@ class Generator:
         t2 = time.perf_counter()
         used_dec_steps = decoder_steps or (1 if self.decoder.single_step else self.decoder.default_steps)
         timings = {"dit_s": t1 - t0, "decoder_s": t2 - t1, "images": len(y), "steps": steps, "sampler": sampler,
-                   "cfg_scale": cfg, "decoder_steps": int(used_dec_steps), "device": str(device)}
+                   "cfg_scale": cfg_scale, "decoder_steps": int(used_dec_steps), "device": str(device)}
         return torch.cat(images), timings
 
 

@@ -7,26 +7,30 @@ Every knob is in configs/dit.yaml. A run lives in <ckpt_dir>/jobs/<run_name>/: c
 model_dit_ema, optimizer, training_state.json), TensorBoard logs, samples/*.png (EMA model, CFG, one row per class,
 decoded by the tokenizer's decoder), losses.jsonl. Re-running the same run_name resumes exactly: the data order
 (EpochSampler), timesteps, noise and label dropout are functions of (seed, step, rank), and the model, EMA,
-optimiser and RNG states come back from checkpoints/last. It mirrors tokenizer/train.py and reuses its helpers.
+optimiser and RNG states come back from checkpoints/last.
+
+The loop is built from the same pieces as the tokenizer's (tokenizer.training: accelerator, optimiser, per-step
+RNG, resumable batches, finite-loss guard, checkpoints; tokenizer.runs: run directory, loss log, grids;
+tokenizer.ema: the EMA), so a fix to resume, logging or checkpointing is made once.
 """
 
 import json
 import os
 import sys
-import time
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from dit.cache import LatentCache, encoder_hash, load_tokenizer, read_z_stats
-from dit.flow import flow_matching_loss, sample
+from dit.cache import LatentCache, load_tokenizer, read_z_stats
+from dit.flow import sample, training_loss
 from dit.models import build_dit
-from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_training_state
 from tokenizer.config import load_config
 from tokenizer.ema import EMA
 from tokenizer.errors import UserError, run_cli
-from tokenizer.train import build_optimizer, make_accelerator, save_grid, start_run, step_generator, train_loader
+from tokenizer.runs import LossLog, default_run_name, save_grid, start_run
+from tokenizer.training import (build_optimizer, check_finite, epoch_batches, plan_steps, resume, save_checkpoint,
+                                step_generator, train_loader)
 
 
 def dit_architecture(cfg, cache: LatentCache) -> dict:
@@ -78,25 +82,30 @@ def sample_images(model, decoder, y, noise, cfg, z_mean: float, z_std: float, de
     return decoder.decode(z * z_std + z_mean, steps=s.decoder_steps, noise=decoder_noise).clamp(-1, 1)
 
 
+def sample_grid(tb, model, decoder, grid, cfg, arch: dict, shown: list, step: int, out_dir: str) -> None:
+    """EMA samples of fixed classes from fixed noise (one row per class), saved and sent to TensorBoard."""
+    y, noise, decoder_noise = grid
+    images = sample_images(model, decoder, y, noise, cfg, arch["z_mean"], arch["z_std"], decoder_noise)
+    rows = list(images.split(cfg.sample.per_class))
+    grid_image = save_grid(os.path.join(out_dir, "samples", f"step{step:07d}.png"), rows)
+    tb.add_image(f"samples (EMA, cfg {cfg.sample.cfg_scale}, rows: classes {shown})", grid_image, step)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
 def train(cfg):
     """The training loop. Returns the trained (unwrapped) model."""
-    accelerator = make_accelerator(cfg, log=True)
+    training = cfg.training
+    accelerator, out_dir = start_run(cfg, training.mixed_precision, training.grad_accumulate)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    out_dir = start_run(cfg, accelerator)
-    t = cfg.training
-    if t.batch_size % world:
-        raise UserError(f"training.batch_size={t.batch_size} must be divisible by the {world} processes")
-    per_rank_bs = t.batch_size // world
-    if t.grad_accumulate != 1:  # step, data order and the step generator all count one batch per optimiser step
+    if training.grad_accumulate != 1:  # step, data order and the step generator all count one batch per optimiser step
         raise UserError("training.grad_accumulate must be 1 for dit.train; use more processes or a larger batch")
 
     # The tokenizer: its encoder hash picks (and checks) the cache, its decoder draws the sample grids.
     tokenizer, tok_ckpt = load_tokenizer(cfg)
     z_stats = read_z_stats(cfg, tok_ckpt)
-    cache = LatentCache.open(cfg, encoder_hash(tokenizer), tok_ckpt)
+    cache = LatentCache.open(cfg, tokenizer.encoder_sha256(), tok_ckpt)
     if abs(cache.meta["z_mean"] - z_stats["z_mean"]) > 1e-6 or abs(cache.meta["z_std"] - z_stats["z_std"]) > 1e-6:
         raise UserError(f"latent cache {cache.dir} was normalised with z_mean={cache.meta['z_mean']:.5f}, "
                         f"z_std={cache.meta['z_std']:.5f} but {z_stats['path']} now says {z_stats['z_mean']:.5f}, "
@@ -107,24 +116,23 @@ def train(cfg):
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes, latent_shape).to(device)
-    optimizer = build_optimizer(cfg, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    ema = EMA(model, t.ema.decay, t.ema.start_iter)
+    optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                                training.optimizer, training.lr, training.weight_decay)
+    ema = EMA(model, training.ema.decay, training.ema.start_iter)
     if accelerator.is_main_process:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.model.name}: {n_params / 1e6:.2f} M parameters, latents {tuple(latent_shape)}, "
               f"{num_classes} classes, cache {cache.dir} ({len(cache)} entries)")
 
-    loader, sampler = train_loader(cfg, cache, per_rank_bs, world, rank)
-    steps_per_epoch = len(sampler) // per_rank_bs
-    if steps_per_epoch == 0:
-        raise UserError(f"the latent cache ({len(cache)} entries) is smaller than one batch ({t.batch_size})")
-    total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
+    plan = plan_steps(len(cache), training.batch_size, world, training.epochs, training.max_steps,
+                      what="the latent cache", batch_key="training.batch_size")
+    loader, sampler = train_loader(cache, plan.per_rank_batch, world, rank, cfg.seed, cfg.dataset.num_workers)
 
     # Resume: everything needed to continue bit-for-bit is in checkpoints/last.
     ckpt_root = os.path.join(out_dir, "checkpoints")
     step = 0
-    if resolve_state_dir(os.path.join(ckpt_root, "last")):
-        state = load_training_state(os.path.join(ckpt_root, "last"), {"dit": model, "dit_ema": ema.model}, optimizer)
+    state = resume(os.path.join(ckpt_root, "last"), {"dit": model, "dit_ema": ema.model}, optimizer)
+    if state is not None:
         step = state["step"]
         if accelerator.is_main_process:
             print(f"resumed {out_dir} at step {step}")
@@ -134,61 +142,38 @@ def train(cfg):
     modules = {"dit": raw_model, "dit_ema": ema.model}  # the files of a training state
     accelerator.init_trackers("tensorboard")
     tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
-    loss_log = open(os.path.join(out_dir, "losses.jsonl"), "a") if accelerator.is_main_process else None
+    loss_log = LossLog(out_dir, accelerator, training.log_freq) if accelerator.is_main_process else None
 
     # Sample grids: fixed classes and fixed noise (drawn on the CPU), so grids of different steps compare.
     shown = grid_classes(cfg, num_classes)
-    per_class = cfg.sample.per_class
     g = torch.Generator().manual_seed(cfg.seed)
-    grid_y = torch.tensor(shown).repeat_interleave(per_class).to(device)
+    grid_y = torch.tensor(shown).repeat_interleave(cfg.sample.per_class).to(device)
     grid_noise = torch.randn((len(grid_y), *latent_shape), generator=g).to(device)
     f = decoder.patch_size
     grid_dec_noise = torch.randn((len(grid_y), 3, latent_shape[1] * f, latent_shape[2] * f), generator=g).to(device)
-
-    def batches():
-        """Training batches from the current step on, epoch after epoch, resuming mid-epoch exactly."""
-        epoch, k = divmod(step, steps_per_epoch)
-        while True:
-            sampler.set_epoch(epoch, start_index=k * per_rank_bs)
-            for x, y in loader:
-                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            epoch, k = epoch + 1, 0
-
-    def checkpoint():
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_training_state(os.path.join(ckpt_root, "last"), modules, optimizer,
-                                {"step": step, "config": OmegaConf.to_container(cfg)}, {**arch, "step": step})
-
-    def sample_grid():
-        images = sample_images(ema.model, decoder, grid_y, grid_noise, cfg, arch["z_mean"], arch["z_std"],
-                               grid_dec_noise)
-        rows = list(images.split(per_class))
-        grid = save_grid(os.path.join(out_dir, "samples", f"step{step:07d}.png"), rows)
-        tb.add_image(f"samples (EMA, cfg {cfg.sample.cfg_scale}, rows: classes {shown})", grid, step)
+    grid = (grid_y, grid_noise, grid_dec_noise)
 
     model.train()
     optimizer.train()  # a no-op for AdamW; schedule-free optimisers need it (accelerate forwards it where it exists)
-    t_last = time.time()
-    with tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
+    batches = epoch_batches(loader, sampler, cache, plan, step) if step < plan.total_steps else ()
+    with tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
               dynamic_ncols=True) as bar:
-        for x, y in batches() if step < total_steps else ():  # a finished run, re-run, has nothing to do
+        for x, y in batches:  # a finished run, re-run, has nothing to do
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with accelerator.accumulate(model):
-                gen = step_generator(cfg, step, rank, device)
+                gen = step_generator(cfg.seed, step, rank, device)
                 # Label dropout for CFG from the step's generator (not the global RNG): resume stays exact.
                 drop = (torch.rand(x.shape[0], generator=gen, device=device) < cfg.model.class_dropout_prob).long()
                 with accelerator.autocast():
-                    loss = flow_matching_loss(lambda xt, tt, yy: model(xt, tt, yy, force_drop_ids=drop), x, y,
-                                              generator=gen, t_kind=cfg.flow.t_kind, t_mean=cfg.flow.t_mean,
-                                              t_std=cfg.flow.t_std, t_shift=cfg.flow.t_shift)
+                    loss = training_loss(lambda xt, tt, yy: model(xt, tt, yy, force_drop_ids=drop), x, y,
+                                         generator=gen, t_kind=cfg.flow.t_kind, t_mean=cfg.flow.t_mean,
+                                         t_std=cfg.flow.t_std, t_shift=cfg.flow.t_shift)
                 total = accelerator.reduce(loss.detach(), "sum")
-                if not torch.isfinite(total):  # stop before the bad step reaches the weights or a checkpoint
-                    raise UserError(f"non-finite loss ({float(total)}) at step {step}; lower training.lr or set "
-                                    f"training.grad_clip; checkpoints/last holds the last good state")
+                check_finite(total, step)
                 accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and t.grad_clip:
-                    grad_norm = accelerator.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
+                if accelerator.sync_gradients and training.grad_clip:
+                    grad_norm = accelerator.clip_grad_norm_(raw_model.parameters(), training.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -199,19 +184,14 @@ def train(cfg):
                 record = {"step": step, "loss": float(total) / world}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
-                loss_log.write(json.dumps(record) + "\n")
-                loss_log.flush()
-                if step % t.log_freq == 0 or step == total_steps:
-                    now = time.time()
-                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}
-                                    | {"train/steps_per_s": t.log_freq / max(now - t_last, 1e-9)}, step=step)
-                    t_last = now
+                if loss_log.write(record, force=step == plan.total_steps):
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if step % t.sample_every == 0 or step == total_steps:
-                    sample_grid()
-            if step % t.ckpt_every == 0 or step == total_steps:
-                checkpoint()
-            if step >= total_steps:
+                if step % training.sample_every == 0 or step == plan.total_steps:
+                    sample_grid(tb, ema.model, decoder, grid, cfg, arch, shown, step, out_dir)
+            if step % training.ckpt_every == 0 or step == plan.total_steps:
+                save_checkpoint(accelerator, [os.path.join(ckpt_root, "last")], modules, optimizer,
+                                {"step": step, "config": OmegaConf.to_container(cfg)}, {**arch, "step": step})
+            if step >= plan.total_steps:
                 break
     accelerator.end_training()
     if loss_log:
@@ -222,7 +202,7 @@ def train(cfg):
 def run(argv: list[str]) -> None:
     cfg = load_config("dit.yaml", argv)
     if cfg.run_name is None:
-        cfg.run_name = time.strftime("%Y-%m-%d/%H-%M-%S")
+        cfg.run_name = default_run_name()
     train(cfg)
 
 

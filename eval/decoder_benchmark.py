@@ -28,9 +28,10 @@ import time
 import torch
 from tqdm import tqdm
 
+from eval.report import cpu_model, load_average, run_script
 from tokenizer.decoder import DECODER_SIZES
 from tokenizer.encoder import build_encoder, parse_encoder_name
-from tokenizer.errors import UserError, run_cli
+from tokenizer.errors import UserError
 from tokenizer.kl_decoder import build_kl_decoder
 from tokenizer.ssdd import SSDD
 
@@ -93,17 +94,6 @@ def load_quality(path: str, metric: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class CpuPeakMemory:
@@ -465,9 +455,9 @@ def benchmark(args) -> None:
 
     machine = {"cpu": cpu_model(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "host": platform.node(),
-               "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+               "load_average": load_average()}
     rows = run_all(cfgs, device, amp_dtype, args)
-    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    machine["load_average_end"] = load_average()
     report = {"machine": machine, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
               "command": "python eval/decoder_benchmark.py " + " ".join(args.argv), "note": WEIGHTS_NOTE,
               "user_note": args.note,
@@ -515,9 +505,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-metric", default="fd_classifier", choices=list(METRICS))
     ap.add_argument("--out", default="docs/decoder_benchmark", help="output path without extension")
     ap.add_argument("--note", default=None, help="free text recorded in the JSON and Markdown (e.g. machine load)")
-    args = ap.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(benchmark, args)
+    return run_script(ap, benchmark, argv)
 
 
 if __name__ == "__main__":

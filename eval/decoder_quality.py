@@ -16,7 +16,6 @@ project's Fashion-MNIST classifier (eval/fmnist_classifier.py), which needs no d
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -25,12 +24,15 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from eval.fmnist_classifier import FeatureStats, frechet_distance, load_classifier
+from eval.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
-from tokenizer.errors import UserError, run_cli
+from tokenizer.errors import UserError
+from tokenizer.evaluation import reconstruct_split
 from tokenizer.metrics import quantize
+from tokenizer.runs import resolve_checkpoint, save_grid
 from tokenizer.ssdd import SSDD
-from tokenizer.train import make_accelerator, reconstruct_split, resolve_checkpoint, save_grid
+from tokenizer.training import make_accelerator
 
 COLUMNS = [("psnr", "PSNR (dB) ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.4f}"), ("lpips", "LPIPS ↓", "{:.4f}"),
            ("fd_classifier", "FD (classifier) ↓", "{:.3f}"), ("rfid", "rFID ↓", "{:.2f}"),
@@ -75,12 +77,8 @@ def load_previous(args, cfg) -> list:
 
 
 def markdown(rows: list, header: str) -> str:
-    lines = [header, "", "| decoder | steps | " + " | ".join(c[1] for c in COLUMNS) + " |",
-             "|---|---" + "|---" * len(COLUMNS) + "|"]
-    for r in rows:
-        cells = [fmt.format(r[k]) if r.get(k) is not None else "n/a" for k, _, fmt in COLUMNS]
-        lines.append(f"| {r['name']} | {r['steps']} | " + " | ".join(cells) + " |")
-    notes = sorted({n for r in rows for n in (r.get("notes") or [])})
+    lines = [header, ""] + markdown_table(rows, COLUMNS, lead=[("name", "decoder"), ("steps", "steps")])
+    notes = row_notes(rows)
     notes += sorted({f"{r['name']}: distilled from {r['distilled_from']} (its images seen are the distillation's own)"
                      for r in rows if r.get("distilled_from")})
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
@@ -89,7 +87,7 @@ def markdown(rows: list, header: str) -> str:
 def evaluate(args) -> None:
     entries = [parse_entry(e) for e in args.entry]
     cfg = load_config("ssdd.yaml", args.overrides)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.training.mixed_precision)
     device = accelerator.device
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
     classifier = load_classifier(args.classifier, device=device)
@@ -97,7 +95,7 @@ def evaluate(args) -> None:
     real_stats, rows, decoded = None, [], []
     previous = load_previous(args, cfg) if args.append else []
     for name, spec, steps in entries:
-        checkpoint = resolve_checkpoint(cfg, spec)
+        checkpoint = resolve_checkpoint(cfg.ckpt_dir, spec)
         model = SSDD.from_checkpoint(checkpoint).to(device).eval()
         real, fake = FeatureStats(classifier), FeatureStats(classifier)
 
@@ -127,18 +125,14 @@ def evaluate(args) -> None:
         return
     out = args.out
     rows = previous + rows
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     meta = {"dataset": cfg.dataset.name, "split": cfg.eval.split, "n_images": rows[0]["n_images"],
             "im_size": cfg.dataset.im_size, "encoder": SSDD.from_checkpoint(rows[0]["checkpoint"]).encoder_name,
             "classifier": "eval/assets/fmnist_classifier.safetensors (penultimate features)" if args.classifier is None
-            else args.classifier, "machine": platform.node(), "device": str(device), "date": time.strftime("%Y-%m-%d"),
-            "command": "python eval/decoder_quality.py " + " ".join(args.argv)}
-    with open(out + ".json", "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=2)
+            else args.classifier, "machine": machine_info(device), "date": today(),
+            "command": command_line("eval/decoder_quality.py", args.argv)}
     header = (f"Reconstruction of {meta['n_images']} {meta['dataset']} {meta['split']} images "
               f"({meta['im_size']} px), encoder {meta['encoder']}; grid rows: input, then the decoders in order")
-    with open(out + ".md", "w") as f:
-        f.write(markdown(rows, header))
+    write_report(out, {**meta, "rows": rows}, markdown(rows, header))
     grid_rows = out + ".grid.safetensors"  # the decodes of the grid, so that --append can extend it
     if args.append and os.path.isfile(grid_rows):
         earlier = load_file(grid_rows)
@@ -157,9 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--append", action="store_true", help="add rows to an existing <out>.json of the same split")
     ap.add_argument("--classifier", default=None, help="classifier weights (default: the committed asset)")
     ap.add_argument("overrides", nargs="*", help="tokenizer config overrides, key=value")
-    args = ap.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(evaluate, args)
+    return run_script(ap, evaluate, argv)
 
 
 if __name__ == "__main__":

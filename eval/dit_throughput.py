@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from dit.flow import flow_matching_loss
+from dit.flow import training_loss
 from dit.models import build_dit
 from tokenizer.errors import UserError, run_cli
 
@@ -43,7 +43,7 @@ def measure(name: str, latent, batch: int, device: torch.device, warmup: int, it
     def step():
         drop = (torch.rand(batch, device=device, generator=g) < 0.1).long()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = flow_matching_loss(lambda a, t, b: model(a, t, b, force_drop_ids=drop), x, y, generator=g)
+            loss = training_loss(lambda a, t, b: model(a, t, b, force_drop_ids=drop), x, y, generator=g)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

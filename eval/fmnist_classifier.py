@@ -57,7 +57,7 @@ class FMNISTClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 32, 32) images in [-1, 1] -> (B, feature_dim) penultimate features (post-ReLU, as the head sees)."""
         if x.ndim != 4 or x.shape[-2:] != (IM_SIZE, IM_SIZE):
-            raise ValueError(f"expected images (B, C, {IM_SIZE}, {IM_SIZE}), got {tuple(x.shape)}")
+            raise UserError(f"expected images (B, C, {IM_SIZE}, {IM_SIZE}), got {tuple(x.shape)}")
         x = x.float().mean(dim=1, keepdim=True)  # greyscale, so generated RGB is judged like the 1-channel data
         return self.embed(self.blocks(x))
 
@@ -127,7 +127,7 @@ class FeatureStats:
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
         """(mean (D,), unbiased covariance (D, D)), float64 numpy, as `np.mean` / `np.cov(rowvar=False)`."""
         if self.n < 2:
-            raise ValueError(f"need at least 2 images for a covariance, got {self.n}")
+            raise UserError(f"need at least 2 images for a covariance, got {self.n}")
         mu = (self.sum / self.n).numpy()
         sigma = (self.outer.numpy() - self.n * np.outer(mu, mu)) / (self.n - 1)
         return mu, sigma
@@ -145,7 +145,7 @@ def frechet_distance(a: FeatureStats | torch.Tensor | np.ndarray, b: FeatureStat
         if not isinstance(s, FeatureStats):
             f = torch.as_tensor(np.asarray(s) if not torch.is_tensor(s) else s)
             if f.ndim != 2:
-                raise ValueError(f"expected features (N, D), got shape {tuple(f.shape)}")
+                raise UserError(f"expected features (N, D), got shape {tuple(f.shape)}")
             acc = FeatureStats(feature_dim=f.shape[1])
             acc.update_features(f)
             s = acc
@@ -154,7 +154,7 @@ def frechet_distance(a: FeatureStats | torch.Tensor | np.ndarray, b: FeatureStat
 
     sa, sb = stats(a), stats(b)
     if sa["mu"].shape != sb["mu"].shape:
-        raise ValueError(f"feature dimensions differ: {sa['mu'].shape[0]} vs {sb['mu'].shape[0]}")
+        raise UserError(f"feature dimensions differ: {sa['mu'].shape[0]} vs {sb['mu'].shape[0]}")
     # Not clipped at 0: identical sets give ~1e-13 (rounding), and a clearly negative value would reveal a bug.
     return float(fid_statistics_to_metric(sa, sb, verbose=False)[KEY_METRIC_FID])
 

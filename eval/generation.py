@@ -102,16 +102,16 @@ def evaluate(args) -> dict:
     scales, samples = [], {}
     ids = list(range(gen.num_classes))
     labels = torch.tensor(ids).repeat_interleave(args.per_class)
-    for cfg in args.cfg or [gen.defaults["cfg_scale"]]:
-        images, t = gen.generate(ids, num=args.per_class, seed=args.seed, cfg=cfg, steps=args.steps,
+    for cfg_scale in args.cfg_scales or [gen.defaults["cfg_scale"]]:
+        images, t = gen.generate(ids, num=args.per_class, seed=args.seed, cfg_scale=cfg_scale, steps=args.steps,
                                  sampler=args.sampler, decoder_steps=args.decoder_steps, batch_size=args.batch_size)
         pred = predict(images, clf)
-        s = {"cfg_scale": float(cfg), "accuracy": float((pred == labels).float().mean()),
+        s = {"cfg_scale": float(cfg_scale), "accuracy": float((pred == labels).float().mean()),
              "per_class": [float((pred[labels == c] == c).float().mean()) for c in ids],
              "fd": frechet_distance(stats(images), test_stats), "dit_s": t["dit_s"], "decoder_s": t["decoder_s"]}
         scales.append(s)
-        samples[float(cfg)] = images
-        print(f"cfg {cfg:g}: accuracy {100 * s['accuracy']:.2f} %, FD {s['fd']:.3f} "
+        samples[float(cfg_scale)] = images
+        print(f"cfg {cfg_scale:g}: accuracy {100 * s['accuracy']:.2f} %, FD {s['fd']:.3f} "
               f"(DiT {t['dit_s']:.1f} s, decoder {t['decoder_s']:.1f} s)", flush=True)
     best = min(scales, key=lambda s: s["fd"])
     out = args.out
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", default=None, help=f"bundle directory or DiT checkpoint (default: {BUNDLE_DIR})")
     ap.add_argument("--per-class", type=int, default=100)
-    ap.add_argument("--cfg", type=float, nargs="+", default=None, help="guidance scales (default: the bundle's)")
+    ap.add_argument("--cfg", dest="cfg_scales", type=float, nargs="+", default=None, help="guidance scales (default: the bundle's)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", default=None)
     ap.add_argument("--decoder-steps", type=int, default=None)

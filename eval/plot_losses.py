@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tokenizer.errors import run_cli  # noqa: E402
-from tokenizer.train import read_loss_log  # noqa: E402
+from tokenizer.runs import read_loss_log  # noqa: E402
 
 
 def smooth(values: list, window: int) -> list:

@@ -9,28 +9,24 @@ SSIM, LPIPS (AlexNet) and rFID when their weights are available. Writes `<out>.j
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
+from eval.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
 from tokenizer.config import load_config
-from tokenizer.errors import run_cli
-from tokenizer.train import load_for_eval, reconstruct_split, save_grid
+from tokenizer.evaluation import load_for_eval, reconstruct_split
+from tokenizer.runs import save_grid
 
 COLUMNS = [("psnr", "PSNR (dB) ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.4f}"), ("lpips", "LPIPS ↓", "{:.4f}"),
            ("rfid", "rFID ↓", "{:.2f}"), ("mse", "MSE ↓", "{:.5f}")]
 
 
 def markdown(rows: list, header: str) -> str:
-    lines = [header, "", "| steps | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for r in rows:
-        cells = [fmt.format(r[k]) if r.get(k) is not None else "n/a" for k, _, fmt in COLUMNS]
-        lines.append(f"| {r['steps']} | " + " | ".join(cells) + " |")
-    notes = sorted({n for r in rows for n in (r.get("notes") or [])})
+    lines = [header, ""] + markdown_table(rows, COLUMNS, lead=[("steps", "steps")])
+    notes = row_notes(rows)
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
 
@@ -50,17 +46,12 @@ def evaluate(args) -> None:
                 decoded.append(model.decode(model.encode(fixed).mode(), steps=steps, generator=g))
     if not accelerator.is_main_process:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     meta = {"checkpoint": ckpt, "split": cfg.eval.split, "n_images": rows[0]["n_images"],
-            "im_size": cfg.dataset.im_size, "dataset": cfg.dataset.name, "machine": platform.node(),
-            "device": str(accelerator.device), "date": time.strftime("%Y-%m-%d"),
-            "command": "python eval/reconstruction.py " + " ".join(args.argv)}
-    with open(out + ".json", "w") as f:
-        json.dump({**meta, "results": rows}, f, indent=2)
+            "im_size": cfg.dataset.im_size, "dataset": cfg.dataset.name, "machine": machine_info(accelerator.device),
+            "date": today(), "command": command_line("eval/reconstruction.py", args.argv)}
     header = (f"Reconstruction of {meta['n_images']} {cfg.dataset.name} {cfg.eval.split} images "
               f"({cfg.dataset.im_size} px), {os.path.relpath(ckpt)}")
-    with open(out + ".md", "w") as f:
-        f.write(markdown(rows, header))
+    write_report(out, {**meta, "results": rows}, markdown(rows, header))
     save_grid(out + ".png", [fixed] + decoded)
     print(markdown(rows, header))
     print(f"wrote {out}.json, .md, .png")
@@ -71,9 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 8], help="decoder step counts to compare")
     ap.add_argument("--out", default=None, help="output path without extension (default: beside the checkpoint)")
     ap.add_argument("overrides", nargs="*", help="tokenizer config overrides, key=value")
-    args = ap.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(evaluate, args)
+    return run_script(ap, evaluate, argv)
 
 
 if __name__ == "__main__":

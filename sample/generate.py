@@ -61,7 +61,7 @@ def generate(args) -> None:
         ids = list(range(gen.num_classes))
     else:
         ids = gen.resolve_classes(args.classes)
-    images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg=args.cfg, steps=args.steps,
+    images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
                              sampler=args.sampler, decoder_steps=args.decoder_steps)
     names = [gen.class_name(i) for i in ids]
     grid = save_outputs(images, ids, names, args.num, args.out, args.scale)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                     help="class ids or names (several allowed); default: every class of a model with <= 16")
     ap.add_argument("--num", type=int, default=4, help="images per class")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the bundle's)")
+    ap.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: the bundle's)")
     ap.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the bundle's)")
     ap.add_argument("--sampler", choices=METHODS, default=None, help="default: the bundle's")
     ap.add_argument("--decoder-steps", type=int, default=None,

@@ -1,4 +1,4 @@
-"""Single-step distillation (spec §5): the student learns the teacher's noise -> x_T map, and a distilled
+"""Single-step distillation (docs/ARCHITECTURE.md §6): the student learns the teacher's noise -> x_T map, and a distilled
 checkpoint records that it is a one-step decoder."""
 
 import copy

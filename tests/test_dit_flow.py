@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dit.flow import flow_matching_loss, guided_velocity, sample, sample_t, time_grid
+from dit.flow import guided_velocity, sample, training_loss
+from tokenizer.flow import sample_t, time_grid
 from tokenizer.errors import UserError
 
 SHAPE = (4, 3, 2, 2)
@@ -45,7 +46,7 @@ def test_loss_target_is_x_minus_eps_and_ignores_sigma_channels():
     def oracle(x_t, t_, y):  # knows x and eps; appends junk "sigma" channels
         return torch.cat([x - eps, torch.full_like(x, 1e3)], dim=1)
 
-    per = flow_matching_loss(oracle, x, torch.zeros(4, dtype=torch.long), t=t, noise=eps, reduction="none")
+    per = training_loss(oracle, x, torch.zeros(4, dtype=torch.long), t=t, noise=eps, reduction="none")
     assert per.shape == (4,) and torch.allclose(per, torch.zeros(4))
 
     seen = {}
@@ -54,7 +55,7 @@ def test_loss_target_is_x_minus_eps_and_ignores_sigma_channels():
         seen["x_t"] = x_t
         return torch.zeros_like(x_t)
 
-    loss = flow_matching_loss(zero, x, torch.zeros(4, dtype=torch.long), t=t, noise=eps)
+    loss = training_loss(zero, x, torch.zeros(4, dtype=torch.long), t=t, noise=eps)
     assert torch.allclose(seen["x_t"], 0.7 * x + 0.3 * eps)
     assert torch.allclose(loss, ((x - eps) ** 2).mean())
 

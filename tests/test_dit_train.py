@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dit.cache import main as cache_main
 from dit.train import main as train_main
 from dit_fixtures import ROOT, make_tokenizer, tiny_args
-from tokenizer.train import read_loss_log
+from tokenizer.runs import read_loss_log
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,12 @@ def bundle(tmp_path_factory):
     tok = make_tokenizer(tmp / "tok")
     dit = make_dit(tmp / "dit.safetensors", tok)
     out = tmp / "bundle"
-    from dit import cache
-
     # the DiT must come from this tokenizer's encoder: give it the real hash
     from tokenizer import SSDD
     from tokenizer.checkpoint import read_weights, save_weights
 
     state, meta = read_weights(dit)
-    meta["encoder_sha256"] = cache.encoder_hash(SSDD.from_checkpoint(tok))
+    meta["encoder_sha256"] = SSDD.from_checkpoint(tok).encoder_sha256()
     save_weights(state, dit, meta)
     assert export_main(["--dit", dit, "--out", str(out), "--steps", "2", "--cfg", "3"]) == 0
     return out, tok, dit

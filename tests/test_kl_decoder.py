@@ -5,14 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer.errors import UserError
-from tokenizer.kl_decoder import (
-    KLDecoder,
-    PatchDiscriminator,
-    adaptive_gan_weight,
-    build_kl_decoder,
-    generator_loss,
-    hinge_d_loss,
-)
+from tokenizer.kl_decoder import KLDecoder, build_kl_decoder
+from tokenizer.losses import PatchDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
 
 # diffusers 0.42.1, AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
 # 4 x DownEncoderBlock2D / UpDecoderBlock2D), i.e. the SD-VAE config:

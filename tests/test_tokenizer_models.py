@@ -1,4 +1,4 @@
-"""Encoder / decoder architecture checks against spec §1.1, §2 and the checkpoint layout of §8.4.
+"""Encoder / decoder architecture checks against docs/ARCHITECTURE.md §2, §3 and the checkpoint layout of §9.
 
 Big models are built on the meta device (no memory, no init cost); forward passes use small widths.
 """

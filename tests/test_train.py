@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenizer.train import main, read_loss_log
+from tokenizer.runs import read_loss_log
+from tokenizer.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model so CPU runs take seconds: 32-wide encoder, XS decoder, 32-px Fashion-MNIST.
@@ -81,10 +82,10 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # and training moved them (the test would pass trivially on untouched weights)
     from tokenizer.config import load_config
-    from tokenizer.train import build_model
+    from tokenizer.evaluation import model_from_config
 
     torch.manual_seed(0)
-    init = build_model(load_config("ssdd.yaml", TINY)).state_dict()
+    init = model_from_config(load_config("ssdd.yaml", TINY)).state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a)
 
 

@@ -4,21 +4,22 @@ A training state is a directory (e.g. `runs/jobs/<run>/checkpoints/last/`) holdi
     model_<name>.safetensors   one file per module (model_ae, model_ae_ema, model_aux_losses, ...)
     optimizer.safetensors      optimiser tensors; its non-tensor structure sits in the file's metadata
     training_state.json        step, epoch, best metric, RNG states, anything JSON-able
-It is written into a temporary sibling directory first and swapped in by renames, so a run killed while
-saving leaves the previous state intact (see `_swap_in` for the recovery rule).
+It is written with `tokenizer.atomic.atomic_directory`: into a temporary sibling first, then swapped in by
+renames, so a run killed while saving leaves the previous state intact (`resolve_state_dir` finds it).
+Layouts: docs/ARCHITECTURE.md §9.
 """
 
 import json
 import os
 import random
-import shutil
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tokenizer.errors import CheckpointMismatchError, UserError
+from tokenizer.atomic import atomic_directory, atomic_file, existing_version
+from tokenizer.errors import CheckpointMismatchError, UserError, one_line
 
 
 # ----------------------------------------------------------------------------- weights
@@ -35,7 +36,7 @@ def read_weights(path: str) -> tuple[dict, dict]:
             meta = f.metadata() or {}
         return load_file(path), meta
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
 
 
 def _preview(items: list, limit: int = 6) -> str:
@@ -81,16 +82,7 @@ def save_weights(module_or_state, path: str, metadata: dict | None = None) -> No
     """Save fp32-contiguous tensors (shared storage broken) to safetensors, atomically."""
     state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    _write_or_explain(lambda: save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}), path)
-    os.replace(tmp, path)
-
-
-def _write_or_explain(write, target: str) -> None:
-    try:
-        write()
-    except OSError as e:  # full disk, read-only filesystem, quota: the old checkpoint stays untouched
-        raise UserError(f"could not write {target}: {e.strerror or e}; the previous checkpoint is kept") from None
+    atomic_file(path, lambda tmp: save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -154,13 +146,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_training_state(directory: str, modules: dict, optimizer, state: dict, metadata: dict | None = None) -> None:
     """Atomically write modules (name -> nn.Module), optimiser(s) and a JSON state into `directory`."""
-    parent, name = os.path.split(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def write():
-        os.makedirs(tmp)
+    with atomic_directory(directory) as tmp:
         for key, module in modules.items():
             save_weights(module, os.path.join(tmp, f"model_{key}.safetensors"), metadata)
         for file, opt in _optimizer_files(optimizer).items():
@@ -172,38 +158,11 @@ def save_training_state(directory: str, modules: dict, optimizer, state: dict, m
             )
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
             json.dump({**state, "rng": rng_state()}, f)
-        for entry in os.listdir(tmp):  # make the bytes durable before the rename makes them visible
-            with open(os.path.join(tmp, entry), "rb") as f:
-                os.fsync(f.fileno())
-
-    try:
-        _write_or_explain(write, directory)
-    except UserError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _swap_in(tmp, directory)
-
-
-def _swap_in(tmp: str, directory: str) -> None:
-    """Replace `directory` by `tmp` with renames only.
-
-    Between the two renames `directory` does not exist but `<directory>.old` does; `resolve_state_dir`
-    falls back to it, so there is no moment at which a kill loses the last good state.
-    """
-    old = directory + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(directory):
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_state_dir(directory: str) -> str | None:
-    """The directory holding the last complete state, or None if there is none."""
-    for candidate in (directory, directory + ".old"):
-        if os.path.isfile(os.path.join(candidate, "training_state.json")):
-            return candidate
-    return None
+    """The directory holding the last complete state (`directory`, or `directory.old` after a kill mid-swap)."""
+    return existing_version(directory, "training_state.json")
 
 
 def load_training_state(directory: str, modules: dict, optimizer=None) -> dict:

@@ -1,4 +1,4 @@
-"""Datasets: Fashion-MNIST (offline, 32 px) and ImageNet-style image folders (spec §3.6).
+"""Datasets: Fashion-MNIST (offline, 32 px) and ImageNet-style image folders (docs/ARCHITECTURE.md §7).
 
 * `load_fashion_mnist` reads the gzipped IDX files installed by the Debian package
   `dataset-fashion-mnist` (or `$FASHION_MNIST_ROOT`) and falls back to the small committed subset
@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from tokenizer.errors import UserError
+from tokenizer.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,12 @@ _FOLDER_LAYOUT = "expected an ImageNet-style folder ROOT/{train,val}/<class>/<im
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _one_line(msg: object) -> str:
-    return " ".join(str(msg).split())
-
-
 def _read_gz(path: Path) -> bytes:
     try:
         with gzip.open(path, "rb") as f:
             return f.read()
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise UserError(f"cannot read Fashion-MNIST file {path}: corrupt or truncated gzip ({_one_line(e)})") from None
+        raise UserError(f"cannot read Fashion-MNIST file {path}: corrupt or truncated gzip ({one_line(e)})") from None
 
 
 def _parse_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
@@ -132,7 +128,7 @@ def _read_subset(split: str) -> tuple[np.ndarray, np.ndarray]:
             images = np.asarray(z[f"{split}_images"], dtype=np.uint8)
             labels = np.asarray(z[f"{split}_labels"], dtype=np.int64)
     except Exception as e:  # zipfile.BadZipFile, KeyError, ValueError, OSError
-        raise UserError(f"cannot read the Fashion-MNIST subset {path}: {_one_line(e)}") from None
+        raise UserError(f"cannot read the Fashion-MNIST subset {path}: {one_line(e)}") from None
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise UserError(f"the Fashion-MNIST subset {path} is malformed: {split} images {images.shape}, "
                         f"labels {labels.shape}")
@@ -253,7 +249,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
                 im = im.convert("RGBA")
             return im.convert("RGB")  # convert() forces a full decode, so truncation errors surface here
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), ValueError, DecompressionBombError, ...
-        why = _one_line(e) or type(e).__name__
+        why = one_line(e) or type(e).__name__
         raise UserError(f"cannot read image {path}: {why}") from None
 
 
@@ -407,7 +403,7 @@ class EpochSampler(Sampler):
                  shuffle: bool = True, start_index: int = 0, with_epoch: bool = False):
         self.n = int(data_source) if isinstance(data_source, int) else len(data_source)
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
+            raise UserError(f"invalid rank {rank} for num_replicas {num_replicas}")
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.seed, self.shuffle, self.with_epoch = int(seed), bool(shuffle), bool(with_epoch)
         self.epoch = 0

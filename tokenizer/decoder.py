@@ -1,4 +1,4 @@
-"""SSDD pixel-space diffusion decoder (spec §2): a U-Net whose middle block is a local-attention transformer.
+"""SSDD pixel-space diffusion decoder (docs/ARCHITECTURE.md §3): a U-Net whose middle block is a local-attention transformer.
 
 The decoder predicts the flow-matching velocity v(x_t, t, z) of an image x_t (B, 3, H, W) at noise level t,
 conditioned on the encoder latent z (B, C, h, w). It is independent of the encoder factor F = H / h: the
@@ -16,7 +16,7 @@ Conditioning paths:
     first LayerNorm (AdaLN).
   * t: sinusoidal embedding -> MLP -> scale/shift after every ResNet's second GroupNorm (not in the transformer).
 
-Parameter names follow spec §8.4 (diffusers-like: down_blocks.i.resnets.j, ...) so official checkpoints load.
+Parameter names follow the released checkpoints (diffusers-like: down_blocks.i.resnets.j, ...) so official checkpoints load.
 """
 
 import math
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from tokenizer.errors import UserError
 
-# One table for all sizes (spec §2.4). Level width = ceil(channels * mult / 32) * 32; the transformer runs at
+# One table for all sizes (docs/ARCHITECTURE.md §3). Level width = ceil(channels * mult / 32) * 32; the transformer runs at
 # the last width. heads = 4 for S (explicit in the original), else min(16, max(4, width_mid // 64)).
 DECODER_SIZES = {
     "XS": dict(channels=32, ch_mult=(1, 2, 3, 3), depth=8, heads=4),
@@ -50,7 +50,11 @@ def level_widths(channels: int, ch_mult) -> list[int]:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) -> (B, dim) sinusoidal features in [cos, sin] order, frequencies exp(-ln(max_period) * i / (dim/2))."""
+    """(B,) -> (B, dim) float32 sinusoidal features in [cos, sin] order, frequencies exp(-ln(max_period) * i / (dim/2)).
+
+    The project's one timestep embedding: the SSDD decoder and the DiT (dit.models) both use it; cos comes first in
+    both published layouts (the order is baked into the first Linear's weights). An odd dim gets one zero column.
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
@@ -419,7 +423,8 @@ class SSDDDecoder(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Spec §2.5: Linear Xavier-uniform, conv N(0, 0.02), biases 0, norms 1/0; residual branches zeroed."""
+        """The release's initialisation (docs/ARCHITECTURE.md §3): Linear Xavier-uniform, conv N(0, 0.02), biases 0,
+        norms 1/0; residual branches zeroed."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's weights, with the official warm-up rule (spec §3.5).
+"""Exponential moving average of a model's weights, with the official warm-up rule (docs/ARCHITECTURE.md §7).
 
 Before `start_iter` the EMA simply copies the weights; afterwards, with n = step - start_iter,
     decay_n = min(decay, (1 + n) / (10 + n))

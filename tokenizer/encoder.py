@@ -1,4 +1,4 @@
-"""KL-VAE image encoder of SSDD (spec §1.1): the LDM / Stable-Diffusion VAE encoder layout.
+"""KL-VAE image encoder of SSDD (docs/ARCHITECTURE.md §2): the LDM / Stable-Diffusion VAE encoder layout.
 
 An encoder is named `f{F}c{C}`: F = spatial downsampling factor, C = latent channels. It maps an RGB image
 in [-1, 1] of shape (B, 3, H, W) to a diagonal Gaussian posterior over latents of shape (B, C, H/F, W/F).
@@ -13,7 +13,7 @@ Layout for base width 128 and F = 8 (levels = log2(F) + 1, downsample after all 
     mid      ResNet -> single-head attention -> ResNet
     head     GroupNorm -> SiLU -> conv_out (512 -> 2C) -> out_proj 1x1 (2C -> 2C)
 
-Parameter names follow spec §8.4 so that official checkpoints load strictly.
+Parameter names follow the released checkpoints (docs/ARCHITECTURE.md §9) so that they load strictly.
 """
 
 import math
@@ -67,7 +67,7 @@ class DiagonalGaussian:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    # eps 1e-6 as in the LDM/SD VAE (spec §1.1), not PyTorch's default 1e-5.
+    # eps 1e-6 as in the LDM/SD VAE, not PyTorch's default 1e-5.
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 
@@ -199,7 +199,8 @@ class Encoder(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module):
-        # Spec §2.5 (encoder trained from scratch). GroupNorm keeps PyTorch's weight 1 / bias 0.
+        # The release's initialisation of an encoder trained from scratch (docs/ARCHITECTURE.md §2); GroupNorm keeps
+        # PyTorch's weight 1 / bias 0.
         if isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight)
             if m.bias is not None:

@@ -1,11 +1,15 @@
-"""User-facing errors: anything a user can cause (bad config, bad file, missing weights).
+"""User-facing errors: anything a user can cause (bad config, bad file, bad argument, missing weights).
 
-Entry points catch `UserError`, print its one-line message and exit with status 2 instead of
-showing a traceback. Programming errors stay ordinary exceptions.
+Entry points catch `UserError`, print its one-line message and exit with status 2 instead of showing a
+traceback. `UserError` is a `ValueError`, so a library caller can catch the misuse of a public function
+the usual way. It is raised at the boundaries (config, files, command line, public API arguments); programming
+errors stay ordinary exceptions.
 """
 
+import sys
 
-class UserError(Exception):
+
+class UserError(ValueError):
     """A mistake or missing resource the user can fix; the message is one line and says how."""
 
 
@@ -17,18 +21,25 @@ class CheckpointMismatchError(UserError):
     """A checkpoint whose tensors do not fit the model (missing, unexpected or mis-shaped keys)."""
 
 
-def one_line(error: Exception) -> str:
-    """The user-facing line of an error; DataLoader workers wrap it in a traceback, whose last line it is."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(error).__name__
-    return lines[-1].split("Error: ", 1)[-1]
+def one_line(error: BaseException, with_type: bool = False) -> str:
+    """The user-facing line of any exception: its first non-empty line (after `TypeName: ` with with_type), or its
+    type name.
+
+    An error re-raised by a DataLoader worker carries the worker's traceback as text; its message is then the
+    last line, after the `module.ErrorName: ` prefix.
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and any(line.startswith("Traceback") or "Original Traceback" in line for line in lines):
+        line = lines[-1].split("Error: ", 1)[-1]
+    else:
+        line = lines[0]
+    return f"{type(error).__name__}: {line}" if with_type else line
 
 
 def run_cli(main, *args) -> int:
     """Run a command-line entry point: a UserError becomes `error: <one line>` on stderr and exit status 2."""
-    import sys
-
     try:
         main(*args)
     except UserError as e:

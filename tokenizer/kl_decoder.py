@@ -1,7 +1,7 @@
-"""The classic KL-VAE decoder (LDM / Stable-Diffusion VAE), the baseline SSDD is compared with, and its PatchGAN.
+"""The classic KL-VAE decoder (LDM / Stable-Diffusion VAE), the baseline SSDD is compared with.
 
-The KL-VAE decodes a latent in one deterministic forward pass; it is trained with L1 + LPIPS + a patch
-discriminator (hinge loss). It is the mirror image of our encoder (tokenizer/encoder.py) and reuses its blocks.
+The KL-VAE decodes a latent in one deterministic forward pass; it is trained with L1 + LPIPS + optionally a patch
+discriminator (hinge loss; tokenizer.losses.PatchDiscriminator). It is the mirror image of our encoder (tokenizer/encoder.py) and reuses its blocks.
 
 Layout for base width 128 and F = 8 (levels = log2(F) + 1, as the encoder; upsample on all but the finest level):
 
@@ -107,74 +107,3 @@ def build_kl_decoder(encoder_name: str, base_channels: int = 128) -> KLDecoder:
     """KL decoder matching an 'f{F}c{C}' encoder, e.g. build_kl_decoder('f8c4')."""
     patch_size, z_channels = parse_encoder_name(encoder_name)
     return KLDecoder(z_channels=z_channels, patch_size=patch_size, base_channels=base_channels)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# PatchGAN discriminator and its losses
-# ----------------------------------------------------------------------------------------------------------
-
-
-class PatchDiscriminator(nn.Module):
-    """(B, 3, H, W) -> (B, 1, H', W') real/fake logits, one per overlapping patch (pix2pix "NLayer" PatchGAN).
-
-    n_layers stride-2 4x4 convs (the first without norm), one stride-1 4x4 conv, then a 4x4 conv to 1 channel;
-    LeakyReLU 0.2 and BatchNorm in between. With n_layers = 3 each logit sees a 70x70 receptive field and a
-    256-px image gives a 30x30 map (H' = H/8 - 2). Inputs need H, W >= 24 for n_layers = 3.
-    Kept as one nn.Sequential named `main`, as the taming checkpoints are.
-    """
-
-    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
-        super().__init__()
-        layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
-        width = ndf
-        for n in range(1, n_layers + 1):
-            out = ndf * min(2**n, 8)
-            stride = 2 if n < n_layers else 1  # the last hidden conv keeps the resolution
-            # No conv bias before BatchNorm: BN's own shift makes it redundant.
-            layers += [nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
-            width = out
-        layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
-        self.main = nn.Sequential(*layers)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        # pix2pix / DCGAN init: conv N(0, 0.02); BatchNorm scale N(1, 0.02), shift 0.
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
-
-
-def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator hinge loss: 0.5 * (E[relu(1 - D(real))] + E[relu(1 + D(fake))]); 0 once D separates by 1.
-
-    Pass D(x_rec.detach()) as logits_fake so this loss does not reach the decoder.
-    """
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    """Generator (decoder) adversarial loss -E[D(x_rec)]: lower when D scores the reconstructions as real."""
-    return -logits_fake.mean()
-
-
-def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
-    """LDM's balance of the GAN term: ||d rec / d W|| / (||d g / d W|| + 1e-4) at the decoder's last layer W.
-
-    Scales the generator loss so its gradient at the output matches the reconstruction loss's. Returns a
-    detached scalar, clamped to [0, max_weight]; multiply it by the configured discriminator weight.
-    Both losses must still have their graphs (call before backward).
-    """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()

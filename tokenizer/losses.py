@@ -1,4 +1,5 @@
-"""Auxiliary training losses of the tokenizer: LPIPS (VGG), REPA against DINOv2-base, and the KL term.
+"""Auxiliary training losses of the tokenizer: LPIPS (VGG), REPA against DINOv2-base, the KL term, and the PatchGAN
+of the KL-VAE baseline (docs/ARCHITECTURE.md §4).
 
 Frozen networks (the LPIPS trunk and heads, the DINOv2 teacher) are *held outside* the module tree: they live in a
 one-element Python list, so they never appear in ``state_dict()``, ``parameters()`` or ``modules()`` (training
@@ -20,15 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.errors import WeightsUnavailableError
+from tokenizer.errors import UserError, WeightsUnavailableError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def _load_state_dict_file(path: str | Path, what: str) -> dict:
@@ -43,7 +39,7 @@ def _load_state_dict_file(path: str | Path, what: str) -> dict:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt / foreign file
-        raise WeightsUnavailableError(f"cannot read {what} weights file {path} ({_first_line(err)})") from None
+        raise WeightsUnavailableError(f"cannot read {what} weights file {path} ({one_line(err, with_type=True)})") from None
 
 
 class _HoldsFrozen(nn.Module):
@@ -89,7 +85,7 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | P
                 model.load_state_dict(state, strict=True)
             except RuntimeError as err:
                 raise WeightsUnavailableError(
-                    f"{weights_path} is not a full lpips.LPIPS(net={net!r}) state dict ({_first_line(err)[:200]})"
+                    f"{weights_path} is not a full lpips.LPIPS(net={net!r}) state dict ({one_line(err, with_type=True)[:200]})"
                 ) from None
         elif pretrained:
             try:
@@ -99,7 +95,7 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | P
                 where = Path(torch.hub.get_dir()) / "checkpoints" / name
                 raise WeightsUnavailableError(
                     f"LPIPS ({net}) needs the torchvision ImageNet weights {name}, which could not be loaded or "
-                    f"downloaded ({_first_line(err)[:120]}); put the file at {where}, give a full LPIPS state dict "
+                    f"downloaded ({one_line(err, with_type=True)[:120]}); put the file at {where}, give a full LPIPS state dict "
                     f"as weights_path, or switch LPIPS off (training: losses.lpips=0)"
                 ) from None
         else:
@@ -111,7 +107,7 @@ class LPIPSLoss(_HoldsFrozen):
     """Frozen LPIPS distance between images in [-1, 1]; ``forward`` returns the batch mean (a scalar).
 
     The lpips network is held outside the state dict (``state_dict()`` is empty). Feature normalisation uses
-    eps = 1e-8 instead of lpips' 1e-10 to avoid NaNs (spec §3.2): this forward re-implements lpips' v0.1 forward
+    eps = 1e-8 instead of lpips' 1e-10 to avoid NaNs (as the official training entry point does): this forward re-implements lpips' v0.1 forward
     with its own normalisation rather than patching ``lpips.normalize_tensor`` globally.
     """
 
@@ -169,7 +165,7 @@ class DinoV2Teacher(nn.Module):
                 model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
             except Exception as err:
                 raise WeightsUnavailableError(
-                    f"{weights_path} is not a DINOv2-base ({self.MODEL_NAME}) state dict ({_first_line(err)[:200]})"
+                    f"{weights_path} is not a DINOv2-base ({self.MODEL_NAME}) state dict ({one_line(err, with_type=True)[:200]})"
                 ) from None
         elif pretrained:
             try:
@@ -177,7 +173,7 @@ class DinoV2Teacher(nn.Module):
             except Exception as err:  # no network / not in the HF cache
                 raise WeightsUnavailableError(
                     f"DINOv2 teacher weights (hf-hub timm/{self.MODEL_NAME}) could not be loaded or downloaded "
-                    f"({_first_line(err)[:120]}); give aux_losses.repa.dino_weights=<file> or switch REPA off "
+                    f"({one_line(err, with_type=True)[:120]}); give aux_losses.repa.dino_weights=<file> or switch REPA off "
                     f"with losses.repa=0"
                 ) from None
         else:
@@ -210,7 +206,7 @@ class REPALoss(_HoldsFrozen):
                  teacher: DinoV2Teacher | None = None):
         super().__init__()
         if n_layers < 1:
-            raise ValueError("n_layers must be >= 1")
+            raise UserError("n_layers must be >= 1")
         layers: list[nn.Module] = []
         for _ in range(n_layers - 1):
             layers += [nn.Linear(student_dim, student_dim), nn.SiLU()]
@@ -225,7 +221,7 @@ class REPALoss(_HoldsFrozen):
     def forward(self, student_feats: torch.Tensor, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """student_feats (B, gh*gw, C) row-major tokens; images (B, 3, H, W) in [-1, 1] (the real images)."""
         if student_feats.shape[1] != grid[0] * grid[1]:
-            raise ValueError(f"student has {student_feats.shape[1]} tokens, grid {grid} needs {grid[0] * grid[1]}")
+            raise UserError(f"student has {student_feats.shape[1]} tokens, grid {grid} needs {grid[0] * grid[1]}")
         target = self.teacher.features(images, grid)
         pred = self.projector(student_feats)
         return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
@@ -235,3 +231,74 @@ class REPALoss(_HoldsFrozen):
 def kl_loss(posterior) -> torch.Tensor:
     """Mean over the batch of the posterior's per-sample KL divergence (``posterior.kl()`` → (B,))."""
     return posterior.kl().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PatchGAN discriminator and its losses
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PatchDiscriminator(nn.Module):
+    """(B, 3, H, W) -> (B, 1, H', W') real/fake logits, one per overlapping patch (pix2pix "NLayer" PatchGAN).
+
+    n_layers stride-2 4x4 convs (the first without norm), one stride-1 4x4 conv, then a 4x4 conv to 1 channel;
+    LeakyReLU 0.2 and BatchNorm in between. With n_layers = 3 each logit sees a 70x70 receptive field and a
+    256-px image gives a 30x30 map (H' = H/8 - 2). Inputs need H, W >= 24 for n_layers = 3.
+    Kept as one nn.Sequential named `main`, as the taming checkpoints are.
+    """
+
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        width = ndf
+        for n in range(1, n_layers + 1):
+            out = ndf * min(2**n, 8)
+            stride = 2 if n < n_layers else 1  # the last hidden conv keeps the resolution
+            # No conv bias before BatchNorm: BN's own shift makes it redundant.
+            layers += [nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
+            width = out
+        layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        # pix2pix / DCGAN init: conv N(0, 0.02); BatchNorm scale N(1, 0.02), shift 0.
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: 0.5 * (E[relu(1 - D(real))] + E[relu(1 + D(fake))]); 0 once D separates by 1.
+
+    Pass D(x_rec.detach()) as logits_fake so this loss does not reach the decoder.
+    """
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator (decoder) adversarial loss -E[D(x_rec)]: lower when D scores the reconstructions as real."""
+    return -logits_fake.mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                        max_weight: float = 1e4) -> torch.Tensor:
+    """LDM's balance of the GAN term: ||d rec / d W|| / (||d g / d W|| + 1e-4) at the decoder's last layer W.
+
+    Scales the generator loss so its gradient at the output matches the reconstruction loss's. Returns a
+    detached scalar, clamped to [0, max_weight]; multiply it by the configured discriminator weight.
+    Both losses must still have their graphs (call before backward).
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()

@@ -1,4 +1,4 @@
-"""Reconstruction metrics (spec §6): PSNR, SSIM, LPIPS (AlexNet), rFID, MSE, MAE.
+"""Reconstruction metrics (docs/ARCHITECTURE.md §10): PSNR, SSIM, LPIPS (AlexNet), rFID, MSE, MAE.
 
 Both originals and reconstructions are clamped and quantised to 8-bit levels before anything is measured.
 
@@ -26,6 +26,14 @@ import torch.nn.functional as F
 from tokenizer.errors import UserError, WeightsUnavailableError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's InceptionV3 (TF port)
+HIGHER_IS_BETTER = {"psnr", "ssim"}  # for the other metrics (rfid, lpips, mse, mae) lower is better
+
+
+def selection_score(result: dict, metric: str) -> float:
+    """A score where higher is better, from `metric` of a `compute()` result (PSNR when that metric is missing,
+    e.g. rFID without Inception weights): what picks a run's best checkpoint."""
+    key = metric if result.get(metric) is not None else "psnr"
+    return result[key] if key in HIGHER_IS_BETTER else -result[key]
 
 
 def _levels(x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +139,7 @@ class ReconstructionMetrics:
         if self._reduced:
             raise RuntimeError("update() after all_reduce()/gather(): call reset() first")
         if originals.shape != reconstructions.shape or originals.dim() != 4 or originals.shape[1] != 3:
-            raise ValueError(f"expected two (B, 3, H, W) batches, got {tuple(originals.shape)} and "
+            raise UserError(f"expected two (B, 3, H, W) batches, got {tuple(originals.shape)} and "
                              f"{tuple(reconstructions.shape)}")
         a, b = _levels(originals.to(self.device)), _levels(reconstructions.to(self.device))
         s = self.state

@@ -1,15 +1,16 @@
-"""SSDD: a KL encoder plus the single-step-distillable diffusion decoder, behind one small API (spec §8.2).
+"""SSDD: a KL encoder plus the single-step-distillable diffusion decoder, behind one small API.
 
     model = SSDD(encoder="f8c4", decoder="M", checkpoint="F8C4_M_256.safetensors")
     z = model.encode(x).mode()                 # x: (B, 3, H, W) in [-1, 1] -> z: (B, 4, H/8, W/8)
     x_rec = model.decode(z, steps=8)           # Euler on the (1 - i/N)^2 grid, from fixed or fresh noise
 
-The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (spec §8.4), so those
+The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so those
 load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
 the same API. Files written by this project also carry the architecture in their safetensors metadata, so
 `SSDD.from_checkpoint(path)` rebuilds the right model without being told.
 """
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from tokenizer.checkpoint import load_weights, read_weights, save_weights
 from tokenizer.decoder import SSDDDecoder
 from tokenizer.encoder import DiagonalGaussian, build_encoder
 from tokenizer.errors import UserError
-from tokenizer.flow import clean_estimate, euler_sample, flow_matching_loss, noisy_input, sample_t_logit_normal
+from tokenizer.flow import clean_estimate, euler_sample, flow_matching_loss, noisy_input, sample_t
 from tokenizer.kl_decoder import KLDecoder
 
 
@@ -68,7 +69,7 @@ class SSDD(nn.Module):
         fm_sampler = dict(fm_sampler or {})
         self.default_steps = int(fm_sampler.get("steps", 8))
         self.t_pow_shift = float(fm_sampler.get("t_pow_shift", 2.0))
-        # A distilled decoder was trained for one step only: decode() must default to 1 (issue 3).
+        # A distilled decoder was trained for one step only: decode() must default to 1 (docs/ARCHITECTURE.md §6).
         self.single_step = single_step
         # False after loading a decoder-only file (what a generator needs to ship): encode() then refuses.
         self.has_encoder = True
@@ -99,6 +100,18 @@ class SSDD(nn.Module):
             "single_step": int(self.single_step),
         }
         return arch | ({"kl_base_channels": self.kl_base_channels} if self.is_kl else {})
+
+    def encoder_sha256(self) -> str:
+        """sha256 of the encoder weights (names, shapes and float32 bytes, in key order): the encoder's identity.
+
+        Latents are only interchangeable between models whose encoders have the same hash (latent caches, DiT
+        checkpoints and bundles record it).
+        """
+        h = hashlib.sha256()
+        for k, v in sorted(self.encoder.state_dict().items()):
+            h.update(f"{k}:{tuple(v.shape)};".encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def load_checkpoint(self, path: str) -> dict:
         """Strict load of a whole-model file, or of a decoder-only file written by `save_decoder`."""
@@ -188,7 +201,7 @@ class SSDD(nn.Module):
             noise = noise.to(device=z.device, dtype=z.dtype)
         elif tuple(noise.shape) != shape:
             raise UserError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-        return euler_sample(lambda x, t: self.velocity(x, t, z), noise, steps, self.t_pow_shift)
+        return euler_sample(lambda x, t: self.velocity(x, t, z), noise, steps, power=self.t_pow_shift)
 
     # ------------------------------------------------------------------ training / reconstruction
 
@@ -224,7 +237,7 @@ class SSDD(nn.Module):
         if from_noise:
             t = torch.ones(b, device=x0.device, dtype=x0.dtype)
         else:
-            t = sample_t_logit_normal(b, self.t_mean, self.t_std, generator, x0.device).to(x0.dtype)
+            t = sample_t(b, "logit_normal", self.t_mean, self.t_std, generator=generator, device=x0.device).to(x0.dtype)
         x_t = noisy_input(x0, t, noise)
         v, feats = self.decoder(x_t, t, z, return_features=True)
         losses["diffusion"] = flow_matching_loss(v, x0, noise)

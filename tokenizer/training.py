@@ -1,0 +1,123 @@
+"""The pieces both training loops are built from (tokenizer.train and dit.train), each taking plain values.
+
+Exact resume rests on three rules (docs/ARCHITECTURE.md §7): all randomness of a step comes from
+`step_generator(seed, step, rank)`; the data order of an epoch comes from (seed, epoch) through `EpochSampler`,
+so `epoch_batches` can restart mid-epoch at any step; and `checkpoints/last` holds the model, EMA, optimiser(s)
+and the global RNG states (`save_checkpoint` / `resume`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_training_state
+from tokenizer.data import EpochSampler
+from tokenizer.errors import UserError
+
+OPTIMIZERS = ("radam_schedulefree", "adamw")
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_dir: str | None = None):
+    """An accelerate Accelerator; mixed precision only on GPU (CPU autocast is far slower); TensorBoard in log_dir."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kw = {}
+    if log_dir is not None:
+        kw = dict(log_with="tensorboard", project_config=ProjectConfiguration(project_dir=log_dir, logging_dir=log_dir))
+    mp = mixed_precision if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accumulate, **kw)
+
+
+def build_optimizer(named_params, name: str, lr: float, weight_decay: float):
+    """Weight decay on Linear/Conv/Norm weights only, not on biases or relative-position tables (ARCHITECTURE §7)."""
+    decay = [p for n, p in named_params if n.endswith("weight")]
+    no_decay = [p for n, p in named_params if not n.endswith("weight")]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "radam_schedulefree":
+        import schedulefree
+
+        return schedulefree.RAdamScheduleFree(groups, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise UserError(f"unknown training.optimizer '{name}' (choose {' or '.join(OPTIMIZERS)})")
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """All randomness of one training step (timesteps, noise, posterior sample, label dropout): (seed, step, rank)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+
+
+@dataclass
+class StepPlan:
+    """How a run walks through its data: per-process batch, optimiser steps per epoch, steps in all."""
+
+    per_rank_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(num_items: int, batch_size: int, world: int, epochs: int, max_steps: int | None,
+               what: str = "the training split", batch_key: str = "dataset.batch_size") -> StepPlan:
+    """Check the batch against the data and the processes, and count the steps (max_steps wins over epochs)."""
+    if batch_size % world:
+        raise UserError(f"{batch_key}={batch_size} must be divisible by the {world} processes")
+    per_rank = batch_size // world
+    steps_per_epoch = (num_items // world) // per_rank  # EpochSampler drops the tail, DataLoader drop_last=True
+    if steps_per_epoch == 0:
+        raise UserError(f"{what} ({num_items} items) is smaller than one batch ({batch_size})")
+    total = max_steps if max_steps is not None else epochs * steps_per_epoch
+    return StepPlan(per_rank, steps_per_epoch, total)
+
+
+def train_loader(dataset, batch_size: int, world: int, rank: int, seed: int, num_workers: int):
+    """(loader, sampler): each rank reads its shard of a (seed, epoch)-shuffled order (drop_last batches)."""
+    sampler = EpochSampler(len(dataset), num_replicas=world, rank=rank, seed=seed, shuffle=True)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        drop_last=True, pin_memory=torch.cuda.is_available())
+    return loader, sampler
+
+
+def epoch_batches(loader, sampler, dataset, plan: StepPlan, start_step: int):
+    """The loader's batches from `start_step` on, epoch after epoch, resuming mid-epoch exactly.
+
+    `dataset.set_epoch(e)`, where the dataset has it, makes per-item augmentation a function of (seed, epoch, index).
+    """
+    epoch, k = divmod(start_step, plan.steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch, start_index=k * plan.per_rank_batch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yield from loader
+        epoch, k = epoch + 1, 0
+
+
+def check_finite(total: torch.Tensor, step: int, losses: dict | None = None) -> None:
+    """Stop before a non-finite loss reaches the weights or a checkpoint (checkpoints/last stays the last good state).
+
+    `losses` (name -> tensor), shown in the message, are only read when the check fails.
+    """
+    if not torch.isfinite(total):
+        detail = f" ({ {k: float(v.detach()) for k, v in losses.items()} })" if losses else ""
+        raise UserError(f"non-finite loss ({float(total)}) at step {step}{detail}; lower training.lr or set "
+                        f"training.grad_clip; checkpoints/last holds the last good state")
+
+
+def resume(directory: str, modules: dict, optimizers) -> dict | None:
+    """Load the training state in `directory` (e.g. checkpoints/last) into modules and optimisers; None if none."""
+    if resolve_state_dir(directory) is None:
+        return None
+    return load_training_state(directory, modules, optimizers)
+
+
+def save_checkpoint(accelerator, directories: list, modules: dict, optimizers, state: dict, metadata: dict) -> None:
+    """Write a training state into each directory from the main process, after every process finished the step.
+
+    Every process must call it (it synchronises once), also those that do not know all the directories: only
+    the main process's list is used (it alone decides whether a new best/ is due).
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for directory in directories:
+            save_training_state(directory, modules, optimizers, state, metadata)
