@@ -1,11 +1,17 @@
-"""Class-conditional image generation: a DiT on SSDD latents plus the SSDD decoder, behind one small API.
+"""Class-conditional image generation: a DiT on SSDD latents plus decoders of those latents, behind one small API.
 
     from dit.pipeline import load_generator
     gen = load_generator()                         # the embedded Fashion-MNIST bundle (dit/assets/fmnist/)
     ids = gen.resolve_classes(["sneaker", 9])      # names (case-insensitive) or ids -> [7, 9]
     images, timings = gen.generate(ids, num=4, seed=0)   # (8, 3, 32, 32) in [-1, 1]; {"dit_s": ..., "decoder_s": ...}
+    # the same latents, decoded by every decoder the bundle offers (single-step SSDD, its teacher, the KL-VAE):
+    by_decoder, timings = gen.compare(ids, num=4, seed=0)  # {name: images}; timings["decoders"][name]["decoder_s"]
 
-`load_generator(path)` takes a bundle directory (dit_ema.safetensors + decoder.safetensors + bundle.json, as
+The steps underneath, for callers that need them separately (sampling scripts, the app, benchmarks):
+`draw_noise(n, seed)` -> CPU noise for the DiT and for the decoder; `sample_latents(y, noise, ...)` -> latents
+(de-normalised, what a decoder takes); `decode(z, decoder_noise, decoder=name)` -> images.
+
+`load_generator(path)` takes a bundle directory (dit_ema.safetensors + decoder files + bundle.json, as
 `python -m dit.export` writes it), or a DiT checkpoint written by `dit.train` (model_dit_ema.safetensors or its
 checkpoints/last directory), whose metadata names the tokenizer checkpoint that provides the decoder.
 All noise is drawn on the CPU from `seed`, so the same call gives the same images on any device (the `sde`
@@ -58,12 +64,29 @@ def load_dit(path: str) -> tuple[DiT, dict]:
     return model.eval().requires_grad_(False), meta
 
 
+def default_decoder_steps(decoder: SSDD) -> int:
+    """The steps a decoder runs when not told: 1 for a distilled decoder and the KL-VAE, else its sampler default."""
+    return 1 if decoder.single_step or decoder.is_kl else decoder.default_steps
+
+
+def decoder_label(decoder: SSDD, steps: int | None = None) -> str:
+    """A display name such as 'SSDD-XS 1-step (distilled)', 'SSDD-XS 8-step' or 'KL-VAE'."""
+    if decoder.is_kl:
+        return "KL-VAE"
+    steps = steps or default_decoder_steps(decoder)
+    return f"SSDD-{decoder.decoder_name} {steps}-step" + (" (distilled)" if decoder.single_step else "")
+
+
 @dataclass
 class Generator:
-    """A DiT, the SSDD decoder of its latents, and what relates them (z_stats, class names, sampler defaults)."""
+    """A DiT, the decoders of its latents, and what relates them (z_stats, class names, sampler defaults).
+
+    `decoders` maps a display name to a decoder (an `SSDD`, or the KL-VAE baseline behind the same API) and the
+    step count it runs by default; the first entry is the default decoder (`decoder`).
+    """
 
     model: DiT
-    decoder: SSDD
+    decoders: dict  # name -> (SSDD, default steps)
     class_names: list
     z_mean: float
     z_std: float
@@ -81,10 +104,34 @@ class Generator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def decoder_names(self) -> list:
+        return list(self.decoders)
+
+    @property
+    def decoder(self) -> SSDD:
+        """The default decoder (the bundle's first)."""
+        return next(iter(self.decoders.values()))[0]
+
+    @property
+    def image_shape(self) -> tuple:
+        f = self.decoder.patch_size
+        return (3, self.latent_shape[1] * f, self.latent_shape[2] * f)
+
     def to(self, device) -> "Generator":
         self.model.to(device)
-        self.decoder.to(device)
+        for decoder, _ in self.decoders.values():
+            decoder.to(device)
         return self
+
+    def pick_decoder(self, name: str | None) -> tuple[str, SSDD, int]:
+        """(name, decoder, default steps) of `name` (None: the default decoder); a UserError lists the choices."""
+        if name is None:
+            name = self.decoder_names[0]
+        if name not in self.decoders:
+            raise UserError(f"unknown decoder {name!r}; this generator offers: {', '.join(self.decoder_names)}")
+        decoder, steps = self.decoders[name]
+        return name, decoder, steps
 
     # ------------------------------------------------------------------ classes
 
@@ -139,61 +186,108 @@ class Generator:
 
     # ------------------------------------------------------------------ sampling
 
+    def sampler_settings(self, cfg_scale=None, steps=None, sampler=None) -> dict:
+        """The DiT sampler settings of a call: None takes the generator's defaults; bad values are UserErrors."""
+        d = self.defaults
+        settings = {"cfg_scale": float(d["cfg_scale"] if cfg_scale is None else cfg_scale),
+                    "steps": int(d["steps"] if steps is None else steps),
+                    "sampler": d["method"] if sampler is None else sampler,
+                    "guidance_interval": tuple(d["guidance_interval"]), "time_shift": float(d["time_shift"])}
+        if settings["sampler"] not in METHODS:
+            raise UserError(f"unknown sampler {settings['sampler']!r}; valid: {', '.join(METHODS)}")
+        return settings
+
+    def draw_noise(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(DiT noise (n, C, h, w), decoder noise (n, 3, H, W)), drawn on the CPU from `seed` in that order."""
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn((n, *self.latent_shape), generator=g)
+        return noise, torch.randn((n, *self.image_shape), generator=g)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.no_grad()
-    def generate(self, class_ids, num: int = 1, seed: int = 0, cfg_scale: float | None = None, steps: int | None = None,
-                 sampler: str | None = None, decoder_steps: int | None = None, batch_size: int = 256,
-                 progress=None) -> tuple[torch.Tensor, dict]:
-        """`num` images per class id, class after class -> (images (len(ids)*num, 3, H, W) float32 CPU in [-1, 1],
-        timings {"dit_s", "decoder_s", ...}). None arguments take the bundle's defaults."""
+    def sample_latents(self, y: torch.Tensor, noise: torch.Tensor, settings: dict, seed: int = 0,
+                       batch_size: int = 256, progress=None) -> tuple[torch.Tensor, float]:
+        """(latents (n, C, h, w) on the device, de-normalised for the decoders, seconds) for labels y (n,)."""
+        device = self.device
+        sde_gen = torch.Generator(device).manual_seed(int(seed))
+        latents = []
+        self._sync()
+        t0 = time.perf_counter()
+        for i in range(0, len(y), batch_size):
+            z = sample(self.model, noise[i:i + batch_size].to(device), y[i:i + batch_size].to(device),
+                       steps=settings["steps"], method=settings["sampler"], cfg_scale=settings["cfg_scale"],
+                       guidance_interval=settings["guidance_interval"], time_shift=settings["time_shift"],
+                       generator=sde_gen)
+            latents.append(z * self.z_std + self.z_mean)
+            if progress:
+                progress("dit", min(i + batch_size, len(y)), len(y))
+        self._sync()
+        return torch.cat(latents), time.perf_counter() - t0
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, decoder_noise: torch.Tensor, decoder: str | None = None,
+               steps: int | None = None, batch_size: int = 256, progress=None) -> tuple[torch.Tensor, dict]:
+        """(images (n, 3, H, W) float32 CPU in [-1, 1], {"decoder", "decoder_s", "decoder_steps"}) of latents z."""
+        name, model, default_steps = self.pick_decoder(decoder)
+        steps = default_steps if steps is None else int(steps)
+        if steps < 1:
+            raise UserError(f"decoder steps must be >= 1, got {steps}")
+        images = []
+        self._sync()
+        t0 = time.perf_counter()
+        for i in range(0, len(z), batch_size):
+            x = model.decode(z[i:i + batch_size], steps=steps, noise=decoder_noise[i:i + batch_size].to(self.device))
+            images.append(x.float().clamp(-1, 1).cpu())
+            if progress:
+                progress(name, min(i + batch_size, len(z)), len(z))
+        self._sync()
+        return torch.cat(images), {"decoder": name, "decoder_s": time.perf_counter() - t0,
+                                   "decoder_steps": 1 if model.is_kl else steps}
+
+    def _labels(self, class_ids, num: int) -> torch.Tensor:
         ids = self.resolve_classes(list(class_ids))
         if num < 1:
             raise UserError(f"the number of images per class must be >= 1, got {num}")
-        d = self.defaults
-        cfg_scale = float(d["cfg_scale"] if cfg_scale is None else cfg_scale)
-        steps = int(d["steps"] if steps is None else steps)
-        sampler = d["method"] if sampler is None else sampler
-        if sampler not in METHODS:
-            raise UserError(f"unknown sampler {sampler!r}; valid: {', '.join(METHODS)}")
+        return torch.tensor(ids, dtype=torch.long).repeat_interleave(num)
+
+    @torch.no_grad()
+    def generate(self, class_ids, num: int = 1, seed: int = 0, cfg_scale: float | None = None, steps: int | None = None,
+                 sampler: str | None = None, decoder_steps: int | None = None, batch_size: int = 256,
+                 progress=None, decoder: str | None = None) -> tuple[torch.Tensor, dict]:
+        """`num` images per class id, class after class -> (images (len(ids)*num, 3, H, W) float32 CPU in [-1, 1],
+        timings {"dit_s", "decoder_s", ...}). None arguments take the bundle's defaults."""
+        y = self._labels(class_ids, num)
+        settings = self.sampler_settings(cfg_scale, steps, sampler)
         if decoder_steps is None:
-            decoder_steps = d.get("decoder_steps")  # None: the decoder's own default (1 when distilled)
-        if decoder_steps is not None and int(decoder_steps) < 1:
-            raise UserError(f"decoder steps must be >= 1, got {decoder_steps}")
-        device = self.device
-        y = torch.tensor(ids, dtype=torch.long).repeat_interleave(num)
-        g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn((len(y), *self.latent_shape), generator=g)
-        f = self.decoder.patch_size
-        dec_noise = torch.randn((len(y), 3, self.latent_shape[1] * f, self.latent_shape[2] * f), generator=g)
-        sde_gen = torch.Generator(device).manual_seed(int(seed))
+            decoder_steps = self.defaults.get("decoder_steps")  # None: the decoder's own default (1 when distilled)
+        noise, decoder_noise = self.draw_noise(len(y), seed)
+        z, dit_s = self.sample_latents(y, noise, settings, seed, batch_size, progress)
+        images, dec = self.decode(z, decoder_noise, decoder, decoder_steps, batch_size, progress)
+        timings = {"dit_s": dit_s, "decoder_s": dec["decoder_s"], "images": len(y), "steps": settings["steps"],
+                   "sampler": settings["sampler"], "cfg_scale": settings["cfg_scale"],
+                   "decoder_steps": dec["decoder_steps"], "decoder": dec["decoder"], "device": str(self.device)}
+        return images, timings
 
-        def sync():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        latents, images = [], []
-        sync()
-        t0 = time.perf_counter()
-        for i in range(0, len(y), batch_size):
-            z = sample(self.model, noise[i:i + batch_size].to(device), y[i:i + batch_size].to(device), steps=steps,
-                       method=sampler, cfg_scale=cfg_scale, guidance_interval=tuple(d["guidance_interval"]),
-                       time_shift=float(d["time_shift"]), generator=sde_gen)
-            latents.append(z)
-            if progress:
-                progress("dit", min(i + batch_size, len(y)), len(y))
-        sync()
-        t1 = time.perf_counter()
-        for i, z in zip(range(0, len(y), batch_size), latents):
-            x = self.decoder.decode(z * self.z_std + self.z_mean, steps=decoder_steps,
-                                    noise=dec_noise[i:i + batch_size].to(device))
-            images.append(x.float().clamp(-1, 1).cpu())
-            if progress:
-                progress("decoder", min(i + batch_size, len(y)), len(y))
-        sync()
-        t2 = time.perf_counter()
-        used_dec_steps = decoder_steps or (1 if self.decoder.single_step else self.decoder.default_steps)
-        timings = {"dit_s": t1 - t0, "decoder_s": t2 - t1, "images": len(y), "steps": steps, "sampler": sampler,
-                   "cfg_scale": cfg_scale, "decoder_steps": int(used_dec_steps), "device": str(device)}
-        return torch.cat(images), timings
+    @torch.no_grad()
+    def compare(self, class_ids, num: int = 1, seed: int = 0, cfg_scale: float | None = None, steps: int | None = None,
+                sampler: str | None = None, decoders=None, batch_size: int = 256,
+                progress=None) -> tuple[dict, dict]:
+        """The same DiT latents (and decoder noise) decoded by several decoders (default: all of them) ->
+        ({name: images}, {"dit_s", ..., "decoders": {name: {"decoder_s", "decoder_steps"}}})."""
+        y = self._labels(class_ids, num)
+        settings = self.sampler_settings(cfg_scale, steps, sampler)
+        noise, decoder_noise = self.draw_noise(len(y), seed)
+        z, dit_s = self.sample_latents(y, noise, settings, seed, batch_size, progress)
+        images, per_decoder = {}, {}
+        for name in decoders or self.decoder_names:
+            images[name], dec = self.decode(z, decoder_noise, name, None, batch_size, progress)
+            per_decoder[name] = {"decoder_s": dec["decoder_s"], "decoder_steps": dec["decoder_steps"]}
+        timings = {"dit_s": dit_s, "images": len(y), "steps": settings["steps"], "sampler": settings["sampler"],
+                   "cfg_scale": settings["cfg_scale"], "device": str(self.device), "decoders": per_decoder}
+        return images, timings
 
 
 # ----------------------------------------------------------------------------- loading
@@ -206,14 +300,31 @@ def _json_field(meta: dict, key: str, default=None):
         raise UserError(f"the metadata field {key!r} of the DiT checkpoint is not valid JSON") from None
 
 
-def load_generator(path: str | os.PathLike | None = None, device=None, decoder: str | None = None) -> Generator:
+def load_decoder(path: str, latent_channels: int, what: str) -> SSDD:
+    """An eval-mode decoder (SSDD or KL-VAE behind the SSDD API) from a checkpoint, checked against the latents."""
+    if not os.path.isfile(path):
+        raise UserError(f"decoder checkpoint not found: {path}")
+    dec = SSDD.from_checkpoint(str(path)).eval().requires_grad_(False)
+    if dec.encoder.z_channels != latent_channels:
+        raise UserError(f"the decoder {path} takes {dec.encoder.z_channels}-channel latents but {what} makes "
+                        f"{latent_channels}-channel ones")
+    return dec
+
+
+def bundle_decoders(path: Path, info: dict) -> list:
+    """[(name or None, file, steps or None)] of a bundle: bundle.json's `decoders` list, else decoder.safetensors."""
+    entries = info.get("decoders") or [{"file": DECODER_FILE}]
+    return [(e.get("name"), str(path / e["file"]), e.get("steps")) for e in entries]
+
+
+def load_generator(path: str | os.PathLike | None = None, device=None, decoder=None) -> Generator:
     """A bundle directory (default: the embedded one), a DiT checkpoint file, or a run's checkpoints/last directory.
 
-    `decoder` overrides the SSDD checkpoint (file) that decodes the latents; by default a bundle's decoder.safetensors
-    or the tokenizer checkpoint named in the DiT's metadata.
+    `decoder` (a checkpoint file, or a list of them) replaces the decoders; by default a bundle's decoders (as listed
+    in bundle.json, else decoder.safetensors) or the tokenizer checkpoint named in the DiT's metadata.
     """
     path = Path(path) if path is not None else BUNDLE_DIR
-    info = {}
+    info, entries = {}, None
     if path.is_dir():
         if (path / DIT_FILE).is_file():
             dit_path = path / DIT_FILE
@@ -222,8 +333,7 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder: 
                     info = json.loads((path / INFO_FILE).read_text())
                 except ValueError as e:
                     raise UserError(f"cannot read {path / INFO_FILE}: {e}") from None
-            if decoder is None:
-                decoder = str(path / DECODER_FILE)
+            entries = bundle_decoders(path, info)
         elif (path / "model_dit_ema.safetensors").is_file():
             dit_path = path / "model_dit_ema.safetensors"
         else:
@@ -235,19 +345,20 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder: 
         raise UserError(f"checkpoint not found: {path} (give a bundle directory such as {BUNDLE_DIR}, or a DiT "
                         f".safetensors file from dit.train)")
     model, meta = load_dit(str(dit_path))
-    if decoder is None:
-        decoder = meta.get("tokenizer_checkpoint")
-        if not decoder:
+    if decoder is not None:
+        entries = [(None, str(d), None) for d in ([decoder] if isinstance(decoder, (str, os.PathLike)) else decoder)]
+    if entries is None:
+        if not meta.get("tokenizer_checkpoint"):
             raise UserError(f"{dit_path} does not name its tokenizer; pass the SSDD decoder checkpoint explicitly")
-    if not os.path.isfile(decoder):
-        raise UserError(f"decoder checkpoint not found: {decoder}")
-    dec = SSDD.from_checkpoint(str(decoder)).eval().requires_grad_(False)
+        entries = [(None, meta["tokenizer_checkpoint"], None)]
     latent_shape = tuple(_json_field(meta, "latent_shape"))
-    if dec.encoder.z_channels != latent_shape[0]:
-        raise UserError(f"the decoder {decoder} takes {dec.encoder.z_channels}-channel latents but the DiT "
-                        f"{dit_path} makes {latent_shape[0]}-channel ones")
+    decoders = {}
+    for name, file, steps in entries:
+        dec = load_decoder(file, latent_shape[0], f"the DiT {dit_path}")
+        steps = int(steps) if steps else default_decoder_steps(dec)
+        decoders[name or decoder_label(dec, steps)] = (dec, steps)
     defaults = {**SAMPLE_DEFAULTS, **_json_field(meta, "sample", {}), **info.get("sample", {})}
-    gen = Generator(model=model, decoder=dec, class_names=_json_field(meta, "class_names", []),
+    gen = Generator(model=model, decoders=decoders, class_names=_json_field(meta, "class_names", []),
                     z_mean=float(meta["z_mean"]), z_std=float(meta["z_std"]), latent_shape=latent_shape,
                     defaults=defaults, source=str(dit_path), name=meta["model"], info=info)
     if device is None:

@@ -69,7 +69,8 @@ def generate(args) -> None:
     print(f"classes: {', '.join(f'{i} ({m})' for i, m in zip(ids, names))}; {args.num} per class, seed {args.seed}")
     print(f"DiT ({gen.name}, {gen.source}): {t['dit_s']:.2f} s for {n} latents "
           f"({t['sampler']}, {t['steps']} steps, cfg {t['cfg_scale']:g}) on {t['device']}")
-    print(f"decoder (SSDD {gen.decoder.decoder_name}): {t['decoder_s']:.2f} s for {n} images "
+    dec = gen.pick_decoder(t["decoder"])[1]
+    print(f"decoder ({'KL-VAE' if dec.is_kl else f'SSDD {dec.decoder_name}'}): {t['decoder_s']:.2f} s for {n} images "
           f"({t['decoder_steps']} step{'s' if t['decoder_steps'] > 1 else ''})")
     print(f"saved {grid} and {n} single images in {args.out}")
 

@@ -11,6 +11,8 @@ from PIL import Image
 from dit.export import main as export_main
 from dit.pipeline import BUNDLE_DIR, Generator, load_generator
 from dit_fixtures import ROOT, make_dit, make_tokenizer
+from tokenizer import SSDD, UserError
+from tokenizer.checkpoint import save_weights
 
 spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "sample", "generate.py"))
 generate = importlib.util.module_from_spec(spec)
@@ -173,3 +175,27 @@ def test_embedded_bundle_works_out_of_the_box(tmp_path, capsys):
     assert rc == 0
     assert "7 (sneaker)" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "g" / "0007_sneaker_0.png")
+
+
+def test_compare_decodes_the_same_latents_with_every_decoder(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    dit = make_dit(tmp_path / "dit.safetensors", tok)
+    torch.manual_seed(1)  # a second decoder of the same latents: the KL-VAE baseline behind the SSDD API
+    kl = SSDD(encoder="f8c4", decoder="kl", encoder_base_channels=32, kl_base_channels=32)
+    kl_path = str(tmp_path / "kl.safetensors")
+    save_weights(kl, kl_path, kl.architecture())
+    gen = load_generator(dit, device="cpu", decoder=[tok, kl_path])
+    assert gen.decoder_names == ["SSDD-XS 8-step", "KL-VAE"]
+    images, t = gen.compare(["sneaker", 0], num=2, seed=3, steps=2)
+    assert set(images) == set(gen.decoder_names) and t["decoders"]["KL-VAE"]["decoder_steps"] == 1
+    assert all(im.shape == (4, 3, 32, 32) for im in images.values())
+    assert not torch.equal(images["SSDD-XS 8-step"], images["KL-VAE"])
+    # the default decoder's images are generate()'s, and the KL-VAE's are a decode of the very same latents
+    alone, _ = gen.generate(["sneaker", 0], num=2, seed=3, steps=2)
+    assert torch.equal(alone, images["SSDD-XS 8-step"])
+    y = torch.tensor([7, 7, 0, 0])
+    noise, dec_noise = gen.draw_noise(4, seed=3)
+    z, _ = gen.sample_latents(y, noise, gen.sampler_settings(steps=2), seed=3)
+    assert torch.equal(gen.decode(z, dec_noise, "KL-VAE")[0], images["KL-VAE"])
+    with pytest.raises(UserError, match="offers"):
+        gen.decode(z, dec_noise, "nope")
