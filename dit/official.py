@@ -130,8 +130,8 @@ def load_official(spec, device="cpu") -> tuple[DiT, dict]:
     if not os.path.isfile(target) and target in KNOWN:
         path = fetch_weights(target, url=KNOWN[target][2], what=f"the {KNOWN[target][0].upper()} checkpoint {target}")
     state, args = read_pickle(path)
-    family = detect_family(name if name in KNOWN else path, args, prefix)
     arch = architecture(state, path)
+    family = detect_family(name if name in KNOWN else path, args, prefix)
     model = build_dit(arch["name"], input_size=arch["input_size"], in_channels=arch["in_channels"],
                       num_classes=arch["num_classes"], learn_sigma=arch["learn_sigma"],
                       class_dropout_prob=arch["class_dropout_prob"], t_scale=1.0)

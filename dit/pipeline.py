@@ -44,7 +44,7 @@ from dit.official import FAMILY_DEFAULTS, is_official_spec, load_official
 from tokenizer.checkpoint import check_state_dict, read_weights
 from tokenizer.errors import UserError
 from tokenizer.latent_stats import fixed_z_stats
-from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout
+from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout, read_state_file
 from tokenizer.ssdd import SSDD
 
 BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "fmnist"
@@ -340,16 +340,15 @@ def load_decoder(path: str, latent_channels: int, what: str, sdvae_latents: bool
     if not os.path.isfile(path):
         raise UserError(f"decoder checkpoint not found: {path}")
     path = str(path)
-    if path.endswith(".safetensors"):
-        state, meta = read_weights(path)
-    else:  # torch pickles only for SD-VAE's original single file
-        state, meta = {}, {}
-    if not path.endswith(".safetensors") or detect_layout(state) is not None:
-        if not sdvae_latents:
-            raise UserError(f"{path} is not a decoder of {what}'s latents (an SD-VAE file, or not safetensors)")
-        return load_sdvae_decoder(path)
+    state, meta = read_weights(path) if path.endswith(".safetensors") else (read_state_file(path), {})
     if "x_embedder.proj.weight" in state:
         raise UserError(f"{path} is a DiT/SiT generator, not a decoder; give it with --ckpt")
+    if detect_layout(state) is not None:
+        if not sdvae_latents:
+            raise UserError(f"{path} is an SD-VAE autoencoder, but {what} does not make SD-VAE latents")
+        return load_sdvae_decoder(path)
+    if not path.endswith(".safetensors"):
+        raise UserError(f"{path} is neither an SD-VAE autoencoder nor an SSDD checkpoint (.safetensors)")
     arch = {} if "encoder" in meta or not sdvae_latents else {"encoder": "sdvae"}
     dec = SSDD.from_checkpoint(path, **arch).eval().requires_grad_(False)
     if dec.encoder.z_channels != latent_channels:
@@ -377,14 +376,27 @@ def load_decoder_spec(spec, latent_channels: int, what: str, sdvae_latents: bool
 
 
 def named_decoders(specs, latent_channels: int, what: str, sdvae_latents: bool = False) -> dict:
-    """{display name: (decoder, default steps)} of [(name or None, spec, steps or None)]; names made unique."""
+    """{display name: (decoder, default steps)} of [(name or None, spec, steps or None)]; names made unique.
+
+    On SD-VAE latents the names carry no step count ('SSDD-M', 'SD-VAE (sd-vae-ft-mse)'): the steps a decoder
+    runs are chosen per call there, and reported with the timings.
+    """
     decoders = {}
     for name, spec, steps in specs:
         dec = load_decoder_spec(spec, latent_channels, what, sdvae_latents)
         steps = int(steps) if steps else default_decoder_steps(dec)
-        label = name or decoder_label(dec, steps)
+        text = str(spec)
+        source = os.path.basename(text.split(":", 1)[1] if text.startswith(("sdvae:", "ssdd:")) else text)
+        if name:
+            label = name
+        elif not sdvae_latents:
+            label = decoder_label(dec, steps)
+        elif dec.is_kl:
+            label = f"SD-VAE ({source if text != 'sdvae' else DEFAULT_SDVAE})"
+        else:
+            label = f"SSDD-{dec.decoder_name}" + (" (distilled)" if dec.single_step else "")
         if label in decoders:
-            label = f"{label} [{os.path.basename(str(spec).partition(':')[2] if ':' in str(spec) else str(spec))}]"
+            label = f"{label} [{source}]"
         decoders[label] = (dec, steps)
     return decoders
 

@@ -105,7 +105,7 @@ def generate(args) -> None:
     for name, images in by_decoder.items():
         d = per_decoder[name]
         dec = gen.pick_decoder(name)[1]
-        print(f"decoder ({describe_decoder(dec)}{'' if len(by_decoder) == 1 else f': {name}'}): {d['decoder_s']:.2f} s "
+        print(f"decoder {f'({describe_decoder(dec)})' if len(by_decoder) == 1 else name}: {d['decoder_s']:.2f} s "
               f"for {n} images ({d['decoder_steps']} step{'s' if d['decoder_steps'] > 1 else ''})")
         out = args.out if len(by_decoder) == 1 else os.path.join(args.out, slug(name))
         grids.append(save_outputs(images, ids, names, args.num, out, args.scale))
