@@ -87,6 +87,7 @@ def test_known_names_offline_say_which_file_to_place_where(tmp_path, monkeypatch
         assert "\n" not in msg and url in msg and str(tmp_path / "hub" / "checkpoints" / name) in msg
 
 
+@pytest.mark.slow
 def test_generator_samples_each_family_with_its_convention(official_files):
     gen = load_generator(official_files["dit"], device="cpu", decoder=["ssdd:" + official_files["ssdd"]])
     assert isinstance(gen, Generator) and gen.family == "dit" and gen.defaults["method"] == "ddpm"
@@ -157,3 +158,24 @@ def test_generate_script_with_sdvae_and_ssdd_side_by_side(official_files, sdvae_
     assert rc == 0
     assert Image.open(tmp_path / "d" / "grid.png").tobytes() == Image.open(out / sdvae_dir / "grid.png").crop(
         (0, 0, 68, 68)).tobytes()
+
+
+@pytest.mark.slow
+def test_pipeline_speed_script_writes_its_report(tmp_path):
+    """eval/official_pipeline_speed.py at a CPU size: a measured row and an extrapolated one, both decoders."""
+    import json
+
+    from eval.official_pipeline_speed import main
+
+    out = tmp_path / "speed"
+    assert main(["--model", "DiT-Ti/2", "--image-size", "64", "--ssdd", "XS", "--steps", "4", "2",
+                 "--measure-steps", "2", "--repeats", "1", "--out", str(out)]) == 0
+    record = json.load(open(f"{out}.json"))
+    rows = {(r["dit_steps"], r["decoder"]): r for r in record["rows"]}
+    assert set(rows) == {(4, "SD-VAE"), (4, "SSDD-XS 1-step"), (2, "SD-VAE"), (2, "SSDD-XS 1-step")}
+    assert rows[(2, "SD-VAE")]["dit_timing"] == "measured" and rows[(4, "SD-VAE")]["dit_timing"].startswith("4 x ")
+    assert rows[(4, "SD-VAE")]["dit_s"] == pytest.approx(2 * rows[(2, "SD-VAE")]["dit_s"])
+    r = rows[(4, "SSDD-XS 1-step")]
+    assert r["total_s"] == pytest.approx(r["dit_s"] + r["decoder_s"])
+    assert r["pipeline_speedup"] == pytest.approx(rows[(4, "SD-VAE")]["total_s"] / r["total_s"])
+    assert record["load_average_start"] is not None and "not measured whole" in open(f"{out}.md").read()

@@ -104,6 +104,7 @@ def test_full_size_sdvae_loads_from_both_layouts_with_same_outputs(sdvae_files):
         assert torch.equal(enc_only.encode(x).mode(), want_z)
 
 
+@pytest.mark.slow
 def test_released_sdvae_decoder_file_loads_and_decodes(tmp_path, monkeypatch):
     """SDVAE_{S,B,M,L}_256.safetensors hold `decoder.*` only and no metadata; the size comes from the shapes."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -190,7 +190,7 @@ class SSDD(nn.Module):
             state = {k.removeprefix("decoder."): v for k, v in state.items()}
             check_state_dict(self.decoder, state, path, f"the decoder of {what}")
             self.decoder.load_state_dict(state, strict=True)
-            self.has_encoder = self.sdvae_pending is not None  # SD-VAE's encoder can still be fetched
+            self.has_encoder = self.encoder_name == SDVAE_ENCODER  # SD-VAE's encoder: loaded, or fetched when needed
         else:
             check_state_dict(self, state, path, what)
             self.load_state_dict(state, strict=True)
