@@ -128,7 +128,7 @@ def load_official(spec, device="cpu") -> tuple[DiT, dict]:
     name = os.path.basename(target)
     path = target
     if not os.path.isfile(target) and target in KNOWN:
-        path = fetch_weights(target, url=KNOWN[target][2], what=f"the {KNOWN[target][0].upper()} checkpoint {target}")
+        path = fetch_weights(target, url=KNOWN[target][2], what=f"the {target[:3]} checkpoint {target}")
     state, args = read_pickle(path)
     arch = architecture(state, path)
     family = detect_family(name if name in KNOWN else path, args, prefix)
