@@ -30,7 +30,7 @@ import torch
 from tokenizer.errors import UserError
 from tokenizer.flow import flow_matching_loss, noisy_input, sample_t, time_grid
 
-__all__ = ["training_loss", "guided_velocity", "sample", "METHODS"]
+__all__ = ["training_loss", "cfg_combine", "guided_velocity", "sample", "METHODS"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,6 +75,17 @@ def training_loss(
 # Sampling
 # --------------------------------------------------------------------------------------------
 
+def cfg_combine(out_c: torch.Tensor, out_u: torch.Tensor, cfg_scale: float,
+                channels: Optional[int] = None) -> torch.Tensor:
+    """Classifier-free guidance out_u + s (out_c - out_u) on ALL channels (channels=None), or on the first
+    `channels` only with the rest taken from the conditional output (DiT's and SiT's released samplers guide the
+    first 3 of 4 latent channels; docs/ARCHITECTURE.md §8)."""
+    if channels is None:
+        return out_u + cfg_scale * (out_c - out_u)
+    guided = out_u[:, :channels] + cfg_scale * (out_c[:, :channels] - out_u[:, :channels])
+    return torch.cat([guided, out_c[:, channels:]], dim=1)
+
+
 def guided_velocity(
     model_fn: ModelFn,
     x: torch.Tensor,
@@ -83,11 +94,13 @@ def guided_velocity(
     cfg_scale: float = 1.0,
     guidance_interval: Tuple[float, float] = (0.0, 1.0),
     null_class: Optional[int] = None,
+    cfg_channels: Optional[int] = None,
 ) -> torch.Tensor:
-    """Velocity (B, C, H, W) at scalar time t, with classifier-free guidance on ALL channels.
+    """Velocity (B, C, H, W) at scalar time t, with classifier-free guidance on ALL channels by default.
 
     Inside guidance_interval (lo <= t <= hi) and cfg_scale != 1: conditional and unconditional
-    (y replaced by null_class) run in one batched forward and v = v_u + s (v_c - v_u).
+    (y replaced by null_class) run in one batched forward and v = v_u + s (v_c - v_u)
+    (`cfg_combine`; cfg_channels=3 guides only the first 3 channels, as SiT's released sampler).
     Otherwise a single conditional forward gives v = v_c.
     """
     c = x.shape[1]
@@ -102,7 +115,7 @@ def guided_velocity(
     y2 = torch.cat([y, torch.full_like(y, null_class)])
     tt = torch.full((x2.shape[0],), t, device=x.device, dtype=torch.float32)
     v_c, v_u = model_fn(x2, tt, y2)[:, :c].to(x.dtype).chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
+    return cfg_combine(v_c, v_u, cfg_scale, cfg_channels)
 
 
 @torch.no_grad()
@@ -118,11 +131,13 @@ def sample(
     generator: Optional[torch.Generator] = None,
     time_shift: float = 1.0,
     sde_scale: float = 1.0,
+    cfg_channels: Optional[int] = None,
 ) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0); returns x at t = 0, shaped like noise.
 
     noise: (B, C, H, W) standard normal, y: (B,) long labels. null_class defaults to
-    `model_fn.null_class` (a DiT has it) and is only needed when cfg_scale != 1.
+    `model_fn.null_class` (a DiT has it) and is only needed when cfg_scale != 1. cfg_channels limits guidance to
+    the first channels (`cfg_combine`); None, the default, guides all.
     The grid is `time_grid(steps, time_shift)`. Methods (h = t_i - t_{i+1} > 0):
 
       euler  x <- x + h v(x, t_i)                                         steps evaluations
@@ -144,7 +159,7 @@ def sample(
     grid = time_grid(steps, shift=time_shift, dtype=torch.float64).tolist()
 
     def vel(x: torch.Tensor, t: float) -> torch.Tensor:
-        return guided_velocity(model_fn, x, t, y, cfg_scale, guidance_interval, null_class)
+        return guided_velocity(model_fn, x, t, y, cfg_scale, guidance_interval, null_class, cfg_channels)
 
     x = noise
     for i in range(steps):

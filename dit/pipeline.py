@@ -14,8 +14,16 @@ The steps underneath, for callers that need them separately (sampling scripts, t
 `load_generator(path)` takes a bundle directory (dit_ema.safetensors + decoder files + bundle.json, as
 `python -m dit.export` writes it), or a DiT checkpoint written by `dit.train` (model_dit_ema.safetensors or its
 checkpoints/last directory), whose metadata names the tokenizer checkpoint that provides the decoder.
-All noise is drawn on the CPU from `seed`, so the same call gives the same images on any device (the `sde`
-sampler's per-step noise excepted, which is drawn on the device).
+It also takes the published ImageNet generators on SD-VAE latents (dit/official.py): `DiT-XL-2-256x256.pt`,
+`DiT-XL-2-512x512.pt`, `SiT-XL-2-256x256.pt` (a known name, fetched to the cache, or a local file, optionally
+prefixed `dit:` / `sit:`), each sampled with its own convention (`family`: "dit" = discrete DDPM/DDIM,
+dit/diffusion.py; "sit" = SiT's interpolant SDE/ODE, dit/sit.py; this project's models: "flow", dit/flow.py).
+
+Decoders are given as specs (`decoder=[...]`): a checkpoint file (as before), `ssdd:<file>` (an SSDD decoder,
+including the released decoder-only SDVAE_*_256 files), `sdvae` or `sdvae:<file or name>` (the SD-VAE KL decoder,
+either published layout; default sd-vae-ft-mse). Generators on SD-VAE latents default to `sdvae`.
+All noise is drawn on the CPU from `seed`, so the same call gives the same images on any device (the per-step
+noise of the stochastic samplers excepted, which is drawn on the device).
 """
 
 from __future__ import annotations
@@ -29,16 +37,23 @@ from pathlib import Path
 
 import torch
 
+from dit import diffusion, sit
 from dit.flow import METHODS, sample
 from dit.models import DiT, build_dit
+from dit.official import FAMILY_DEFAULTS, is_official_spec, load_official
 from tokenizer.checkpoint import check_state_dict, read_weights
 from tokenizer.errors import UserError
+from tokenizer.latent_stats import fixed_z_stats
+from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout, read_state_file
 from tokenizer.ssdd import SSDD
 
 BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "fmnist"
 DIT_FILE, DECODER_FILE, INFO_FILE = "dit_ema.safetensors", "decoder.safetensors", "bundle.json"
 SAMPLE_DEFAULTS = {"method": "euler", "steps": 50, "cfg_scale": 4.0, "guidance_interval": [0.0, 1.0],
                    "time_shift": 1.0, "decoder_steps": None}
+# Each sampling family's methods: this project's flow models, DiT's discrete diffusion, SiT's interpolant.
+FAMILY_METHODS = {"flow": METHODS, "dit": diffusion.METHODS, "sit": sit.METHODS}
+ALL_METHODS = tuple(dict.fromkeys(m for methods in FAMILY_METHODS.values() for m in methods))
 
 
 def imagenet_class_names() -> list[str]:
@@ -70,9 +85,9 @@ def default_decoder_steps(decoder: SSDD) -> int:
 
 
 def decoder_label(decoder: SSDD, steps: int | None = None) -> str:
-    """A display name such as 'SSDD-XS 1-step (distilled)', 'SSDD-XS 8-step' or 'KL-VAE'."""
+    """A display name such as 'SSDD-XS 1-step (distilled)', 'SSDD-XS 8-step', 'KL-VAE' or 'SD-VAE'."""
     if decoder.is_kl:
-        return "KL-VAE"
+        return "SD-VAE" if decoder.encoder_name == "sdvae" else "KL-VAE"
     steps = steps or default_decoder_steps(decoder)
     return f"SSDD-{decoder.decoder_name} {steps}-step" + (" (distilled)" if decoder.single_step else "")
 
@@ -82,7 +97,8 @@ class Generator:
     """A DiT, the decoders of its latents, and what relates them (z_stats, class names, sampler defaults).
 
     `decoders` maps a display name to a decoder (an `SSDD`, or the KL-VAE baseline behind the same API) and the
-    step count it runs by default; the first entry is the default decoder (`decoder`).
+    step count it runs by default; the first entry is the default decoder (`decoder`). `family` says how the DiT
+    samples: "flow" (this project's), "dit" (DiT's discrete diffusion) or "sit" (SiT's interpolant).
     """
 
     model: DiT
@@ -95,6 +111,7 @@ class Generator:
     source: str = ""
     name: str = "DiT"
     info: dict = field(default_factory=dict)
+    family: str = "flow"
 
     @property
     def num_classes(self) -> int:
@@ -192,9 +209,12 @@ class Generator:
         settings = {"cfg_scale": float(d["cfg_scale"] if cfg_scale is None else cfg_scale),
                     "steps": int(d["steps"] if steps is None else steps),
                     "sampler": d["method"] if sampler is None else sampler,
-                    "guidance_interval": tuple(d["guidance_interval"]), "time_shift": float(d["time_shift"])}
-        if settings["sampler"] not in METHODS:
-            raise UserError(f"unknown sampler {settings['sampler']!r}; valid: {', '.join(METHODS)}")
+                    "guidance_interval": tuple(d["guidance_interval"]), "time_shift": float(d["time_shift"]),
+                    "cfg_channels": d.get("cfg_channels")}
+        methods = FAMILY_METHODS[self.family]
+        if settings["sampler"] not in methods:
+            raise UserError(f"unknown sampler {settings['sampler']!r} for {self.name} ({self.family} convention); "
+                            f"valid: {', '.join(methods)}")
         return settings
 
     def draw_noise(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,15 +237,24 @@ class Generator:
         self._sync()
         t0 = time.perf_counter()
         for i in range(0, len(y), batch_size):
-            z = sample(self.model, noise[i:i + batch_size].to(device), y[i:i + batch_size].to(device),
-                       steps=settings["steps"], method=settings["sampler"], cfg_scale=settings["cfg_scale"],
-                       guidance_interval=settings["guidance_interval"], time_shift=settings["time_shift"],
-                       generator=sde_gen)
+            z = self._sample_batch(noise[i:i + batch_size].to(device), y[i:i + batch_size].to(device), settings,
+                                   sde_gen)
             latents.append(z * self.z_std + self.z_mean)
             if progress:
                 progress("dit", min(i + batch_size, len(y)), len(y))
         self._sync()
         return torch.cat(latents), time.perf_counter() - t0
+
+    def _sample_batch(self, noise: torch.Tensor, y: torch.Tensor, settings: dict, generator) -> torch.Tensor:
+        """Normalised latents of one batch, by the sampler of the model's family (docs/ARCHITECTURE.md §8)."""
+        common = dict(steps=settings["steps"], method=settings["sampler"], cfg_scale=settings["cfg_scale"],
+                      guidance_interval=settings["guidance_interval"], generator=generator)
+        if self.family == "dit":
+            return diffusion.sample(self.model, noise, y, cfg_channels=settings["cfg_channels"], progress=True, **common)
+        if self.family == "sit":
+            return sit.sample(self.model, noise, y, cfg_channels=settings["cfg_channels"], progress=True, **common)
+        return sample(self.model, noise, y, time_shift=settings["time_shift"], cfg_channels=settings["cfg_channels"],
+                      **common)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, decoder_noise: torch.Tensor, decoder: str | None = None,
@@ -274,16 +303,17 @@ class Generator:
     @torch.no_grad()
     def compare(self, class_ids, num: int = 1, seed: int = 0, cfg_scale: float | None = None, steps: int | None = None,
                 sampler: str | None = None, decoders=None, batch_size: int = 256,
-                progress=None) -> tuple[dict, dict]:
+                progress=None, decoder_steps: int | None = None) -> tuple[dict, dict]:
         """The same DiT latents (and decoder noise) decoded by several decoders (default: all of them) ->
-        ({name: images}, {"dit_s", ..., "decoders": {name: {"decoder_s", "decoder_steps"}}})."""
+        ({name: images}, {"dit_s", ..., "decoders": {name: {"decoder_s", "decoder_steps"}}}).
+        decoder_steps: the steps of every SSDD decoder (None: each decoder's default)."""
         y = self._labels(class_ids, num)
         settings = self.sampler_settings(cfg_scale, steps, sampler)
         noise, decoder_noise = self.draw_noise(len(y), seed)
         z, dit_s = self.sample_latents(y, noise, settings, seed, batch_size, progress)
         images, per_decoder = {}, {}
         for name in decoders or self.decoder_names:
-            images[name], dec = self.decode(z, decoder_noise, name, None, batch_size, progress)
+            images[name], dec = self.decode(z, decoder_noise, name, decoder_steps, batch_size, progress)
             per_decoder[name] = {"decoder_s": dec["decoder_s"], "decoder_steps": dec["decoder_steps"]}
         timings = {"dit_s": dit_s, "images": len(y), "steps": settings["steps"], "sampler": settings["sampler"],
                    "cfg_scale": settings["cfg_scale"], "device": str(self.device), "decoders": per_decoder}
@@ -300,15 +330,75 @@ def _json_field(meta: dict, key: str, default=None):
         raise UserError(f"the metadata field {key!r} of the DiT checkpoint is not valid JSON") from None
 
 
-def load_decoder(path: str, latent_channels: int, what: str) -> SSDD:
-    """An eval-mode decoder (SSDD or KL-VAE behind the SSDD API) from a checkpoint, checked against the latents."""
+def load_decoder(path: str, latent_channels: int, what: str, sdvae_latents: bool = False) -> SSDD:
+    """An eval-mode decoder (SSDD or KL-VAE behind the SSDD API) from a checkpoint, checked against the latents.
+
+    sdvae_latents: the generator makes SD-VAE latents; a file without architecture metadata (a released
+    decoder-only SDVAE_*_256 file) is then read as an SSDD decoder of SD-VAE latents, its size from its shapes,
+    and an SD-VAE file (either layout) as the SD-VAE decoder.
+    """
     if not os.path.isfile(path):
         raise UserError(f"decoder checkpoint not found: {path}")
-    dec = SSDD.from_checkpoint(str(path)).eval().requires_grad_(False)
+    path = str(path)
+    state, meta = read_weights(path) if path.endswith(".safetensors") else (read_state_file(path), {})
+    if "x_embedder.proj.weight" in state:
+        raise UserError(f"{path} is a DiT/SiT generator, not a decoder; give it with --ckpt")
+    if detect_layout(state) is not None:
+        if not sdvae_latents:
+            raise UserError(f"{path} is an SD-VAE autoencoder, but {what} does not make SD-VAE latents")
+        return load_sdvae_decoder(path)
+    if not path.endswith(".safetensors"):
+        raise UserError(f"{path} is neither an SD-VAE autoencoder nor an SSDD checkpoint (.safetensors)")
+    arch = {} if "encoder" in meta or not sdvae_latents else {"encoder": "sdvae"}
+    dec = SSDD.from_checkpoint(path, **arch).eval().requires_grad_(False)
     if dec.encoder.z_channels != latent_channels:
         raise UserError(f"the decoder {path} takes {dec.encoder.z_channels}-channel latents but {what} makes "
                         f"{latent_channels}-channel ones")
+    if (dec.encoder_name == "sdvae") != sdvae_latents:
+        made = "SD-VAE latents" if sdvae_latents else "latents of this project's tokenizer"
+        raise UserError(f"the decoder {path} decodes {dec.encoder_name} latents but {what} makes {made}")
     return dec
+
+
+def load_sdvae_decoder(source: str = DEFAULT_SDVAE) -> SSDD:
+    """SD-VAE's KL decoder (with its encoder) from a file in either published layout, or a known name."""
+    return SSDD(encoder="sdvae", decoder="kl", checkpoint=source).eval().requires_grad_(False)
+
+
+def load_decoder_spec(spec, latent_channels: int, what: str, sdvae_latents: bool = False) -> SSDD:
+    """A decoder from a spec: `sdvae`, `sdvae:<file or name>`, `ssdd:<file>`, or a checkpoint file."""
+    text = str(spec)
+    if text == "sdvae" or text.startswith("sdvae:"):
+        if not sdvae_latents:
+            raise UserError(f"{what} does not make SD-VAE latents, so the SD-VAE decoder cannot decode them")
+        return load_sdvae_decoder(text.partition(":")[2] or DEFAULT_SDVAE)
+    return load_decoder(text.removeprefix("ssdd:"), latent_channels, what, sdvae_latents)
+
+
+def named_decoders(specs, latent_channels: int, what: str, sdvae_latents: bool = False) -> dict:
+    """{display name: (decoder, default steps)} of [(name or None, spec, steps or None)]; names made unique.
+
+    On SD-VAE latents the names carry no step count ('SSDD-M', 'SD-VAE (sd-vae-ft-mse)'): the steps a decoder
+    runs are chosen per call there, and reported with the timings.
+    """
+    decoders = {}
+    for name, spec, steps in specs:
+        dec = load_decoder_spec(spec, latent_channels, what, sdvae_latents)
+        steps = int(steps) if steps else default_decoder_steps(dec)
+        text = str(spec)
+        source = os.path.basename(text.split(":", 1)[1] if text.startswith(("sdvae:", "ssdd:")) else text)
+        if name:
+            label = name
+        elif not sdvae_latents:
+            label = decoder_label(dec, steps)
+        elif dec.is_kl:
+            label = f"SD-VAE ({source if text != 'sdvae' else DEFAULT_SDVAE})"
+        else:
+            label = f"SSDD-{dec.decoder_name}" + (" (distilled)" if dec.single_step else "")
+        if label in decoders:
+            label = f"{label} [{source}]"
+        decoders[label] = (dec, steps)
+    return decoders
 
 
 def bundle_decoders(path: Path, info: dict) -> list:
@@ -323,6 +413,10 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
     `decoder` (a checkpoint file, or a list of them) replaces the decoders; by default a bundle's decoders (as listed
     in bundle.json, else decoder.safetensors) or the tokenizer checkpoint named in the DiT's metadata.
     """
+    if decoder is not None and isinstance(decoder, (str, os.PathLike)):
+        decoder = [decoder]
+    if path is not None and is_official_spec(path):
+        return load_official_generator(path, device, decoder)
     path = Path(path) if path is not None else BUNDLE_DIR
     info, entries = {}, None
     if path.is_dir():
@@ -346,21 +440,33 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
                         f".safetensors file from dit.train)")
     model, meta = load_dit(str(dit_path))
     if decoder is not None:
-        entries = [(None, str(d), None) for d in ([decoder] if isinstance(decoder, (str, os.PathLike)) else decoder)]
+        entries = [(None, str(d), None) for d in decoder]
     if entries is None:
         if not meta.get("tokenizer_checkpoint"):
             raise UserError(f"{dit_path} does not name its tokenizer; pass the SSDD decoder checkpoint explicitly")
         entries = [(None, meta["tokenizer_checkpoint"], None)]
     latent_shape = tuple(_json_field(meta, "latent_shape"))
-    decoders = {}
-    for name, file, steps in entries:
-        dec = load_decoder(file, latent_shape[0], f"the DiT {dit_path}")
-        steps = int(steps) if steps else default_decoder_steps(dec)
-        decoders[name or decoder_label(dec, steps)] = (dec, steps)
+    decoders = named_decoders(entries, latent_shape[0], f"the DiT {dit_path}")
     defaults = {**SAMPLE_DEFAULTS, **_json_field(meta, "sample", {}), **info.get("sample", {})}
     gen = Generator(model=model, decoders=decoders, class_names=_json_field(meta, "class_names", []),
                     z_mean=float(meta["z_mean"]), z_std=float(meta["z_std"]), latent_shape=latent_shape,
                     defaults=defaults, source=str(dit_path), name=meta["model"], info=info)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return gen.to(device)
+
+
+def load_official_generator(spec, device=None, decoder=None) -> Generator:
+    """A published DiT / SiT ImageNet generator (dit/official.py) with SD-VAE-latent decoders (default: `sdvae`)."""
+    model, info = load_official(spec)
+    stats = fixed_z_stats("sdvae")  # the generator's latents are 0.18215 * z
+    what = f"{info['model']} ({info['source']})"
+    specs = [(None, str(d), None) for d in (decoder or ["sdvae"])]
+    decoders = named_decoders(specs, info["latent_shape"][0], what, sdvae_latents=True)
+    names = imagenet_class_names() if model.num_classes == 1000 else [str(i) for i in range(model.num_classes)]
+    gen = Generator(model=model, decoders=decoders, class_names=names, z_mean=stats["z_mean"], z_std=stats["z_std"],
+                    latent_shape=tuple(info["latent_shape"]), defaults=dict(FAMILY_DEFAULTS[info["family"]]),
+                    source=info["source"], name=info["model"], info=info, family=info["family"])
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return gen.to(device)

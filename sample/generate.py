@@ -3,10 +3,18 @@
     python sample/generate.py --class sneaker
     python sample/generate.py --class 7 9 "ankle boot" --num 8 --seed 1 --cfg 2 --steps 50 --sampler euler
     python sample/generate.py --ckpt runs/jobs/dit_fmnist/checkpoints/last --class bag --decoder-steps 1
+    # the published ImageNet generators on SD-VAE latents, decoded by SD-VAE and by an SSDD decoder side by side
+    python sample/generate.py --ckpt DiT-XL-2-256x256.pt --class 207 "golden retriever" \
+        --decoder sdvae --decoder ssdd:SDVAE_M_256.safetensors --decoder-steps 1
+    python sample/generate.py --ckpt SiT-XL-2-256x256.pt --class 207 --sampler ode
 
 --class takes ids or names (case-insensitive; the dataset's names stored with the model, and for 1000-class models
-the ImageNet names). Writes <out>/grid.png (one row per class) and one PNG per image; prints the DiT time and the
-decoder time separately. Noise is drawn on the CPU from --seed, so results repeat across devices.
+the ImageNet names). --ckpt also takes DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt and SiT-XL-2-256x256.pt (fetched to
+the torch cache where a network exists) or such a file (prefix dit: or sit: if its name does not say). --decoder
+(repeatable) takes sdvae[:<file or name>], ssdd:<file> or a checkpoint file. Writes <out>/grid.png (one row per
+class; with several decoders, their grids side by side, each also in <out>/<decoder>/) and one PNG per image;
+prints the DiT time and each decoder's time separately. Noise is drawn on the CPU from --seed, so results repeat
+across devices.
 """
 
 import argparse
@@ -18,8 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dit.flow import METHODS
-from dit.pipeline import BUNDLE_DIR, load_generator
+from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator
 from tokenizer.errors import UserError, run_cli
 
 
@@ -51,6 +58,25 @@ def save_outputs(images: torch.Tensor, ids: list, names: list, num: int, out: st
     return path
 
 
+def side_by_side(paths: list, out: str) -> str:
+    """The grids of several decoders in one picture, left to right with an 8-px white gap."""
+    ims = [Image.open(p) for p in paths]
+    gap = 8
+    canvas = Image.new("RGB", (sum(i.width for i in ims) + gap * (len(ims) - 1), max(i.height for i in ims)), "white")
+    x = 0
+    for im in ims:
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
+    canvas.save(out)
+    return out
+
+
+def describe_decoder(dec) -> str:
+    if dec.is_kl:
+        return "SD-VAE" if dec.encoder_name == "sdvae" else "KL-VAE"
+    return f"SSDD {dec.decoder_name}"
+
+
 def generate(args) -> None:
     if args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
@@ -61,18 +87,34 @@ def generate(args) -> None:
         ids = list(range(gen.num_classes))
     else:
         ids = gen.resolve_classes(args.classes)
-    images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
-                             sampler=args.sampler, decoder_steps=args.decoder_steps)
     names = [gen.class_name(i) for i in ids]
-    grid = save_outputs(images, ids, names, args.num, args.out, args.scale)
-    n = t["images"]
     print(f"classes: {', '.join(f'{i} ({m})' for i, m in zip(ids, names))}; {args.num} per class, seed {args.seed}")
+    if len(gen.decoders) == 1:
+        images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
+                                 sampler=args.sampler, decoder_steps=args.decoder_steps)
+        by_decoder = {t["decoder"]: images}
+        per_decoder = {t["decoder"]: t}
+    else:  # the same latents through every decoder
+        by_decoder, t = gen.compare(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
+                                    sampler=args.sampler, decoder_steps=args.decoder_steps)
+        per_decoder = t["decoders"]
+    n = t["images"]
     print(f"DiT ({gen.name}, {gen.source}): {t['dit_s']:.2f} s for {n} latents "
           f"({t['sampler']}, {t['steps']} steps, cfg {t['cfg_scale']:g}) on {t['device']}")
-    dec = gen.pick_decoder(t["decoder"])[1]
-    print(f"decoder ({'KL-VAE' if dec.is_kl else f'SSDD {dec.decoder_name}'}): {t['decoder_s']:.2f} s for {n} images "
-          f"({t['decoder_steps']} step{'s' if t['decoder_steps'] > 1 else ''})")
-    print(f"saved {grid} and {n} single images in {args.out}")
+    grids = []
+    for name, images in by_decoder.items():
+        d = per_decoder[name]
+        dec = gen.pick_decoder(name)[1]
+        print(f"decoder {f'({describe_decoder(dec)})' if len(by_decoder) == 1 else name}: {d['decoder_s']:.2f} s "
+              f"for {n} images ({d['decoder_steps']} step{'s' if d['decoder_steps'] > 1 else ''})")
+        out = args.out if len(by_decoder) == 1 else os.path.join(args.out, slug(name))
+        grids.append(save_outputs(images, ids, names, args.num, out, args.scale))
+    if len(grids) == 1:
+        print(f"saved {grids[0]} and {n} single images in {args.out}")
+    else:
+        both = side_by_side(grids, os.path.join(args.out, "grid.png"))
+        print(f"saved {both} ({', '.join(by_decoder)} left to right) and each decoder's grid and {n} single images "
+              f"in {args.out}/<decoder>/")
 
 
 def main(argv=None) -> int:
@@ -83,11 +125,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: the bundle's)")
     ap.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the bundle's)")
-    ap.add_argument("--sampler", choices=METHODS, default=None, help="default: the bundle's")
+    ap.add_argument("--sampler", choices=ALL_METHODS, default=None,
+                    help="default: the model's (this project's models: euler, heun, sde; DiT: ddpm, ddim; "
+                         "SiT: sde, ode, euler, heun)")
     ap.add_argument("--decoder-steps", type=int, default=None,
                     help="SSDD decoder steps (default: 1 for a distilled decoder, else its default)")
-    ap.add_argument("--ckpt", default=None, help=f"bundle directory or DiT checkpoint (default: {BUNDLE_DIR})")
-    ap.add_argument("--decoder", default=None, help="SSDD checkpoint to decode with (default: the bundle's)")
+    ap.add_argument("--ckpt", default=None,
+                    help=f"bundle directory, DiT checkpoint, or a published generator: DiT-XL-2-256x256.pt, "
+                         f"DiT-XL-2-512x512.pt, SiT-XL-2-256x256.pt or such a file [dit:|sit:]<file> "
+                         f"(default: {BUNDLE_DIR})")
+    ap.add_argument("--decoder", action="append", default=None, metavar="SPEC",
+                    help="decoder to decode with, repeatable (each writes its own grid): a checkpoint file, "
+                         "ssdd:<file>, sdvae or sdvae:<file or name> (default: the bundle's; SD-VAE for published "
+                         "generators)")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     ap.add_argument("--out", default="generated", help="output folder")
     ap.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of grid.png")

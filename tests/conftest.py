@@ -4,3 +4,32 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sdvae_files(tmp_path_factory):
+    """Random SD-VAE weights (full size, 83.7 M parameters) saved once in both published layouts:
+    {"model": the SSDD(encoder='sdvae', decoder='kl') they came from, "diffusers": the Hugging Face
+    diffusion_pytorch_model.safetensors layout, "ldm": the original single-file layout as a torch pickle (.ckpt)}."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tokenizer import SSDD
+    from tokenizer.sdvae import to_layout
+
+    torch.manual_seed(0)
+    model = SSDD(encoder="sdvae", decoder="kl").eval()
+    model.sdvae_pending = None  # these random weights are the SD-VAE here: never fetch the real one
+    with torch.no_grad():  # move every tensor off its init (zero biases, unit norms) so each key matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    tmp = tmp_path_factory.mktemp("sdvae")
+    state = model.state_dict()
+    diffusers = tmp / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in to_layout(state, "diffusers").items()}, str(diffusers))
+    ldm = tmp / "vae-ft-mse-840000-ema-pruned.ckpt"
+    torch.save({"state_dict": to_layout(state, "ldm"), "global_step": 840000}, str(ldm))
+    return {"model": model, "diffusers": str(diffusers), "ldm": str(ldm)}

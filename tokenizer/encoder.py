@@ -27,14 +27,19 @@ from tokenizer.errors import UserError
 
 VALID_FACTORS = (4, 8, 16, 32)
 _NAME_RE = re.compile(r"f(\d+)c(\d+)")
+# The Stable-Diffusion VAE encoder is this layout at f8c4 and base width 128 (weights: tokenizer.sdvae).
+SDVAE_ENCODER = "sdvae"
 
 
 def parse_encoder_name(name: str) -> tuple[int, int]:
-    """'f8c4' -> (8, 4): (downsampling factor F, latent channels C)."""
+    """'f8c4' -> (8, 4): (downsampling factor F, latent channels C); 'sdvae' -> (8, 4)."""
+    if isinstance(name, str) and name.strip().lower() == SDVAE_ENCODER:
+        return 8, 4
     m = _NAME_RE.fullmatch(name.strip().lower()) if isinstance(name, str) else None
     if m is None or int(m.group(1)) not in VALID_FACTORS or int(m.group(2)) < 1:
         raise UserError(
-            f"bad encoder name {name!r}: expected 'f<F>c<C>' with F in {{4, 8, 16, 32}} and C >= 1, e.g. 'f8c4' or 'f16c16'"
+            f"bad encoder name {name!r}: expected 'f<F>c<C>' with F in {{4, 8, 16, 32}} and C >= 1, e.g. 'f8c4' or "
+            f"'f16c16', or 'sdvae'"
         )
     return int(m.group(1)), int(m.group(2))
 
@@ -220,6 +225,8 @@ class Encoder(nn.Module):
 
 
 def build_encoder(name: str, base_channels: int = 128) -> Encoder:
-    """Encoder from an 'f{F}c{C}' name, e.g. build_encoder('f8c4')."""
+    """Encoder from an 'f{F}c{C}' name, e.g. build_encoder('f8c4'); 'sdvae' is f8c4 at SD-VAE's width 128."""
     patch_size, z_channels = parse_encoder_name(name)
+    if name.strip().lower() == SDVAE_ENCODER and base_channels != 128:
+        raise UserError(f"the sdvae encoder has SD-VAE's base width 128, not {base_channels}")
     return Encoder(patch_size=patch_size, z_channels=z_channels, base_channels=base_channels)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tokenizer.errors import UserError, one_line
+from tokenizer.sdvae import SDVAE_SCALE
 
 FILE_NAME = "z_stats.json"
 
@@ -43,3 +44,14 @@ def read_z_stats(path: str, how_to_make: str = "") -> dict:
     if not std > 0:
         raise UserError(f"{path} has z_std={std}; it must be positive")
     return {"z_mean": mean, "z_std": std, "path": path}
+
+
+# Latent spaces with a published fixed normalisation instead of measured statistics: generators trained on SD-VAE
+# latents (DiT, SiT) see z_norm = 0.18215 * z (LDM's scale factor), i.e. z_mean 0 and z_std 1 / 0.18215.
+FIXED_Z_STATS = {"sdvae": {"z_mean": 0.0, "z_std": 1 / SDVAE_SCALE, "source": f"SD-VAE scale factor {SDVAE_SCALE} (LDM)"}}
+
+
+def fixed_z_stats(encoder_name: str) -> dict | None:
+    """{"z_mean", "z_std", "source"} of a latent space with a published scale (e.g. 'sdvae'), else None."""
+    stats = FIXED_Z_STATS.get(str(encoder_name).strip().lower())
+    return dict(stats) if stats else None

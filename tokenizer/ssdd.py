@@ -8,6 +8,15 @@ The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released 
 load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
 the same API. Files written by this project also carry the architecture in their safetensors metadata, so
 `SSDD.from_checkpoint(path)` rebuilds the right model without being told.
+
+`encoder="sdvae"` is the frozen Stable-Diffusion VAE encoder (tokenizer/sdvae.py), as in the official release's
+SD-VAE decoders, which load as decoder-only files:
+
+    model = SSDD(encoder="sdvae", decoder="M", checkpoint="SDVAE_M_256.safetensors")   # `decoder.*` keys only
+    sdvae = SSDD(encoder="sdvae", decoder="kl", checkpoint="sd-vae-ft-mse")            # SD-VAE itself, any layout
+
+Its encoder weights come from `encoder_checkpoint` (an SD-VAE file in either layout, or a known name), else from
+sd-vae-ft-mse, fetched at the first `encode()`. Latents are SD-VAE's raw ones (no 0.18215 factor).
 """
 
 import hashlib
@@ -16,12 +25,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenizer.checkpoint import load_weights, read_weights, save_weights
-from tokenizer.decoder import SSDDDecoder
-from tokenizer.encoder import DiagonalGaussian, build_encoder
+from tokenizer.checkpoint import check_state_dict, load_weights, read_weights, save_weights
+from tokenizer.decoder import DECODER_SIZES, SSDDDecoder
+from tokenizer.encoder import SDVAE_ENCODER, DiagonalGaussian, build_encoder, parse_encoder_name
 from tokenizer.errors import UserError
 from tokenizer.flow import clean_estimate, euler_sample, flow_matching_loss, noisy_input, sample_t
 from tokenizer.kl_decoder import KLDecoder
+from tokenizer.latent_stats import fixed_z_stats
+from tokenizer.sdvae import DEFAULT_SDVAE, SDVAE_WEIGHTS, detect_layout, from_layout, read_state_file, sdvae_file, sdvae_state
+
+
+def infer_decoder_size(state: dict, z_channels: int, source: str = "the file") -> str:
+    """The SSDD decoder size ('M', ...) whose `decoder.*` keys and shapes are exactly those of `state`.
+
+    Released decoder-only files (e.g. SDVAE_M_256.safetensors) carry no metadata; each size is built on the meta
+    device (no memory) and compared.
+    """
+    shapes = {k.removeprefix("decoder."): tuple(v.shape) for k, v in state.items() if k.startswith("decoder.")}
+    for size in DECODER_SIZES:
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in SSDDDecoder(size, z_channels=z_channels).state_dict().items()}
+        if own == shapes:
+            return size
+    raise UserError(f"{source} holds no SSDD decoder for {z_channels}-channel latents of any size "
+                    f"({', '.join(DECODER_SIZES)}); pass decoder='M'-style to see the mismatching keys")
 
 
 @dataclass
@@ -73,8 +100,10 @@ class SSDD(nn.Module):
         self.single_step = single_step
         # False after loading a decoder-only file (what a generator needs to ship): encode() then refuses.
         self.has_encoder = True
+        # The SD-VAE encoder is never trained here: until its weights are in, encode() fetches them from here.
+        self.sdvae_pending = DEFAULT_SDVAE if self.encoder_name == SDVAE_ENCODER else None
         if encoder_checkpoint:
-            load_weights(self.encoder, encoder_checkpoint, what=f"encoder {self.encoder_name}", prefix="encoder.")
+            self.load_encoder(encoder_checkpoint)
         if checkpoint:
             self.load_checkpoint(checkpoint)
         if not encoder_train:
@@ -107,21 +136,65 @@ class SSDD(nn.Module):
         Latents are only interchangeable between models whose encoders have the same hash (latent caches, DiT
         checkpoints and bundles record it).
         """
+        self._fetch_sdvae_encoder()
         h = hashlib.sha256()
         for k, v in sorted(self.encoder.state_dict().items()):
             h.update(f"{k}:{tuple(v.shape)};".encode())
             h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    @property
+    def fixed_z_stats(self) -> dict | None:
+        """The fixed latent normalisation of a published latent space (SD-VAE: z_std 1/0.18215), else None (this
+        project's tokenizers measure theirs: z_stats.json)."""
+        return fixed_z_stats(self.encoder_name)
+
+    def load_encoder(self, spec: str) -> None:
+        """Strictly load encoder weights: `encoder.*` of an SSDD file, or for `sdvae` an SD-VAE file / known name."""
+        if self.encoder_name != SDVAE_ENCODER:
+            load_weights(self.encoder, spec, what=f"encoder {self.encoder_name}", prefix="encoder.")
+            return
+        state = sdvae_state(spec, [f"encoder.{k}" for k in self.encoder.state_dict()])
+        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        check_state_dict(self.encoder, state, spec, "the SD-VAE encoder")
+        self.encoder.load_state_dict(state, strict=True)
+        self.sdvae_pending, self.has_encoder = None, True
+
+    def _fetch_sdvae_encoder(self) -> None:
+        if self.sdvae_pending is not None:
+            device = next(self.encoder.parameters()).device
+            self.load_encoder(self.sdvae_pending)
+            self.encoder.to(device)
+
     def load_checkpoint(self, path: str) -> dict:
-        """Strict load of a whole-model file, or of a decoder-only file written by `save_decoder`."""
+        """Strict load of a whole-model file, a decoder-only file (`save_decoder`'s, or a released `decoder.*`-only
+        one such as SDVAE_M_256.safetensors), or (for `decoder="kl"`) an SD-VAE autoencoder in either layout."""
         what = f"SSDD(encoder={self.encoder_name}, decoder={self.decoder_name})"
-        _, meta = read_weights(path)
-        if meta.get("parts") == "decoder":
-            load_weights(self.decoder, path, what=f"the decoder of {what}", prefix="decoder.")
-            self.has_encoder = False
+        if path in SDVAE_WEIGHTS:  # a known SD-VAE name: fetched (cache or download)
+            path = sdvae_file(path)
+        state, meta = read_weights(path) if str(path).endswith(".safetensors") else (read_state_file(path), {})
+        layout = detect_layout(state)
+        if layout is not None:  # SD-VAE itself: its decoder is the KL-VAE one
+            if not self.is_kl or self.encoder_name != SDVAE_ENCODER:
+                raise UserError(f"{path} is an SD-VAE autoencoder ({layout} layout): load it as "
+                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae model")
+            state = from_layout(state, self.state_dict())
+            check_state_dict(self, state, path, what)
+            self.load_state_dict(state, strict=True)
+            self.sdvae_pending = None
+            return meta
+        if not any(k.startswith(("encoder.", "decoder.")) for k in state):
+            hint = " (it looks like a DiT/SiT generator)" if "x_embedder.proj.weight" in state else ""
+            raise UserError(f"{path} is not an SSDD checkpoint: it has no encoder.* or decoder.* weights{hint}")
+        if meta.get("parts") == "decoder" or all(k.startswith("decoder.") for k in state):
+            state = {k.removeprefix("decoder."): v for k, v in state.items()}
+            check_state_dict(self.decoder, state, path, f"the decoder of {what}")
+            self.decoder.load_state_dict(state, strict=True)
+            self.has_encoder = self.encoder_name == SDVAE_ENCODER  # SD-VAE's encoder: loaded, or fetched when needed
         else:
-            load_weights(self, path, what=what)
+            check_state_dict(self, state, path, what)
+            self.load_state_dict(state, strict=True)
+            self.sdvae_pending = None
         if meta.get("single_step") == "1":
             self.single_step = True
         return meta
@@ -141,6 +214,8 @@ class SSDD(nn.Module):
         _, meta = read_weights(path)
         arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels", "kl_base_channels") if k in meta}
         arch.update(overrides)
+        if "decoder" not in arch and "encoder" in arch:  # a released decoder-only file: its size from its shapes
+            arch["decoder"] = infer_decoder_size(read_weights(path)[0], parse_encoder_name(arch["encoder"])[1], path)
         if "encoder" not in arch or "decoder" not in arch:
             raise UserError(f"{path} does not say its architecture: pass encoder='f8c4'-style and decoder='M'-style")
         for key in ("encoder_base_channels", "kl_base_channels"):
@@ -172,6 +247,7 @@ class SSDD(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder factor -> posterior over (B, C, H/F, W/F)."""
+        self._fetch_sdvae_encoder()
         if not self.has_encoder:
             raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not encode images")
         f = self.patch_size
