@@ -19,13 +19,8 @@ import torch
 from PIL import Image
 
 from dit.flow import METHODS
-from dit.pipeline import BUNDLE_DIR, load_generator
+from dit.pipeline import BUNDLE_DIR, load_generator, to_uint8
 from tokenizer.errors import UserError, run_cli
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((x.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
 def slug(name: str) -> str:
