@@ -37,7 +37,8 @@ log = logging.getLogger("ssdd.app")
 # What one request may ask for (the sliders show the same ranges; `validate` enforces them for API calls too).
 LIMITS = {"classes": 8, "num": 8, "seed": 2**32 - 1, "cfg_scale": (1.0, 20.0), "steps": 250, "decoder_steps": 64}
 
-# System fonts only: Gradio's default theme would load web fonts, and the page must need no remote asset.
+# System fonts: the page loads no font file at all (Gradio 6 serves its theme fonts itself, older releases and some
+# themes fetch Google Fonts); the browser test fails on any request that leaves 127.0.0.1.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
 # Small images (the embedded model makes 32-px ones) are enlarged by the browser with nearest-neighbour sampling;
@@ -135,7 +136,8 @@ def compare_summary(gen: Generator, t: dict) -> str:
     lines = [f"The same {t['images']} latents from **{gen.name}** ({t['dit_s']:.3f} s; {t['sampler']}, "
              f"{t['steps']} steps, CFG {t['cfg_scale']:g}), decoded by each decoder on `{t['device']}`.", "",
              f"| decoder | steps | decode time | speed-up vs {slowest} |", "|---|---|---|---|"]
-    lines += [f"| {name} | {d['decoder_steps']} | {d['decoder_s']:.3f} s | {up[name]:.1f}x |" for name, d in per.items()]
+    lines += [f"| {name} | {d['decoder_steps']} | {d['decoder_s']:.3f} s | {up[name]:.1f}x |"
+              for name, d in per.items()]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Load test of the Gradio app: N concurrent /generate requests to a loopback app, each answered or refused by the queue.
+"""Load test of the Gradio app: N concurrent /generate requests to a loopback app, each answered or refused.
 
     python eval/app_load.py --requests 50 --out docs/app_load       # starts `python app/app.py` on a free loopback port
     python eval/app_load.py --url http://127.0.0.1:7860 --requests 50 --out runs/app_load   # an app running here
@@ -170,8 +170,8 @@ def load_test(args) -> dict:
     settings = (f"the app started by the script (concurrency {args.concurrency}, max queue {args.max_queue}, "
                 f"{args.ckpt or 'embedded bundle'}, {args.device})" if not args.url else f"the app at {url}")
     lines = ["# Gradio app under load", "",
-             f"{args.requests} concurrent `/generate` requests ({request}, seeds 0..{args.requests - 1}) to {settings}; "
-             f"{m['cpu']} ({m['cpus']} CPUs), load average {m['load_average']}, {record['date']}.", "",
+             f"{args.requests} concurrent `/generate` requests ({request}, seeds 0..{args.requests - 1}) to "
+             f"{settings}; {m['cpu']} ({m['cpus']} CPUs), load average {m['load_average']}, {record['date']}.", "",
              f"Command: `{record['command']}`", "",
              *markdown_table([row], [("answered", "answered", "{}"), ("refused", "refused (queue full)", "{}"),
                                      ("failed", "failed", "{}"), ("lost", "lost", "{}"),

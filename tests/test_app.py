@@ -85,6 +85,16 @@ def test_validate_takes_names_and_ids_and_refuses_bad_input(standin):
         validate(gen, **good, decoder="teacher", decoder_steps=1)
 
 
+def test_imagenet_models_list_the_imagenet_names(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    gen = load_generator(make_dit(tmp_path / "d.safetensors", tok, num_classes=1000,
+                                  class_names=[f"n{i:08d}" for i in range(1000)]), device="cpu")
+    demo = build_app(gen)
+    dropdown = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "classes")
+    assert len(dropdown.choices) == 1000 and dropdown.choices[207] == ("golden retriever (207)", 207)
+    assert validate(gen, ["golden retriever"], 1, 0, 4.0, 10, "euler")["class_ids"] == [207]
+
+
 # ----------------------------------------------------------------------------- API
 
 
@@ -286,6 +296,8 @@ def test_browser_embedded_app_generates_and_compares(browser, tmp_path):
 def test_browser_compare_shows_every_decoder_with_its_time(browser, served):
     page, remote = browser
     page.goto(served, wait_until="networkidle")
+    page.locator("#random-seed").click()
+    page.wait_for_function("document.querySelector('#seed input').value !== '0'")
     choose_classes(page, ["bag"])
     set_number(page, "num", 2)
     page.locator("#compare").click()
