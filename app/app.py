@@ -111,15 +111,16 @@ def errors_in_page(handler):
 
 def gallery_items(gen: Generator, images, class_ids: list, num: int) -> list:
     """[(H x W x 3 uint8 image, caption)], class after class, as Generator.generate orders them."""
-    pixels = to_uint8(images)
-    return [(pixels[i], f"{gen.class_name(cid)} ({cid})") for i, cid in enumerate(c for c in class_ids
-                                                                                   for _ in range(num))]
+    captions = [f"{gen.class_name(cid)} ({cid})" for cid in class_ids for _ in range(num)]
+    return list(zip(to_uint8(images), captions))
 
 
-def speedups(times: dict) -> dict:
-    """{decoder: how many times faster it decoded than the slowest decoder of the same run}."""
-    slowest = max(times.values())
-    return {name: slowest / max(t, 1e-9) for name, t in times.items()}
+def add_speedups(t: dict) -> dict:
+    """Compare timings + each decoder's `speedup_vs_slowest`: the slowest decoder's time over its own."""
+    slowest = max(d["decoder_s"] for d in t["decoders"].values())
+    for d in t["decoders"].values():
+        d["speedup_vs_slowest"] = slowest / max(d["decoder_s"], 1e-9)
+    return t
 
 
 def generate_summary(gen: Generator, t: dict) -> str:
@@ -131,12 +132,11 @@ def generate_summary(gen: Generator, t: dict) -> str:
 
 def compare_summary(gen: Generator, t: dict) -> str:
     per = t["decoders"]
-    up = speedups({name: d["decoder_s"] for name, d in per.items()})
-    slowest = min(up, key=up.get)
+    slowest = min(per, key=lambda name: per[name]["speedup_vs_slowest"])
     lines = [f"The same {t['images']} latents from **{gen.name}** ({t['dit_s']:.3f} s; {t['sampler']}, "
              f"{t['steps']} steps, CFG {t['cfg_scale']:g}), decoded by each decoder on `{t['device']}`.", "",
              f"| decoder | steps | decode time | speed-up vs {slowest} |", "|---|---|---|---|"]
-    lines += [f"| {name} | {d['decoder_steps']} | {d['decoder_s']:.3f} s | {up[name]:.1f}x |"
+    lines += [f"| {name} | {d['decoder_steps']} | {d['decoder_s']:.3f} s | {d['speedup_vs_slowest']:.1f}x |"
               for name, d in per.items()]
     return "\n".join(lines)
 
@@ -202,10 +202,7 @@ def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16) -> gr.B
         def on_compare(classes, num, seed, cfg_scale, steps, sampler, progress=gr.Progress()):
             args = validate(gen, classes, num, seed, cfg_scale, steps, sampler)
             by_decoder, t = gen.compare(**args, progress=lambda stage, done, total: progress(done / total, desc=stage))
-            t["per_class"] = args["num"]
-            up = speedups({name: d["decoder_s"] for name, d in t["decoders"].items()})
-            for name, d in t["decoders"].items():
-                d["speedup_vs_slowest"] = up[name]
+            add_speedups(t)["per_class"] = args["num"]
             galleries = [gallery_items(gen, by_decoder[name], args["class_ids"], args["num"])
                          for name in gen.decoder_names]
             return *galleries, compare_summary(gen, t), t
@@ -219,12 +216,13 @@ def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16) -> gr.B
                                    for name, d in t["decoders"].items())
 
         # preprocess=False: the handlers (and `validate`) see the raw request values, whatever a client sends
-        serve = {"preprocess": False, "concurrency_id": "model", "api_visibility": "public"}
+        endpoint = {"preprocess": False, "concurrency_id": "model", "api_visibility": "public"}
         page_only = {"queue": False, "api_visibility": "private"}
         generate_button.click(on_generate, [*dit_inputs, decoder, decoder_steps], [gallery, timings, details],
-                              api_name="generate", **serve).success(lay_out, details, [gallery, *compared], **page_only)
+                              api_name="generate", **endpoint).success(lay_out, details, [gallery, *compared],
+                                                                       **page_only)
         compare_button.click(on_compare, dit_inputs, [*compared, compare_table, details], api_name="compare",
-                             **serve).success(lay_out, details, [gallery, *compared], **page_only)
+                             **endpoint).success(lay_out, details, [gallery, *compared], **page_only)
         generate_button.click(lambda: gr.Tabs(selected="generate-tab"), None, tabs, **page_only)
         compare_button.click(lambda: gr.Tabs(selected="compare-tab"), None, tabs, **page_only)
         random_seed.click(None, None, seed, js="() => Math.floor(Math.random() * 2147483647)")
@@ -237,7 +235,8 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, bl
     """Serve the app with its offline theme; returns (app, local URL, share URL) as Gradio does."""
     try:
         return demo.launch(server_name=host, server_port=port, share=False, theme=THEME, css=CSS, ssr_mode=False,
-                           mcp_server=False, pwa=False, show_error=True,
+                           mcp_server=False, pwa=False,
+                           show_error=True,  # Gradio's own checks (e.g. too few values) reach clients as one message
                            prevent_thread_lock=not block, quiet=not block)
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {one_line(e)}") from None
@@ -250,6 +249,8 @@ def warm_up(gen: Generator) -> None:
 
 def serve(args) -> None:
     gen = load_generator(args.ckpt, device=args.device, decoder=args.decoder)
+    print(f"loaded {gen.name} ({gen.source}) with the decoders {', '.join(gen.decoder_names)} on {gen.device}; "
+          f"warming up", flush=True)
     warm_up(gen)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: serving on {args.host}: the app is reachable from other machines", file=sys.stderr)

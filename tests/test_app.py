@@ -171,6 +171,7 @@ def test_api_refuses_bad_input_with_one_line_and_keeps_serving(served):
     assert len(gallery) == 1 and t["decoder"] == "KL-VAE"
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and gradio
 def test_command_line_errors_are_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "app", "--ckpt", str(tmp_path / "nowhere")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
