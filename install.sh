@@ -7,14 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-# 1. Fashion-MNIST from Debian (the tests fall back to the committed subset when this is not possible).
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
-  if { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1; then
-    echo "installed dataset-fashion-mnist"
-  else
-    echo "note: could not apt-get install dataset-fashion-mnist; using the committed Fashion-MNIST subset"
-  fi
+# 1. From Debian, where apt exists: Fashion-MNIST (the tests fall back to the committed subset without it) and
+#    chromium, the headless browser of the app's end-to-end tests (playwright drives it; it never downloads one).
+SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+APT_UPDATED=""
+apt_install() {  # apt_install PACKAGE WHAT-IF-IT-FAILS: one line of output either way
+  [ -n "$APT_UPDATED" ] || { $SUDO apt-get update -qq >/dev/null 2>&1; APT_UPDATED=1; }
+  if $SUDO apt-get install -y -qq "$1" >/dev/null 2>&1; then echo "installed $1"; else echo "note: could not apt-get install $1; $2"; fi
+}
+if command -v apt-get >/dev/null 2>&1; then
+  [ -d /usr/share/datasets/fashion-mnist ] || apt_install dataset-fashion-mnist "using the committed Fashion-MNIST subset"
+  command -v chromium >/dev/null 2>&1 || apt_install chromium "the app's browser tests will skip"
 fi
 
 # 2. Virtual environment with the pinned stack and this project (editable, so configs/ stay beside the code).

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dit import diffusion, sit
@@ -61,6 +62,11 @@ def imagenet_class_names() -> list[str]:
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8, for PNG files and displays."""
+    return ((images.clamp(-1, 1).movedim(-3, -1).numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
 def load_dit(path: str) -> tuple[DiT, dict]:

@@ -26,13 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator
+from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator, to_uint8
 from tokenizer.errors import UserError, run_cli
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((x.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
 def slug(name: str) -> str:

@@ -24,6 +24,16 @@ def make_tokenizer(directory, seed=0, z_mean=0.1, z_std=0.5) -> str:
     return path
 
 
+def make_kl_decoder(directory, seed=1) -> str:
+    """A KL-VAE baseline (same 32-wide f8c4 encoder layout) behind the SSDD API: a second decoder of the same latents."""
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(seed)
+    model = SSDD(encoder="f8c4", decoder="kl", encoder_base_channels=32, kl_base_channels=32)
+    path = os.path.join(str(directory), "kl.safetensors")
+    save_weights(model, path, model.architecture())
+    return path
+
+
 def tiny_args(tokenizer: str, ckpt_dir, images: int = 24) -> list:
     """dit_fmnist overlay on a few dozen images, small batches, 2-step sampling and a 1-step decoder."""
     return ["config=configs/dit_fmnist.yaml", f"tokenizer.checkpoint={tokenizer}", f"ckpt_dir={ckpt_dir}",

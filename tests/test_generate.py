@@ -10,9 +10,8 @@ from PIL import Image
 
 from dit.export import main as export_main
 from dit.pipeline import BUNDLE_DIR, Generator, load_generator
-from dit_fixtures import ROOT, make_dit, make_tokenizer
-from tokenizer import SSDD, UserError
-from tokenizer.checkpoint import save_weights
+from dit_fixtures import ROOT, make_dit, make_kl_decoder, make_tokenizer
+from tokenizer import UserError
 
 spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "sample", "generate.py"))
 generate = importlib.util.module_from_spec(spec)
@@ -180,10 +179,7 @@ def test_embedded_bundle_works_out_of_the_box(tmp_path, capsys):
 def test_compare_decodes_the_same_latents_with_every_decoder(tmp_path):
     tok = make_tokenizer(tmp_path / "tok")
     dit = make_dit(tmp_path / "dit.safetensors", tok)
-    torch.manual_seed(1)  # a second decoder of the same latents: the KL-VAE baseline behind the SSDD API
-    kl = SSDD(encoder="f8c4", decoder="kl", encoder_base_channels=32, kl_base_channels=32)
-    kl_path = str(tmp_path / "kl.safetensors")
-    save_weights(kl, kl_path, kl.architecture())
+    kl_path = make_kl_decoder(tmp_path / "kl")  # a second decoder of the same latents: the KL-VAE baseline
     gen = load_generator(dit, device="cpu", decoder=[tok, kl_path])
     assert gen.decoder_names == ["SSDD-XS 8-step", "KL-VAE"]
     images, t = gen.compare(["sneaker", 0], num=2, seed=3, steps=2)

@@ -1,0 +1,1 @@
+"""The Gradio class-to-image demo (app/app.py); `python -m app` starts it."""
