@@ -28,8 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr  # noqa: E402
 
-from dit.flow import METHODS  # noqa: E402
-from dit.pipeline import BUNDLE_DIR, Generator, load_generator, to_uint8  # noqa: E402
+from dit.pipeline import BUNDLE_DIR, FAMILY_METHODS, Generator, load_generator, to_uint8  # noqa: E402
 from tokenizer.errors import UserError, one_line, run_cli  # noqa: E402
 
 log = logging.getLogger("ssdd.app")
@@ -82,8 +81,9 @@ def validate(gen: Generator, classes, num, seed, cfg_scale, steps, sampler, deco
             "cfg_scale": _real(cfg_scale, "the CFG scale", *LIMITS["cfg_scale"]),
             "steps": _whole(steps, "the DiT steps", 1, LIMITS["steps"]),
             "sampler": sampler}
-    if sampler not in METHODS:
-        raise UserError(f"unknown sampler {sampler!r}; valid: {', '.join(METHODS)}")
+    methods = FAMILY_METHODS[gen.family]  # the published DiT / SiT models sample with their own conventions
+    if sampler not in methods:
+        raise UserError(f"unknown sampler {sampler!r}; valid: {', '.join(methods)}")
     if decoder is not None or decoder_steps is not None:
         if not isinstance(decoder, str):
             raise UserError(f"decoder must be one of: {', '.join(gen.decoder_names)}")
@@ -165,7 +165,7 @@ def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16) -> gr.B
                     random_seed = gr.Button("Random seed", size="sm", scale=1, elem_id="random-seed")
                 cfg_scale = gr.Slider(*LIMITS["cfg_scale"], value=sample["cfg_scale"], step=0.1, label="CFG scale")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(METHODS), value=sample["sampler"], label="DiT sampler")
+                    sampler = gr.Dropdown(list(FAMILY_METHODS[gen.family]), value=sample["sampler"], label="DiT sampler")
                     steps = gr.Slider(1, LIMITS["steps"], value=sample["steps"], step=1, label="DiT steps")
                 decoder = gr.Dropdown(gen.decoder_names, value=default_decoder, label="Decoder (Generate)")
                 decoder_steps = gr.Slider(1, LIMITS["decoder_steps"], value=default_decoder_steps, step=1,
