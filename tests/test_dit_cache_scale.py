@@ -97,7 +97,7 @@ def test_reader_gives_the_batches_of_a_full_load(reference):
         cache[40]
 
 
-def test_half_precision_cache(reference, capsys):
+def test_half_precision_cache(reference, capsys, one_thread):
     tmp, tok, directory = reference
     os.chdir(ROOT)
     assert cache_main(build_args(tok, tmp, "bf16", "cache.dtype=bfloat16")) == 0

@@ -9,7 +9,7 @@ from dit.models import build_dit
 from eval.dit_throughput import forward_flops, main
 
 
-def test_forward_flops_match_torch_counter():
+def test_forward_flops_match_torch_counter(one_thread):
     for name, latent in (("DiT-Ti/2", (4, 8, 8)), ("DiT-S/4", (4, 16, 12))):
         model = build_dit(name, input_size=latent[1:], in_channels=4, num_classes=10, learn_sigma=True)
         x = torch.randn(3, *latent)
@@ -23,7 +23,7 @@ def test_forward_flops_match_torch_counter():
         assert flops["attention"] == 3 * len(model.blocks) * 4 * tokens**2 * hidden
 
 
-def test_tiny_run_reports_steps_and_mfu(tmp_path, capsys):
+def test_tiny_run_reports_steps_and_mfu(tmp_path, capsys, one_thread):
     out = tmp_path / "t"
     argv = ["--model", "DiT-Ti/2", "--latent", "4", "8", "8", "--batch-size", "2", "--num-classes", "10",
             "--device", "cpu", "--warmup", "1", "--iters", "2", "--peak-tflops", "1", "--out", str(out)]

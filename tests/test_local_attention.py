@@ -17,6 +17,11 @@ from tokenizer.errors import UserError
 GRIDS = [(5, 7), (8, 8), (12, 20), (17, 17), (30, 23)]
 
 
+@pytest.fixture(autouse=True)
+def single_thread(one_thread):  # conftest.py
+    yield
+
+
 def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 

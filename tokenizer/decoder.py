@@ -242,6 +242,27 @@ class AttentionPlan(NamedTuple):
     block_mask: object = None
 
 
+def clear_attention_cache() -> None:
+    """Drop the cached index tensors (benchmarks do, so that a measured peak includes them)."""
+    _INDEX_CACHE.clear()
+
+
+def attention_memory_bytes(mode: str, grid, heads: int, batch: int, window: int = 8) -> int:
+    """Rough bytes the middle transformer's attention holds at once in fp32 on this path (index + bias + scores).
+
+    dense: an (N, N) int64 index, an (heads, N, N) bias, and scores and softmax of (batch, heads, N, N);
+    local: the same per tile, (tiles, 64, 484), which grows with N. FlexAttention's fused kernel holds none of it.
+    """
+    n = grid[0] * grid[1]
+    if mode == "dense":
+        return n * n * (8 + 4 * heads * (1 + 2 * batch))
+    if mode == "local":
+        side = LOCAL_BLOCK + 2 * (window - 1)
+        tiles = -(-grid[0] // LOCAL_BLOCK) * -(-grid[1] // LOCAL_BLOCK)
+        return tiles * LOCAL_BLOCK**2 * side**2 * (8 + 4 * heads * (1 + 2 * batch))
+    return 0
+
+
 def _cached(key, build):
     if key not in _INDEX_CACHE:
         _INDEX_CACHE[key] = build()
