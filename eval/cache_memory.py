@@ -93,10 +93,10 @@ def read_status(pid: int) -> dict | None:
         return None
 
 
-def watch(cmd: list, env: dict, log_path: str) -> dict:
+def watch(cmd: list, env: dict, log_path: str, cwd: str) -> dict:
     """Run `cmd` (output to log_path), sampling the memory of it and its children until it exits; peaks in MB."""
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     main = {k: 0.0 for k in (*FIELDS, "Pss")}
     workers = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0, "count": 0}
     total = 0.0
@@ -128,6 +128,19 @@ def watch(cmd: list, env: dict, log_path: str) -> dict:
             "log_tail": text[-2000:]}
 
 
+def read_rate(cache: str, items: int) -> dict:
+    """Items/s of LatentCache.__getitem__ over `items` random entries in this process (one reader, no workers)."""
+    from dit.cache import LatentCache
+
+    dataset = LatentCache(cache)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))[:items].tolist()
+    t0 = time.perf_counter()
+    for j in order:
+        dataset[j]
+    seconds = time.perf_counter() - t0
+    return {"items": len(order), "seconds": seconds, "items_per_s": len(order) / seconds}
+
+
 def run(args) -> dict:
     if args.entries < 2 or args.steps < 1:
         raise UserError("--entries must be >= 2 and --steps >= 1")
@@ -152,15 +165,16 @@ def run(args) -> dict:
     env = {**os.environ, "PYTHONPATH": code_root, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "dit.train", *train_args(args, tok, cache)]
     t0 = time.time()
-    result = watch(cmd, env, os.path.join(args.dir, "train.log"))
+    result = watch(cmd, env, os.path.join(args.dir, "train.log"), code_root)  # python -m imports from the cwd
     wall = time.time() - t0
+    reads = read_rate(cache, args.read_items) if code_root == ROOT else None  # this checkout's reader only
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
     machine = machine_info("cpu")
     record = {"machine": machine, "date": today(), "command": command_line("eval/cache_memory.py", args.argv),
               "code_root": code_root, "entries": args.entries, "latent": args.latent, "dtype": args.dtype,
               "cache_gb_on_disk": disk_gb, "model": args.model, "batch_size": args.batch_size, "steps": args.steps,
-              "workers": args.workers, "train_wall_s": wall, "train_command": "python -m dit.train " + " ".join(cmd[3:]),
+              "workers": args.workers, "train_wall_s": wall, "random_reads": reads, "train_command": "python -m dit.train " + " ".join(cmd[3:]),
               **result}
     m, w = result["trainer_mb"], result["worker_peak_mb"]
     row = {"entries": args.entries, "disk": f"{disk_gb:.2f} GB", "hwm": m["VmHWM"], "anon": m["RssAnon"],
@@ -175,6 +189,9 @@ def run(args) -> dict:
             f"{args.model}, batch {args.batch_size}, {args.steps} steps ({wall:.0f} s), {args.workers} DataLoader "
             f"workers, {args.threads} thread(s); latents {'x'.join(map(str, args.latent))} in {args.dtype}; trainer "
             f"code from {code_root}.", "", f"Command: `{record['command']}`", "", *table]
+    if reads:
+        text += ["", f"Random reads through `LatentCache` in one process: {reads['items_per_s']:.0f} items/s "
+                     f"({reads['items']} items; the page cache may hold part of the file)."]
     written = write_report(args.out, record, "\n".join(text) + "\n")
     print("\n".join(text))
     print("wrote " + ", ".join(written))
@@ -195,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the trainer")
+    ap.add_argument("--read-items", type=int, default=20000, help="random items read to time the reader")
     ap.add_argument("--code-root", default=None, help="run dit.train from this checkout (default: this one)")
     ap.add_argument("--out", default="docs/cache_memory")
     return run_script(ap, run, argv)
