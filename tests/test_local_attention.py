@@ -2,6 +2,7 @@
 FlexAttention give the dense reference's outputs and gradients on every grid, with the same state dict; `auto`
 keeps the dense path where it is cheaper, so small-image decodes stay bit for bit what they were."""
 
+import json
 import warnings
 
 import pytest
@@ -135,3 +136,13 @@ def test_attention_from_config():
     model = model_from_config(load_config("ssdd.yaml", ["ssdd.decoder=XS", "ssdd.encoder_base_channels=32",
                                                         "ssdd.attention=dense"]))
     assert model.decoder.mid_block.attention == "dense"
+
+
+def test_crossover_script(tmp_path):
+    from eval.attention_crossover import main
+
+    out = tmp_path / "x"
+    assert main(["--grids", "4", "18", "--widths", "32", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.load(open(f"{out}.json"))["rows"]
+    assert [r["tokens"] for r in rows] == [16, 324] and all(r["dense_ms"] > 0 and r["local_ms"] > 0 for r in rows)
+    assert "| 32 | 18x18 | 324 | 144 |" in open(f"{out}.md").read()
