@@ -402,8 +402,8 @@ def build_cache(cfg) -> str:
         class_names = [str(c) for c in getattr(dataset, "classes", [])]
         meta = cache_metadata(cfg, model, ckpt, enc_hash, stats, class_names, partial, counts, time.time() - t0)
         write_json(os.path.join(partial, "cache.json"), meta)
-        os.remove(os.path.join(partial, BUILD_FILE))
         swap_in(partial, out)  # the old cache (if any) stays until this rename
+        os.remove(os.path.join(out, BUILD_FILE))  # only now: a kill before the swap resumes with every shard done
         print(f"cached {meta['entries']} latents {tuple(meta['latent_shape'])} of {images} images in "
               f"{meta['seconds']} s: {out}")
     accelerator.wait_for_everyone()
