@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import torch
 
 from dit.cache import FORMAT, cache_metadata, shard_name, write_shard
@@ -93,6 +92,18 @@ def read_status(pid: int) -> dict | None:
         return None
 
 
+def children(pid: int) -> list:
+    """Every descendant process id of `pid` (DataLoader workers), from /proc/<pid>/task/*/children."""
+    found = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:
+        return found
+    return found + [d for c in found for d in children(c)]
+
+
 def watch(cmd: list, env: dict, log_path: str, cwd: str) -> dict:
     """Run `cmd` (output to log_path), sampling the memory of it and its children until it exits; peaks in MB."""
     log = open(log_path, "w")
@@ -100,20 +111,16 @@ def watch(cmd: list, env: dict, log_path: str, cwd: str) -> dict:
     main = {k: 0.0 for k in (*FIELDS, "Pss")}
     workers = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0, "count": 0}
     total = 0.0
-    ps = psutil.Process(proc.pid)
     while proc.poll() is None:
         status = read_status(proc.pid)
         if status:
             for k, v in status.items():
                 main[k] = max(main[k], v)
             pss = status.get("Pss", 0.0)
-            try:
-                children = ps.children(recursive=True)
-            except psutil.Error:
-                children = []
-            workers["count"] = max(workers["count"], len(children))
-            for child in children:
-                s = read_status(child.pid)
+            kids = children(proc.pid)
+            workers["count"] = max(workers["count"], len(kids))
+            for child in kids:
+                s = read_status(child)
                 if s:
                     pss += s.get("Pss", 0.0)
                     for k in ("VmRSS", "RssAnon", "RssFile"):

@@ -70,6 +70,8 @@ def test_flex_attention_equals_dense(grid):
         flex = block(x, ctx, grid, attention_plan("flex", 8, grid, "cpu"))
         dense = block(x, ctx, grid, attention_plan("dense", 8, grid, "cpu"))
     assert rel(flex, dense) <= 1e-5
+    with pytest.raises(UserError, match="no backward on a CPU"):
+        block(x, ctx, grid, attention_plan("flex", 8, grid, "cpu"))
 
 
 @pytest.mark.slow

@@ -442,6 +442,8 @@ def flex_window_attention(q, k, v, table: torch.Tensor, plan: AttentionPlan, win
     """FlexAttention: the bias table as a score modification, the window as a block mask. (B, heads, N, d)."""
     gh, gw = plan.grid
     r = window - 1
+    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or table.requires_grad):
+        raise UserError("attention=flex has no backward on a CPU: train with attention=local or auto there")
 
     def add_bias(score, b, h, qi, ki):  # offsets clamped only to stay in the table; the block mask drops them
         dy = (qi // gw - ki // gw).clamp(-r, r) + r
