@@ -1,30 +1,46 @@
 """Latent cache: encode a dataset once with an SSDD encoder, so DiT training never runs the encoder.
 
-    python -m dit.cache config=configs/dit_fmnist.yaml [key=value ...]
+    python -m dit.cache config=configs/dit_fmnist.yaml [key=value ...]        # one process
+    accelerate launch -m dit.cache config=configs/dit.yaml [key=value ...]    # sharded over every process / GPU
 
 For every image x of `dataset.split` it stores z = (E(x).mode() - z_mean) / z_std and, with cache.flip, the same for
 the horizontally flipped image (a second entry; DiT trains with flips). z_mean / z_std are the encoder's scalar
 statistics from the z_stats.json that `python -m tokenizer.train task=z_stats` writes beside the checkpoint.
 
-A cache is a directory:
-    shard_00000.safetensors ...   latents (n, C, h, w), latents_flip (n, C, h, w) when flipped, labels (n,) int64
+A cache is a directory (docs/ARCHITECTURE.md §9):
+    shard_00000.safetensors ...   images [k * shard_size, (k + 1) * shard_size) of the split: latents (n, C, h, w),
+                                  latents_flip (n, C, h, w) when flipped, labels (n,) int64; in cache.dtype
     cache.json                    what made it: encoder checkpoint + sha256 of its encoder weights, resolution,
                                   z_stats, latent shape, class names, counts, shard list
-It is written into a temporary sibling and renamed into place, so a killed run leaves no half cache.
-Training (`LatentCache.open(cfg, ...)`) refuses a cache whose encoder or resolution is not the config's.
+
+Building. Shard k covers a fixed range of images and is encoded in batches that start at its first image, so its
+bytes do not depend on how many processes share the work; the missing shards are dealt round robin to the
+processes. The build lives in `<dir>.partial/` beside `build.json` (what is being built); each shard file appears
+there atomically and is itself the record that the shard is done, so a killed build, re-run with the same command
+(and any number of processes), encodes only the missing shards. The main process then writes cache.json and renames
+the directory into place: a cache directory is always complete, and an older cache stays until the new one is.
+
+Reading (`LatentCache`). Nothing is loaded up front: each item is one positional read of its row at the tensor's
+offset in the safetensors file (no memory map, whose touched pages would count as the process's resident memory),
+so a process holds only the labels (8 bytes per image) whatever the cache's size. Training refuses a cache whose
+encoder or resolution is not the config's (`LatentCache.open`); dit.train also checks its z_stats.
 """
 
+import bisect
 import json
+import math
 import os
+import shutil
+import struct
 import sys
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from tokenizer.atomic import atomic_directory
+from tokenizer.atomic import atomic_file, swap_in
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
 from tokenizer.errors import UserError, one_line, run_cli
@@ -32,9 +48,11 @@ from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
 from tokenizer.latent_stats import read_z_stats as read_z_stats_file
 from tokenizer.runs import resolve_checkpoint
 from tokenizer.ssdd import SSDD
+from tokenizer.training import make_accelerator
 
-FORMAT = 1
+FORMAT = 2  # 2: shard k holds exactly images [k * shard_size, ...); format-1 caches read the same way
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BUILD_FILE = "build.json"
 
 
 # ----------------------------------------------------------------------------- the tokenizer a config names
@@ -67,99 +85,82 @@ def cache_dir(cfg, enc_hash: str) -> str:
     return cfg.cache.dir or default_dir(cfg, enc_hash)
 
 
-# ----------------------------------------------------------------------------- building
-
-
-def encode_normalised(model: SSDD, x: torch.Tensor, stats: dict, dtype: torch.dtype) -> torch.Tensor:
-    """(z - z_mean) / z_std of the `.mode()` latents, computed in float64, stored as `dtype` on the CPU."""
-    return ((model.encode(x).mode().double() - stats["z_mean"]) / stats["z_std"]).to(dtype).cpu()
-
-
-def write_shard(directory: str, index: int, buf: dict) -> dict:
-    """Write the buffered tensors as shard `index`, empty the buffer, and return the shard's cache.json entry."""
-    name = f"shard_{index:05d}.safetensors"
-    count = sum(len(t) for t in buf["labels"])
-    save_file({k: torch.cat(v).contiguous() for k, v in buf.items() if v}, os.path.join(directory, name))
-    for v in buf.values():
-        v.clear()
-    return {"file": name, "count": count}
-
-
-@torch.no_grad()
-def build_cache(cfg) -> str:
-    """Encode dataset.split (plus flips) and write the cache; returns its directory."""
-    if cfg.cache.dtype not in DTYPES:
-        raise UserError(f"unknown cache.dtype '{cfg.cache.dtype}' (choose {', '.join(DTYPES)})")
-    model, ckpt = load_tokenizer(cfg)
-    stats = read_z_stats(cfg, ckpt)
-    enc_hash = model.encoder_sha256()
-    out = cache_dir(cfg, enc_hash)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    dataset = build_dataset(cfg.dataset, cfg.dataset.split, train=False)
-    class_names = [str(c) for c in getattr(dataset, "classes", [])]
-    loader = DataLoader(dataset, batch_size=cfg.cache.batch_size, num_workers=cfg.dataset.num_workers,
-                        pin_memory=torch.cuda.is_available())
-    dtype = DTYPES[cfg.cache.dtype]
-
-    print(f"encoding {len(dataset)} images of {cfg.dataset.name}/{cfg.dataset.split} at {cfg.dataset.im_size} px"
-          f"{' (+ flips)' if cfg.cache.flip else ''} with {ckpt} on {device} -> {out}")
-    t0 = time.time()
-    with atomic_directory(out) as tmp:  # a killed run leaves no half cache, and an older cache stays until done
-        shards, buf, counts, latent_shape = [], {"latents": [], "latents_flip": [], "labels": []}, {}, None
-        for x, y in tqdm(loader, desc="cache", dynamic_ncols=True):
-            x = x.to(device, non_blocking=True)
-            z = encode_normalised(model, x, stats, dtype)
-            latent_shape = list(z.shape[1:])
-            buf["latents"].append(z)
-            if cfg.cache.flip:
-                buf["latents_flip"].append(encode_normalised(model, x.flip(-1), stats, dtype))
-            buf["labels"].append(torch.as_tensor(y, dtype=torch.int64))
-            for label in buf["labels"][-1].tolist():
-                counts[label] = counts.get(label, 0) + 1
-            if sum(len(t) for t in buf["labels"]) >= cfg.cache.shard_size:
-                shards.append(write_shard(tmp, len(shards), buf))
-        if buf["labels"]:
-            shards.append(write_shard(tmp, len(shards), buf))
-        if not shards:
-            raise UserError(f"dataset {cfg.dataset.name}/{cfg.dataset.split} is empty: nothing to cache")
-        num_classes = len(class_names) or (max(counts) + 1)
-        images = sum(s["count"] for s in shards)
-        meta = {
-            "format": FORMAT,
-            "encoder_checkpoint": ckpt,
-            "encoder_sha256": enc_hash,
-            "encoder": model.architecture(),
-            "im_size": int(cfg.dataset.im_size),
-            "dataset": {"name": cfg.dataset.name, "root": cfg.dataset.root, "split": cfg.dataset.split,
-                        "limit": cfg.dataset.limit},
-            "z_mean": stats["z_mean"],
-            "z_std": stats["z_std"],
-            "z_stats_file": stats["path"],
-            "normalisation": "z_cached = (encode(x).mode() - z_mean) / z_std",
-            "latent_shape": latent_shape,
-            "dtype": cfg.cache.dtype,
-            "flip": bool(cfg.cache.flip),
-            "class_names": class_names,
-            "num_classes": num_classes,
-            "images": images,
-            "entries": images * (2 if cfg.cache.flip else 1),
-            "per_class": {str(k): counts[k] for k in sorted(counts)},
-            "shards": shards,
-            "seconds": round(time.time() - t0, 1),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        with open(os.path.join(tmp, "cache.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-    print(f"cached {meta['entries']} latents {tuple(latent_shape)} of {images} images in {meta['seconds']} s: {out}")
-    return out
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
 
 
 # ----------------------------------------------------------------------------- reading
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                       "I32": torch.int32}
+
+
+class ShardReader:
+    """Rows of the tensors in one safetensors file, each read on demand with one positional read.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets: [begin, end]}} and the tensors' bytes (offsets relative to the end of the header). The file is
+    opened once per process (DataLoader workers reopen it after the fork).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(n))
+            self.base = 8 + n
+            self.tensors = {}
+            for name, t in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _SAFETENSORS_DTYPES[t["dtype"]]
+                begin, end = t["data_offsets"]
+                if end - begin != math.prod(t["shape"]) * dtype.itemsize or self.base + end > size:
+                    raise ValueError(f"tensor {name} does not fit the file (truncated?)")
+                self.tensors[name] = (dtype, tuple(t["shape"]), begin)
+        except (OSError, ValueError, KeyError, struct.error) as e:  # missing, truncated, not safetensors
+            raise UserError(f"cannot read latent shard {path}: {one_line(e)}") from None
+        self._fd, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.tensors["labels"][1][0]
+
+    def shape(self, name: str) -> tuple:
+        return self.tensors[name][1]
+
+    def _read(self, nbytes: int, offset: int) -> bytearray:
+        if self._pid != os.getpid():  # first use in this process (or a forked worker): its own descriptor
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)), os.getpid()
+        if hasattr(os, "pread"):
+            data = os.pread(self._fd, nbytes, offset)
+        else:  # no pread (Windows): seek + read on this process's own descriptor
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            data = os.read(self._fd, nbytes)
+        if len(data) != nbytes:
+            raise UserError(f"latent shard {self.path} is truncated (read {len(data)} of {nbytes} bytes)")
+        return bytearray(data)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """tensor[start:stop], read from the file."""
+        dtype, shape, begin = self.tensors[name]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        data = self._read((stop - start) * row, self.base + begin + start * row)
+        return torch.frombuffer(data, dtype=dtype).view(stop - start, *shape[1:])
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.rows(name, 0, self.shape(name)[0])
+
+    def __getstate__(self):  # a descriptor number means nothing in another process
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+
 class LatentCache(Dataset):
-    """The cached latents as a dataset of (z (C, h, w) float32, normalised, label int).
+    """The cached latents as a dataset of (z (C, h, w) float32, normalised, label int), read from disk per item.
 
     Entry j is image j // 2, flipped when j is odd (with flips); otherwise entry j is image j.
     """
@@ -172,21 +173,22 @@ class LatentCache(Dataset):
                             f"with the same config")
         with open(meta_path) as f:
             self.meta = json.load(f)
-        parts = {"latents": [], "latents_flip": [], "labels": []}
-        for shard in self.meta["shards"]:
-            path = os.path.join(directory, shard["file"])
-            try:
-                tensors = load_file(path)
-            except Exception as e:  # missing file, truncated file, bad header
-                raise UserError(f"cannot read latent shard {path}: {one_line(e)}") from None
-            for k, v in tensors.items():
-                parts[k].append(v)
-        self.latents = torch.cat(parts["latents"]).float()
-        self.latents_flip = torch.cat(parts["latents_flip"]).float() if self.meta["flip"] else None
-        self.labels = torch.cat(parts["labels"])
-        if len(self.latents) != self.meta["images"] or len(self.labels) != self.meta["images"]:
-            raise UserError(f"latent cache {directory} is inconsistent: {len(self.latents)} latents, "
-                            f"{len(self.labels)} labels, cache.json says {self.meta['images']}")
+        self.shards = [ShardReader(os.path.join(directory, s["file"])) for s in self.meta["shards"]]
+        shape = tuple(self.meta["latent_shape"])
+        for reader, entry in zip(self.shards, self.meta["shards"]):
+            names = ["latents", "labels"] + (["latents_flip"] if self.meta["flip"] else [])
+            if any(n not in reader.tensors for n in names) or any(reader.shape(n)[0] != entry["count"] for n in names) \
+                    or any(reader.shape(n)[1:] != shape for n in names if n != "labels"):
+                raise UserError(f"latent shard {reader.path} does not hold {entry['count']} latents {shape} with "
+                                f"labels as cache.json says; rebuild the cache with python -m dit.cache")
+        self.starts = [0]  # image index of each shard's first row
+        for entry in self.meta["shards"]:
+            self.starts.append(self.starts[-1] + entry["count"])
+        if self.starts[-1] != self.meta["images"]:
+            raise UserError(f"latent cache {directory} is inconsistent: its shards hold {self.starts[-1]} images, "
+                            f"cache.json says {self.meta['images']}")
+        self.labels = torch.cat([r.read("labels") for r in self.shards]) if self.shards else torch.zeros(0, dtype=torch.int64)
+        self.flip = bool(self.meta["flip"])
         self.epoch = 0
 
     @classmethod
@@ -216,14 +218,196 @@ class LatentCache(Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.latents) * (2 if self.latents_flip is not None else 1)
+        return self.starts[-1] * (2 if self.flip else 1)
 
     def __getitem__(self, item):
         j = int(item[0] if isinstance(item, (tuple, list)) else item)
-        if self.latents_flip is None:
-            return self.latents[j], int(self.labels[j])
-        i, flipped = divmod(j, 2)
-        return (self.latents_flip if flipped else self.latents)[i], int(self.labels[i])
+        if not 0 <= j < len(self):
+            raise IndexError(f"latent cache entry {j} out of range 0..{len(self) - 1}")
+        i, flipped = divmod(j, 2) if self.flip else (j, 0)
+        s = bisect.bisect_right(self.starts, i) - 1
+        row = i - self.starts[s]
+        z = self.shards[s].rows("latents_flip" if flipped else "latents", row, row + 1)[0]
+        return z.float(), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def encode_normalised(model: SSDD, x: torch.Tensor, stats: dict, dtype: torch.dtype) -> torch.Tensor:
+    """(z - z_mean) / z_std of the `.mode()` latents, computed in float64, stored as `dtype` on the CPU."""
+    return ((model.encode(x).mode().double() - stats["z_mean"]) / stats["z_std"]).to(dtype).cpu()
+
+
+def write_shard(path: str, tensors: dict) -> None:
+    """Write one shard atomically (temporary file, fsync, rename): a shard file that exists is complete."""
+
+    def write(tmp):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+    atomic_file(path, write)
+
+
+def write_json(path: str, record: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+
+    atomic_file(path, write)
+
+
+def encode_shard(model, dataset, start: int, stop: int, cfg, stats: dict, device, bar) -> dict:
+    """The tensors of the shard holding images [start, stop): batches of cache.batch_size from `start` on."""
+    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=cfg.cache.batch_size,
+                        num_workers=cfg.dataset.num_workers, pin_memory=device.type == "cuda")
+    dtype, n = DTYPES[cfg.cache.dtype], stop - start
+    names = ["latents", "latents_flip"] if cfg.cache.flip else ["latents"]
+    out, i = {"labels": torch.empty(n, dtype=torch.int64)}, 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        for name in names:
+            z = encode_normalised(model, x.flip(-1) if name == "latents_flip" else x, stats, dtype)
+            if name not in out:  # filled in place: a shard is held once, not as batches plus their concatenation
+                out[name] = torch.empty(n, *z.shape[1:], dtype=dtype)
+            out[name][i:i + len(z)] = z
+        out["labels"][i:i + len(x)] = torch.as_tensor(y, dtype=torch.int64)
+        i += len(x)
+        bar.update(len(x))
+    return out
+
+
+def build_plan(cfg, ckpt: str, enc_hash: str, stats: dict, images: int) -> dict:
+    """Everything that decides a shard's bytes: a partial build made under another plan is started afresh."""
+    d = cfg.dataset
+    return {"format": FORMAT, "encoder_checkpoint": ckpt, "encoder_sha256": enc_hash, "im_size": int(d.im_size),
+            "dataset": {"name": d.name, "root": d.root, "split": d.split, "limit": d.limit}, "images": images,
+            "shard_size": int(cfg.cache.shard_size), "batch_size": int(cfg.cache.batch_size),
+            "dtype": cfg.cache.dtype, "flip": bool(cfg.cache.flip), "z_mean": stats["z_mean"], "z_std": stats["z_std"]}
+
+
+def prepare_partial(partial: str, plan: dict) -> None:
+    """Create `<dir>.partial` for this plan, or keep it (resume) when it was made for the same plan."""
+    plan_path = os.path.join(partial, BUILD_FILE)
+    if os.path.isdir(partial):
+        try:
+            with open(plan_path) as f:
+                same = json.load(f) == plan
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            print(f"{partial} holds a build with other settings: starting afresh")
+            shutil.rmtree(partial)
+    os.makedirs(partial, exist_ok=True)
+    for name in os.listdir(partial):  # temporary files of a killed writer
+        if ".tmp-" in name:
+            os.remove(os.path.join(partial, name))
+    if not os.path.isfile(plan_path):
+        write_json(plan_path, plan)
+
+
+def finished_shards(partial: str, counts: list) -> set:
+    """Indices of the shards already written in `partial` with the expected number of images."""
+    done = set()
+    for k, count in enumerate(counts):
+        path = os.path.join(partial, shard_name(k))
+        if os.path.isfile(path):
+            try:
+                if len(ShardReader(path)) == count:
+                    done.add(k)
+            except (UserError, KeyError):
+                pass
+    return done
+
+
+def cache_metadata(cfg, model: SSDD, ckpt: str, enc_hash: str, stats: dict, class_names: list, partial: str,
+                   counts: list, seconds: float) -> dict:
+    readers = [ShardReader(os.path.join(partial, shard_name(k))) for k in range(len(counts))]
+    labels = torch.cat([r.read("labels") for r in readers])
+    per_class = torch.bincount(labels).tolist()
+    images = len(labels)
+    return {
+        "format": FORMAT,
+        "encoder_checkpoint": ckpt,
+        "encoder_sha256": enc_hash,
+        "encoder": model.architecture(),
+        "im_size": int(cfg.dataset.im_size),
+        "dataset": {"name": cfg.dataset.name, "root": cfg.dataset.root, "split": cfg.dataset.split,
+                    "limit": cfg.dataset.limit},
+        "z_mean": stats["z_mean"],
+        "z_std": stats["z_std"],
+        "z_stats_file": stats["path"],
+        "normalisation": "z_cached = (encode(x).mode() - z_mean) / z_std",
+        "latent_shape": list(readers[0].shape("latents")[1:]),
+        "dtype": cfg.cache.dtype,
+        "flip": bool(cfg.cache.flip),
+        "class_names": class_names,
+        "num_classes": len(class_names) or len(per_class),
+        "images": images,
+        "entries": images * (2 if cfg.cache.flip else 1),
+        "per_class": {str(c): n for c, n in enumerate(per_class) if n},
+        "shard_size": int(cfg.cache.shard_size),
+        "shards": [{"file": shard_name(k), "count": n} for k, n in enumerate(counts)],
+        "seconds": round(seconds, 1),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+@torch.no_grad()
+def build_cache(cfg) -> str:
+    """Encode dataset.split (plus flips) over all processes and write the cache; returns its directory."""
+    if cfg.cache.dtype not in DTYPES:
+        raise UserError(f"unknown cache.dtype '{cfg.cache.dtype}' (choose {', '.join(DTYPES)})")
+    if cfg.cache.shard_size < 1 or cfg.cache.batch_size < 1:
+        raise UserError("cache.shard_size and cache.batch_size must be positive")
+    accelerator = make_accelerator("no")
+    rank, world, device, main = (accelerator.process_index, accelerator.num_processes, accelerator.device,
+                                 accelerator.is_main_process)
+    model, ckpt = load_tokenizer(cfg)
+    stats = read_z_stats(cfg, ckpt)
+    enc_hash = model.encoder_sha256()
+    out = cache_dir(cfg, enc_hash)
+    partial = out + ".partial"
+    model.to(device)
+    dataset = build_dataset(cfg.dataset, cfg.dataset.split, train=False)
+    images = len(dataset)
+    if images == 0:
+        raise UserError(f"dataset {cfg.dataset.name}/{cfg.dataset.split} is empty: nothing to cache")
+    size = cfg.cache.shard_size
+    counts = [min(size, images - k * size) for k in range(math.ceil(images / size))]
+
+    t0 = time.time()
+    if main:
+        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+        prepare_partial(partial, build_plan(cfg, ckpt, enc_hash, stats, images))
+    accelerator.wait_for_everyone()
+    done = finished_shards(partial, counts)
+    accelerator.wait_for_everyone()  # every process listed the same shards before any writes a new one
+    todo = [k for k in range(len(counts)) if k not in done]
+    if main:
+        print(f"encoding {images} images of {cfg.dataset.name}/{cfg.dataset.split} at {cfg.dataset.im_size} px"
+              f"{' (+ flips)' if cfg.cache.flip else ''} with {ckpt} on {world} process(es) -> {out}: "
+              f"{len(counts)} shards of up to {size} images"
+              + (f", {len(done)} already done in {partial} (resuming)" if done else ""))
+    mine = todo[rank::world]
+    with tqdm(total=sum(counts[k] for k in mine), desc=f"cache (process {rank}/{world})", unit="img",
+              dynamic_ncols=True) as bar:
+        for k in mine:
+            start = k * size
+            write_shard(os.path.join(partial, shard_name(k)),
+                        encode_shard(model, dataset, start, start + counts[k], cfg, stats, device, bar))
+    accelerator.wait_for_everyone()
+    if main:
+        class_names = [str(c) for c in getattr(dataset, "classes", [])]
+        meta = cache_metadata(cfg, model, ckpt, enc_hash, stats, class_names, partial, counts, time.time() - t0)
+        write_json(os.path.join(partial, "cache.json"), meta)
+        swap_in(partial, out)  # the old cache (if any) stays until this rename
+        os.remove(os.path.join(out, BUILD_FILE))  # only now: a kill before the swap resumes with every shard done
+        print(f"cached {meta['entries']} latents {tuple(meta['latent_shape'])} of {images} images in "
+              f"{meta['seconds']} s: {out}")
+    accelerator.wait_for_everyone()
+    return out
 
 
 def run(argv: list[str]) -> str:

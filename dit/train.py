@@ -119,6 +119,8 @@ def train(cfg):
     optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad],
                                 training.optimizer, training.lr, training.weight_decay)
     ema = EMA(model, training.ema.decay, training.ema.start_iter)
+    if training.compile and torch.cuda.is_available():  # in place: state-dict keys stay those of DiT
+        model.compile()
     if accelerator.is_main_process:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.model.name}: {n_params / 1e6:.2f} M parameters, latents {tuple(latent_shape)}, "

@@ -2,17 +2,25 @@
 
     python eval/decoder_benchmark.py --decoders kl S B M L XL H --steps 1 8 --sizes 128 256 512 \
         --batch-sizes 1 4 16 --out docs/decoder_benchmark [--quality quality.json]
+    # cost growth with the image: dense (reference) vs local attention, 128 -> 1024 px, plot <out>_cost_growth.png
+    python eval/decoder_benchmark.py --decoders S --steps 1 --sizes 128 256 512 1024 --batch-sizes 1 \
+        --attention dense local --out docs/decoder_cost_growth
 
 Weights are random: speed and memory do not depend on their values, so no checkpoint is needed. For each
 configuration (decoder, steps, resolution, batch) the decode call runs `--warmup` times untimed, then `--repeats`
 times timed; images/s is batch / median time. CUDA is synchronised around every call; peak memory is
 torch.cuda.max_memory_allocated on GPU and the peak RSS (VmHWM, reset through /proc/self/clear_refs) on CPU, both
 reported as the increase over what was held before decoding (the model weights are excluded). Configurations
-that run out of memory or whose estimated time exceeds --max-seconds-per-config are recorded as skipped.
+that run out of memory or whose estimated time exceeds --max-seconds-per-config are recorded as skipped; on a CPU,
+so are SSDD configurations whose attention would need more than --max-memory-gb (estimated before running, since
+there the out-of-memory killer, not an exception, would end the run). The index tensors of the attention are
+rebuilt inside the timed calls, so the peak includes them. `--attention` picks the middle transformer's path(s);
+each row records the path taken at its grid size (`auto` resolves per grid and device).
 
 Writes <out>.json (machine, settings, every row), <out>.md (table and speed ratios) and, with --quality, a
 quality-vs-speed scatter <out>_quality_vs_speed.png (x: images/s measured here for the quality file's decoder
-configurations at its im_size and the largest batch measured; y: the chosen metric).
+configurations at its im_size and the largest batch measured; y: the chosen metric). With more than one image size it also
+plots time per image and peak memory against the size, <out>_cost_growth.png, and lists the growth ratios.
 """
 
 import argparse
@@ -29,11 +37,13 @@ import torch
 from tqdm import tqdm
 
 from eval.report import cpu_model, load_average, run_script
-from tokenizer.decoder import DECODER_SIZES
+from tokenizer.decoder import (ATTENTION_MODES, DECODER_SIZES, TOKEN_STRIDE, attention_memory_bytes,
+                               clear_attention_cache, resolve_attention)
 from tokenizer.encoder import build_encoder, parse_encoder_name
 from tokenizer.errors import UserError
 from tokenizer.kl_decoder import build_kl_decoder
 from tokenizer.ssdd import SSDD
+from tokenizer.training import enable_tf32
 
 DECODERS = ["kl", *DECODER_SIZES]  # "kl" = KL-VAE decoder; the rest are SSDD sizes
 METRICS = {"fd_classifier": "lower", "psnr": "higher", "ssim": "higher", "lpips": "lower", "rfid": "lower"}
@@ -144,29 +154,40 @@ def is_oom(e: BaseException) -> bool:
     )
 
 
-def build_decode_fn(decoder: str, encoder: str, kl_base_channels: int, device, compile_: bool):
-    """-> (decode(z, steps) callable, parameter count, latent (C, F)). Random weights, eval mode, on `device`."""
+def build_decode_fn(decoder: str, encoder: str, kl_base_channels: int, device, compile_: bool,
+                    channels_last: bool = False):
+    """-> (decode(z, steps, attention) callable, parameter count, latent (C, F)). Random weights, eval mode.
+
+    `attention` sets the SSDD middle transformer's path for the call (the KL-VAE has none and ignores it).
+    """
     f, c = parse_encoder_name(encoder)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     if decoder == "kl":
-        model = build_kl_decoder(encoder, kl_base_channels).eval().to(device)
+        model = build_kl_decoder(encoder, kl_base_channels).eval().to(device, memory_format=fmt)
         fn = torch.compile(model) if compile_ else model
-        return (lambda z, steps: fn(z)), sum(p.numel() for p in model.parameters()), (c, f)
+        return (lambda z, steps, attention=None: fn(z)), sum(p.numel() for p in model.parameters()), (c, f)
     # SSDD.decode is the code path users call (Euler loop, noise drawn per call). Its encoder is never run: a
     # 32-wide one only supplies the patch size and channel count, and stays on the CPU.
     model = SSDD(encoder=build_encoder(encoder, base_channels=32), decoder=decoder).eval()
-    model.decoder.to(device)
+    model.decoder.to(device, memory_format=fmt)
+    mid = model.decoder.mid_block
     if compile_:
         model.decoder = torch.compile(model.decoder)
     n = sum(p.numel() for p in model.decoder.parameters())
-    return (lambda z, steps: model.decode(z, steps=steps)), n, (c, f)
+
+    def decode(z, steps, attention="auto"):
+        mid.attention = attention
+        return model.decode(z, steps=steps)
+
+    return decode, n, (c, f)
 
 
-def timed_call(fn, z, steps, device, amp_dtype) -> float:
+def timed_call(fn, z, steps, device, amp_dtype, attention=None) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        fn(z, steps)
+        fn(z, steps, attention)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
@@ -175,48 +196,90 @@ def timed_call(fn, z, steps, device, amp_dtype) -> float:
 class CostModel:
     """Predicts one call's seconds from the largest config already measured for the same decoder.
 
-    Cost is taken as proportional to batch * px^2 * steps (SSDD) or batch * px^2 (KL). Larger batches are
-    usually cheaper per image, so extrapolating upwards overestimates: skipping errs on the safe side.
+    Cost is taken as proportional to batch * px^2 * steps (SSDD) or batch * px^2 (KL), and for dense attention
+    times (px / px_measured)^2 more (its attention grows with the square of the area). Larger batches are usually
+    cheaper per image, so extrapolating upwards overestimates: skipping errs on the safe side.
     """
 
     def __init__(self):
-        self.best = {}  # decoder key -> (work, seconds per call)
+        self.best = {}  # decoder key -> (work, px, seconds per call)
 
     @staticmethod
     def work(cfg) -> float:
         return cfg["batch"] * cfg["px"] ** 2 * cfg["steps"]
 
     def add(self, cfg, seconds: float):
-        key = decoder_key(cfg)
+        key = cost_key(cfg)
         if key not in self.best or self.work(cfg) >= self.best[key][0]:
-            self.best[key] = (self.work(cfg), seconds)
+            self.best[key] = (self.work(cfg), cfg["px"], seconds)
 
     def estimate(self, cfg):
-        known = self.best.get(decoder_key(cfg))
-        return None if known is None else known[1] * self.work(cfg) / known[0]
+        known = self.best.get(cost_key(cfg))
+        if known is None:
+            return None
+        work, px, seconds = known
+        quadratic = cfg.get("attention_path") == "dense" and cfg["px"] > px
+        return seconds * self.work(cfg) / work * ((cfg["px"] / px) ** 2 if quadratic else 1)
 
 
 def decoder_key(cfg) -> tuple:
+    """One model per key: the attention path is switched on the same model."""
     return (cfg["decoder"], cfg["encoder"], cfg.get("kl_base_channels"))
+
+
+def cost_key(cfg) -> tuple:
+    return (*decoder_key(cfg), cfg.get("attention"))
 
 
 def label(row) -> str:
     if row["decoder"] == "kl":
         return f"KL-VAE (base {row['kl_base_channels']})"
-    return f"SSDD-{row['decoder']}"
+    mode = row.get("attention") or "auto"
+    return f"SSDD-{row['decoder']}" + ("" if mode == "auto" else f" ({mode})")
 
 
-def measure(cfg, fn, device, amp_dtype, args, costs: CostModel, cpu_mem: CpuPeakMemory) -> dict:
-    """Runs one configuration; returns the row (status 'ok' or 'skipped' with a reason)."""
+def memory_available_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def attention_memory_skip(cfg, device, args) -> str | None:
+    """A reason to skip an SSDD configuration whose attention would not fit, before it runs (CPU only: there the
+    kernel's out-of-memory killer, not an exception, would end the run). None when it fits."""
+    if cfg["decoder"] == "kl" or device.type != "cpu":
+        return None
+    grid = (cfg["px"] // TOKEN_STRIDE, cfg["px"] // TOKEN_STRIDE)
+    need = attention_memory_bytes(cfg["attention_path"], grid, DECODER_SIZES[cfg["decoder"]]["heads"], cfg["batch"])
+    limit = args.max_memory_gb
+    if limit is None:
+        available = memory_available_gb()
+        limit = None if available is None else available / 2
+    if limit is not None and need / 2**30 > limit:
+        return (f"memory: {cfg['attention_path']} attention over {grid[0] * grid[1]} tokens needs about "
+                f"{need / 2**30:.1f} GB (index, bias, scores), over the {limit:.1f} GB allowed "
+                f"(--max-memory-gb; default half of the memory available)")
+    return None
+
+
+def prepare(cfg, fn, device, amp_dtype, args, costs: CostModel):
+    """Skip checks, first call and warm-up of one configuration: a skipped row (dict), or (z, first call seconds)."""
     n_calls = args.warmup + args.repeats
+    too_big = attention_memory_skip(cfg, device, args)
+    if too_big:
+        return {"status": "skipped", "reason": too_big}
     est = costs.estimate(cfg)
     if est is not None and est * n_calls > args.max_seconds_per_config:
         return {"status": "skipped", "reason": f"time budget: estimated {est * n_calls:.0f} s for {n_calls} calls "
                 f"> --max-seconds-per-config {args.max_seconds_per_config:g}"}
     c, f = cfg["latent"]
     z = torch.randn(cfg["batch"], c, cfg["px"] // f, cfg["px"] // f, device=device)
-    steps = cfg["steps"]
-    first = timed_call(fn, z, steps, device, amp_dtype)
+    first = timed_call(fn, z, cfg["steps"], device, amp_dtype, cfg["attention"])
     costs.add(cfg, first)
     # The first call may include one-off work (compilation, kernel selection); only a clear overrun stops here.
     if first * (n_calls - 1) > args.max_seconds_per_config and not args.compile:
@@ -224,26 +287,77 @@ def measure(cfg, fn, device, amp_dtype, args, costs: CostModel, cpu_mem: CpuPeak
                 "reason": f"time budget: one call took {first:.1f} s, {n_calls} calls exceed "
                           f"--max-seconds-per-config {args.max_seconds_per_config:g}"}
     for _ in range(args.warmup - 1):
-        timed_call(fn, z, steps, device, amp_dtype)
+        timed_call(fn, z, cfg["steps"], device, amp_dtype, cfg["attention"])
+    return z, first
+
+
+def peak_memory(cfg, fn, z, device, amp_dtype, cpu_mem: CpuPeakMemory):
+    """(MB above what was held before, how measured) of one call made with the attention index cache cleared, so
+    the peak includes the index tensors the path builds for this grid."""
+    clear_attention_cache()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     elif cpu_mem.available:
         cpu_mem.start()
-    times = [timed_call(fn, z, steps, device, amp_dtype) for _ in range(args.repeats)]
+    timed_call(fn, z, cfg["steps"], device, amp_dtype, cfg["attention"])
     if device.type == "cuda":
-        peak, mem_kind = (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda_max_allocated_above_model"
-    elif cpu_mem.available:
-        peak, mem_kind = cpu_mem.peak_mb(), "rss_hwm_above_baseline"
-    else:
-        peak, mem_kind = None, "unavailable"
-    median = statistics.median(times)
-    costs.add(cfg, median)
-    return {"status": "ok", "images_per_s": cfg["batch"] / median, "ms_per_image": 1000 * median / cfg["batch"],
-            "median_s": median, "times_s": [round(t, 5) for t in times], "spread": round(max(times) / min(times), 3),
-            "first_call_s": round(first, 4),
-            "peak_mb": None if peak is None else round(peak, 1), "memory": mem_kind}
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda_max_allocated_above_model"
+    if cpu_mem.available:
+        return cpu_mem.peak_mb(), "rss_hwm_above_baseline"
+    return None, "unavailable"
+
+
+def measure_group(group, fn, device, amp_dtype, args, costs: CostModel, cpu_mem: CpuPeakMemory) -> list:
+    """Rows (status 'ok' or 'skipped' with a reason) of configurations that differ only in the attention path.
+
+    Their timed calls take turns (a, b, a, b, ...), so the load of a shared machine falls on every path alike
+    and their ratio holds even when absolute times do not; then one more call each measures peak memory.
+    """
+    rows = [None] * len(group)
+    live = {}  # index -> (z, first)
+
+    def guarded(i, action):  # out-of-memory ends this configuration only
+        try:
+            return action()
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is expected; everything else re-raises
+            if not is_oom(e):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows[i] = {"status": "skipped", "reason": f"out of memory ({type(e).__name__})", "oom": True}
+            live.pop(i, None)
+            return None
+
+    for i, cfg in enumerate(group):
+        prep = guarded(i, lambda: prepare(cfg, fn, device, amp_dtype, args, costs))
+        if isinstance(prep, dict):
+            rows[i] = prep
+        elif prep is not None:
+            live[i] = prep
+    times = {i: [] for i in live}
+    for _ in range(args.repeats):
+        for i in list(live):
+            z, cfg = live[i][0], group[i]
+            t = guarded(i, lambda: timed_call(fn, z, cfg["steps"], device, amp_dtype, cfg["attention"]))
+            if t is not None:
+                times[i].append(t)
+    for i in list(live):
+        z, first = live[i]
+        cfg = group[i]
+        memory = guarded(i, lambda: peak_memory(cfg, fn, z, device, amp_dtype, cpu_mem))
+        if memory is None:
+            continue
+        peak, mem_kind = memory
+        t = times[i]
+        median = statistics.median(t)
+        costs.add(cfg, median)
+        rows[i] = {"status": "ok", "images_per_s": cfg["batch"] / median, "ms_per_image": 1000 * median / cfg["batch"],
+                   "median_s": median, "times_s": [round(x, 5) for x in t], "spread": round(max(t) / min(t), 3),
+                   "first_call_s": round(first, 4), "peak_mb": None if peak is None else round(peak, 1),
+                   "memory": mem_kind}
+    return rows
 
 
 def configurations(args, quality) -> list:
@@ -252,23 +366,26 @@ def configurations(args, quality) -> list:
     The KL decoder is deterministic and single-pass, so it runs once per (px, batch) whatever --steps says.
     With a quality file, its decoder configurations are added at its im_size and encoder.
     """
-    wanted = []  # (decoder, encoder, kl_base, steps, px)
+    wanted = []  # (decoder, encoder, kl_base, steps, px, attention)
     for d in args.decoders:
         for px in args.sizes:
             for s in ([1] if d == "kl" else args.steps):
-                wanted.append((d, args.encoder, args.kl_base_channels if d == "kl" else None, s, px))
+                for a in ([None] if d == "kl" else args.attention):
+                    wanted.append((d, args.encoder, args.kl_base_channels if d == "kl" else None, s, px, a))
     if quality is not None:
         enc = quality.get("encoder", args.encoder)
         for r in quality["rows"]:
             kl_base = int(r.get("kl_base_channels", args.kl_base_channels)) if r["decoder"] == "kl" else None
-            wanted.append((r["decoder"], enc, kl_base, r["steps"], quality["im_size"]))
+            wanted.append((r["decoder"], enc, kl_base, r["steps"], quality["im_size"],
+                           None if r["decoder"] == "kl" else args.attention[0]))
     seen, cfgs = set(), []
-    for d, enc, kl_base, s, px in wanted:
+    for d, enc, kl_base, s, px, a in wanted:
         for b in args.batch_sizes:
-            key = (d, enc, kl_base, s, px, b)
+            key = (d, enc, kl_base, s, px, b, a)
             if key not in seen:
                 seen.add(key)
-                cfgs.append({"decoder": d, "encoder": enc, "kl_base_channels": kl_base, "steps": s, "px": px, "batch": b})
+                cfgs.append({"decoder": d, "encoder": enc, "kl_base_channels": kl_base, "steps": s, "px": px,
+                             "batch": b, "attention": a})
     order = {k: i for i, k in enumerate(dict.fromkeys(decoder_key(c) for c in cfgs))}
     cfgs.sort(key=lambda c: (order[decoder_key(c)], c["px"], c["steps"], c["batch"]))
     for c in cfgs:
@@ -281,33 +398,40 @@ def configurations(args, quality) -> list:
 def run_all(cfgs, device, amp_dtype, args) -> list:
     costs, cpu_mem, rows, oom_at = CostModel(), CpuPeakMemory(), [], {}
     current_key, fn, n_params = None, None, None
-    bar = tqdm(cfgs, desc="decoder configs", unit="cfg")
-    for cfg in bar:
-        key = decoder_key(cfg)
+    groups = {}  # configurations that differ only in the attention path are measured together
+    for cfg in cfgs:
+        groups.setdefault((decoder_key(cfg), cfg["steps"], cfg["px"], cfg["batch"]), []).append(cfg)
+    bar = tqdm(groups.values(), desc="decoder configs", unit="cfg")
+    for group in bar:
+        key = decoder_key(group[0])
         if key != current_key:  # one model in memory at a time
             fn = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            fn, n_params, latent = build_decode_fn(cfg["decoder"], cfg["encoder"], cfg["kl_base_channels"] or 128,
-                                                   device, args.compile)
+            fn, n_params, latent = build_decode_fn(group[0]["decoder"], group[0]["encoder"],
+                                                   group[0]["kl_base_channels"] or 128, device, args.compile,
+                                                   args.channels_last)
             current_key = key
-        bar.set_postfix_str(f"{label(cfg)} {cfg['steps']} step {cfg['px']} px x{cfg['batch']}")
-        row = {"label": label(cfg), **cfg, "params": n_params}
-        # Memory grows with px and batch but hardly with steps: a smaller config that ran out rules this one out.
-        small = oom_at.get(key)
-        if small is not None and cfg["px"] >= small[0] and cfg["batch"] >= small[1]:
-            row.update(status="skipped", reason=f"out of memory already at {small[0]} px, batch {small[1]}")
-        else:
-            try:
-                row.update(measure({**cfg, "latent": latent}, fn, device, amp_dtype, args, costs, cpu_mem))
-            except Exception as e:  # noqa: BLE001 - only out-of-memory is expected; everything else re-raises
-                if not is_oom(e):
-                    raise
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                oom_at[key] = (cfg["px"], cfg["batch"])
-                row.update(status="skipped", reason=f"out of memory ({type(e).__name__})")
-        rows.append(row)
+        c = group[0]
+        bar.set_postfix_str(f"{label(c)} {c['steps']} step {c['px']} px x{c['batch']}")
+        grid = (c["px"] // TOKEN_STRIDE, c["px"] // TOKEN_STRIDE)
+        group = [{**cfg, "latent": latent, "attention_path": None if cfg["decoder"] == "kl"  # the path taken here
+                  else resolve_attention(cfg["attention"], 8, grid, device)} for cfg in group]
+        todo, out = [], {}
+        for i, cfg in enumerate(group):
+            # Memory grows with px and batch but hardly with steps: a smaller config that ran out rules this one out.
+            small = oom_at.get(cost_key(cfg))
+            if small is not None and cfg["px"] >= small[0] and cfg["batch"] >= small[1]:
+                out[i] = {"status": "skipped", "reason": f"out of memory already at {small[0]} px, batch {small[1]}"}
+            else:
+                todo.append(i)
+        for i, result in zip(todo, measure_group([group[i] for i in todo], fn, device, amp_dtype, args, costs, cpu_mem)):
+            if result.pop("oom", False):
+                oom_at[cost_key(group[i])] = (group[i]["px"], group[i]["batch"])
+            out[i] = result
+        for i, cfg in enumerate(group):
+            cfg = {k: v for k, v in cfg.items() if k != "latent"}
+            rows.append({"label": label(cfg), **cfg, "params": n_params, **out[i]})
     return rows
 
 
@@ -316,10 +440,12 @@ def run_all(cfgs, device, amp_dtype, args) -> list:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def find(rows, decoder, steps, px, batch, encoder, kl_base=None):
+def find(rows, decoder, steps, px, batch, encoder, kl_base=None, attention=None):
+    """The measured row of this configuration; attention None matches any mode (the KL-VAE has none)."""
     for r in rows:
         if (r["status"] == "ok" and r["decoder"] == decoder and r["steps"] == steps and r["px"] == px
-                and r["batch"] == batch and r["encoder"] == encoder and r["kl_base_channels"] == kl_base):
+                and r["batch"] == batch and r["encoder"] == encoder and r["kl_base_channels"] == kl_base
+                and (attention is None or r.get("attention") == attention)):
             return r
     return None
 
@@ -336,24 +462,94 @@ def ratio_lines(rows, args) -> list:
     for d in args.decoders:
         if d == "kl":
             continue
-        for px in args.sizes:
-            for b in args.batch_sizes:
-                one = find(rows, d, 1, px, b, args.encoder)
-                if one is None:
-                    continue
-                parts = []
-                kl = find(rows, "kl", 1, px, b, args.encoder, args.kl_base_channels)
-                if kl is not None:
-                    parts.append(f"1-step throughput = {one['images_per_s'] / kl['images_per_s']:.2f}x "
-                                 f"KL-VAE (base {args.kl_base_channels}){noisy_mark(one, kl)}")
-                for s in others:
-                    many = find(rows, d, s, px, b, args.encoder)
-                    if many is not None:
-                        parts.append(f"1-step = {one['images_per_s'] / many['images_per_s']:.2f}x {s}-step"
-                                     f"{noisy_mark(one, many)}")
-                if parts:
-                    lines.append(f"- SSDD-{d}, {px} px, batch {b}: " + "; ".join(parts))
+        for a in args.attention:
+            name = label({"decoder": d, "attention": a})
+            for px in args.sizes:
+                for b in args.batch_sizes:
+                    one = find(rows, d, 1, px, b, args.encoder, attention=a)
+                    if one is None:
+                        continue
+                    parts = []
+                    kl = find(rows, "kl", 1, px, b, args.encoder, args.kl_base_channels)
+                    if kl is not None:
+                        parts.append(f"1-step throughput = {one['images_per_s'] / kl['images_per_s']:.2f}x "
+                                     f"KL-VAE (base {args.kl_base_channels}){noisy_mark(one, kl)}")
+                    for s in others:
+                        many = find(rows, d, s, px, b, args.encoder, attention=a)
+                        if many is not None:
+                            parts.append(f"1-step = {one['images_per_s'] / many['images_per_s']:.2f}x {s}-step"
+                                         f"{noisy_mark(one, many)}")
+                    if parts:
+                        lines.append(f"- {name}, {px} px, batch {b}: " + "; ".join(parts))
     return lines
+
+
+def growth_lines(rows, args) -> list:
+    """Cost growth with image size: dense vs local at each size, and each mode's time and memory from the smallest
+    to the largest size it ran at (per SSDD decoder, steps and batch), all from this run."""
+    lines = []
+    for d in [d for d in args.decoders if d != "kl"]:
+        for s in args.steps:
+            for b in args.batch_sizes:
+                if "dense" in args.attention and "local" in args.attention:
+                    for px in args.sizes:
+                        dense = find(rows, d, s, px, b, args.encoder, attention="dense")
+                        local = find(rows, d, s, px, b, args.encoder, attention="local")
+                        if dense and local:
+                            mem = (f", peak memory dense / local = {dense['peak_mb']:.0f} / {local['peak_mb']:.0f} MB"
+                                   if dense["peak_mb"] and local["peak_mb"] else "")
+                            lines.append(f"- SSDD-{d}, {s} step(s), {px} px, batch {b}: dense time / local time = "
+                                         f"{dense['median_s'] / local['median_s']:.2f}{noisy_mark(dense, local)}{mem}")
+                for a in args.attention:
+                    ok = [r for r in rows if r["status"] == "ok" and r["decoder"] == d and r["steps"] == s
+                          and r["batch"] == b and r.get("attention") == a and r["encoder"] == args.encoder]
+                    if len(ok) < 2:
+                        continue
+                    lo, hi = min(ok, key=lambda r: r["px"]), max(ok, key=lambda r: r["px"])
+                    area = (hi["px"] / lo["px"]) ** 2
+                    mem = (f", peak memory x{hi['peak_mb'] / lo['peak_mb']:.1f}" if lo["peak_mb"] and hi["peak_mb"]
+                           else "")
+                    lines.append(f"- {label(hi)}, {s} step(s), batch {b}, {lo['px']} -> {hi['px']} px (area x{area:g}): "
+                                 f"time x{hi['median_s'] / lo['median_s']:.1f}{noisy_mark(lo, hi)}{mem}")
+    return lines
+
+
+def cost_growth_figure(path, rows, report) -> None:
+    """Time per image and peak memory against image size (log-log), one line per SSDD decoder, attention, steps
+    and batch (and the KL-VAE per batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for r in rows:
+        if r["status"] == "ok":
+            name = f"{label(r)}" + ("" if r["decoder"] == "kl" else f", {r['steps']} step") + f", batch {r['batch']}"
+            series.setdefault(name, []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, pts in series.items():
+        pts = sorted(pts, key=lambda r: r["px"])
+        style = "--" if any(r.get("attention") == "dense" for r in pts) else "-"
+        px = [r["px"] for r in pts]
+        axes[0].plot(px, [r["ms_per_image"] for r in pts], style, marker="o", label=name)
+        mem = [(r["px"], r["peak_mb"]) for r in pts if r["peak_mb"]]
+        if mem:
+            axes[1].plot(*zip(*mem), style, marker="o", label=name)
+    where = report["machine"]["gpu"] or "CPU"
+    for ax, what in zip(axes, ("ms per image (median)", "peak memory above the model (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("image side (px)")
+        ax.set_ylabel(what)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Decoder cost against image size ({where}, {report['settings']['dtype']}; dashed: dense attention)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def markdown(report) -> str:
@@ -368,7 +564,8 @@ def markdown(report) -> str:
            f"Command: `{report['command']}`", ""]
     if report.get("user_note"):
         out += [f"Note: {report['user_note']}", ""]
-    out += ["| decoder | steps | px | batch | images/s | ms/image | peak MB |", "|---|---|---|---|---|---|---|"]
+    out += ["| decoder | steps | px | batch | images/s | ms/image | peak MB | attention path |",
+            "|---|---|---|---|---|---|---|---|"]
     noisy = False
     for r in report["rows"]:
         if r["status"] == "ok":
@@ -376,13 +573,15 @@ def markdown(report) -> str:
             mark = noisy_mark(r)
             noisy = noisy or bool(mark)
             out.append(f"| {r['label']} | {r['steps']} | {r['px']} | {r['batch']} | {r['images_per_s']:.3g}{mark} | "
-                       f"{r['ms_per_image']:.1f} | {peak} |")
+                       f"{r['ms_per_image']:.1f} | {peak} | {r.get('attention_path') or '-'} |")
     skipped = [r for r in report["rows"] if r["status"] != "ok"]
     if skipped:
         out += ["", "Skipped:", ""]
         out += [f"- {r['label']}, {r['steps']} step(s), {r['px']} px, batch {r['batch']}: {r['reason']}" for r in skipped]
     out += ["", "Throughput ratios (same run, same px and batch):", ""]
     out += report["ratios"] or ["- none: a ratio needs the 1-step SSDD row and the KL-VAE or N-step row measured"]
+    if report.get("growth"):
+        out += ["", "Cost growth with image size (same run; figure `*_cost_growth.png`):", "", *report["growth"]]
     if noisy:
         out += ["", f"\\* noisy: the slowest timed call took more than {NOISY_SPREAD}x the fastest (see times_s in "
                 "the JSON); a ratio marked * involves such a row."]
@@ -450,6 +649,10 @@ def benchmark(args) -> None:
     amp_dtype, dtype_name = pick_dtype(args.dtype, device)
     if args.compile and device.type != "cuda":
         raise UserError("--compile is for GPU runs only (on CPU compilation dominates a short benchmark)")
+    if args.channels_last and device.type != "cuda":
+        raise UserError("--channels-last is for GPU runs only")
+    if device.type == "cuda":
+        enable_tf32()  # as the trainers: TF32 for whatever runs in fp32
     quality = load_quality(args.quality, args.quality_metric) if args.quality else None
     cfgs = configurations(args, quality)
 
@@ -463,10 +666,11 @@ def benchmark(args) -> None:
               "user_note": args.note,
               "settings": {"device": str(device), "dtype": dtype_name, "encoder": args.encoder,
                            "kl_base_channels": args.kl_base_channels, "warmup": args.warmup,
-                           "repeats": args.repeats, "compile": args.compile,
-                           "max_seconds_per_config": args.max_seconds_per_config},
+                           "repeats": args.repeats, "compile": args.compile, "channels_last": args.channels_last,
+                           "attention": args.attention, "max_seconds_per_config": args.max_seconds_per_config},
               "rows": rows}
     report["ratios"] = ratio_lines(rows, args)
+    report["growth"] = growth_lines(rows, args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     written = [args.out + ".json", args.out + ".md"]
     if quality is not None:
@@ -475,6 +679,9 @@ def benchmark(args) -> None:
         report["quality"] = {"file": args.quality, "metric": args.quality_metric, "im_size": quality["im_size"],
                              "points": points, "notes": notes}
         written.append(fig_path)
+    if len({r["px"] for r in rows if r["status"] == "ok"}) > 1:
+        cost_growth_figure(args.out + "_cost_growth.png", rows, report)
+        written.append(args.out + "_cost_growth.png")
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)
     md = markdown(report)
@@ -499,6 +706,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPU only)")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last convolutions (GPU only)")
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=ATTENTION_MODES,
+                    help="SSDD attention path(s) to measure: auto (what decode() uses), dense (the reference), "
+                         "local (windowed), flex (FlexAttention)")
+    ap.add_argument("--max-memory-gb", type=float, default=None,
+                    help="CPU: skip configurations whose attention needs more (default: half the available memory)")
     ap.add_argument("--max-seconds-per-config", type=float, default=120.0,
                     help="skip a configuration whose warm-up + repeats are estimated to take longer")
     ap.add_argument("--quality", default=None, help="quality JSON (im_size, encoder, rows) for the quality-vs-speed plot")

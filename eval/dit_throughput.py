@@ -1,18 +1,20 @@
-"""DiT training throughput: images/s of one full training step (forward + backward + AdamW step).
+"""DiT training throughput: steps/s and images/s of one full training step, and the model FLOP utilisation.
 
-    python eval/dit_throughput.py --model DiT-S/2 --latent 4 32 32 --batch-size 32 --device cpu \
-        --out docs/dit_throughput_cpu
-    python eval/dit_throughput.py --model DiT-XL/2 --batch-size 32 64 --device cuda --out docs/dit_throughput_h100
+    python eval/dit_throughput.py --model DiT-S/2 --batch-size 32 --device cpu --out docs/dit_throughput_cpu
+    python eval/dit_throughput.py --model DiT-S/2 DiT-B/2 DiT-L/2 DiT-XL/2 --batch-size 128 --device cuda \
+        --out docs/dit_throughput_h100                 # bf16 autocast, torch.compile, fused AdamW, TF32 on CUDA
 
-The step is the one dit.train runs: flow-matching loss (logit-normal t, label dropout 0.1), backward, grad clip,
-AdamW, on random latents of the given shape; bf16 autocast on CUDA, fp32 on CPU. After --warmup steps, --iters
-steps are timed one by one (CUDA synchronised); the median gives images/s. Writes <out>.json and <out>.md.
+The step is the one dit.train runs, on random latents of the given shape: flow-matching loss (uniform t, label
+dropout 0.1), backward, AdamW (the trainer's `build_optimizer`: fused on CUDA), the EMA update, and a grad clip
+only with --grad-clip (DiT clips nothing). On CUDA: bf16 autocast, TF32 and torch.compile of the DiT (as
+`training.compile`), with SDPA attention (timm's fused path: FlashAttention for bf16 on recent GPUs); on CPU fp32
+and eager unless asked. After --warmup steps, --iters steps are timed one by one (CUDA synchronised); the median
+gives steps/s. FLOPs: the matmul and attention FLOPs of one forward pass counted analytically (`forward_flops`,
+checked against torch's FLOP counter in the tests) times 3 for forward + backward; MFU divides the achieved
+FLOP/s by the GPU's dense bf16 peak (`PEAK_TFLOPS`, or --peak-tflops). Writes <out>.json and <out>.md.
 """
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -20,52 +22,111 @@ import time
 import torch
 
 from dit.flow import training_loss
-from dit.models import build_dit
-from tokenizer.errors import UserError, run_cli
+from dit.models import DiT_models, build_dit
+from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
+from tokenizer.ema import EMA
+from tokenizer.errors import UserError
+from tokenizer.training import build_optimizer, enable_tf32
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; the first name found in
+# torch.cuda.get_device_name() wins, so the specific variants come first.
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+               ("A100", 312.0), ("L40S", 362.05), ("A10G", 70.0), ("L4", 121.0)]
 
 
-def measure(name: str, latent, batch: int, device: torch.device, warmup: int, iters: int, num_classes: int,
-            learn_sigma: bool) -> dict:
+def forward_flops(model, latent, batch: int) -> dict:
+    """FLOPs of one forward pass of `model` (a DiT) on `batch` latents (C, H, W): 2 per multiply-add.
+
+    Counts every Linear and the patch convolution (what torch's FLOP counter sees on a CPU) and, separately, the
+    attention matrix products QK^T and AV (4 T^2 h per block and image). Returns {"dense", "attention", "total"}.
+    """
+    c, h_lat, w_lat = latent
+    p = model.x_embedder.patch_size[0] if isinstance(model.x_embedder.patch_size, tuple) else model.x_embedder.patch_size
+    hidden = model.blocks[0].attn.qkv.in_features
+    depth = len(model.blocks)
+    tokens = (h_lat // p) * (w_lat // p)
+    out_ch = model.final_layer.linear.out_features  # p * p * C_out
+    freq = model.t_embedder.mlp[0].in_features
+    per_image = (tokens * c * p * p * hidden  # patch embedding
+                 + freq * hidden + hidden * hidden  # timestep MLP
+                 + depth * (6 * hidden * hidden  # adaLN modulation (once per image)
+                            + tokens * 3 * hidden * hidden + tokens * hidden * hidden  # qkv, output projection
+                            + tokens * 2 * 4 * hidden * hidden)  # MLP, ratio 4
+                 + 2 * hidden * hidden + tokens * hidden * out_ch)  # final adaLN and projection
+    attention = depth * 2 * tokens * tokens * hidden  # QK^T and AV, multiply-adds
+    dense, attention = 2 * batch * per_image, 2 * batch * attention
+    return {"dense": dense, "attention": attention, "total": dense + attention}
+
+
+def peak_tflops(device: torch.device, override: float | None):
+    if override is not None:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS:
+        if key in name:
+            return value, f"dense bf16 peak of the {key} (data sheet)"
+    return None, None
+
+
+def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
     c, h, w = latent
     torch.manual_seed(0)
-    model = build_dit(name, input_size=(h, w), in_channels=c, num_classes=num_classes, learn_sigma=learn_sigma).to(device)
+    model = build_dit(name, input_size=(h, w), in_channels=c, num_classes=args.num_classes,
+                      learn_sigma=args.learn_sigma).to(device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    amp = device.type == "cuda"
+    opt = build_optimizer(list(model.named_parameters()), "adamw", 1e-4, 0.0)
+    ema = EMA(model, 0.9999, 0) if args.ema else None
+    fn = torch.compile(model) if args.compile else model
+    amp = args.amp_dtype is not None
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, c, h, w, device=device, generator=g)
-    y = torch.randint(0, num_classes, (batch,), device=device, generator=g)
+    y = torch.randint(0, args.num_classes, (batch,), device=device, generator=g)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def step():
+    def step(i):
         drop = (torch.rand(batch, device=device, generator=g) < 0.1).long()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = training_loss(lambda a, t, b: model(a, t, b, force_drop_ids=drop), x, y, generator=g)
+        with torch.autocast(device.type, dtype=args.amp_dtype or torch.float32, enabled=amp):
+            loss = training_loss(lambda a, t, b: fn(a, t, b, force_drop_ids=drop), x, y, generator=g, t_kind="uniform")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model, i + 1)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        step()
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    warmup_s = time.perf_counter() - t0
     times = []
-    for _ in range(iters):
+    for i in range(args.iters):
         sync()
         t0 = time.perf_counter()
-        step()
+        step(args.warmup + i)
         sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
+    flops = forward_flops(model, latent, batch)
+    train_flops = 3 * flops["total"]  # backward = 2 x forward for every matrix product
+    peak, peak_source = peak_tflops(device, args.peak_tflops)
+    achieved = train_flops / med / 1e12
     return {
         "model": name, "latent": list(latent), "batch_size": batch, "params": sum(p.numel() for p in model.parameters()),
-        "tokens": model.x_embedder.num_patches, "precision": "bf16 autocast" if amp else "fp32",
+        "tokens": model.x_embedder.num_patches, "precision": f"{args.dtype_name} autocast" if amp else "fp32",
+        "compile": bool(args.compile), "ema": bool(args.ema), "fused_adamw": bool(opt.defaults.get("fused")),
         "step_s_median": med, "step_s_mean": statistics.mean(times), "step_s_min": min(times),
-        "images_per_s": batch / med, "warmup": warmup, "iters": iters,
+        "steps_per_s": 1 / med, "images_per_s": batch / med, "warmup": args.warmup, "warmup_s": warmup_s,
+        "iters": args.iters, "train_tflop_per_step": train_flops / 1e12, "achieved_tflops": achieved,
+        "peak_tflops": peak, "peak_source": peak_source, "mfu": achieved / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
@@ -76,52 +137,70 @@ def run(args) -> list:
         raise UserError("--device cuda but no CUDA device is available")
     if args.iters < 1 or args.warmup < 0:
         raise UserError("--iters must be >= 1 and --warmup >= 0")
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"{torch.get_num_threads()} torch threads")
+    unknown = [m for m in args.model if m not in DiT_models]
+    if unknown:
+        raise UserError(f"unknown DiT model {unknown[0]!r}; valid names: {', '.join(DiT_models)}")
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    args.amp_dtype, args.dtype_name = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype], dtype
+    if args.compile is None:  # as training.compile: on for CUDA, off on a CPU (compiling would dominate)
+        args.compile = device.type == "cuda"
+    enable_tf32()
     rows = []
     for model in args.model:
         for bs in args.batch_size:
-            r = measure(model, args.latent, bs, device, args.warmup, args.iters, args.num_classes, args.learn_sigma)
-            print(f"{model} latent {tuple(args.latent)} batch {bs}: {r['images_per_s']:.1f} images/s "
-                  f"(median step {1000 * r['step_s_median']:.0f} ms, {r['precision']})", flush=True)
+            r = measure(model, args.latent, bs, device, args)
+            mfu = f", MFU {100 * r['mfu']:.1f} %" if r["mfu"] is not None else ""
+            print(f"{model} latent {tuple(args.latent)} batch {bs}: {r['steps_per_s']:.3g} steps/s, "
+                  f"{r['images_per_s']:.1f} images/s ({r['precision']}{', compiled' if r['compile'] else ''}"
+                  f"{mfu})", flush=True)
             rows.append(r)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other jobs on a shared CPU slow the steps
-    result = {"device": str(device), "machine": machine, "torch": torch.__version__, "load_average_1_5_15": load,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python eval/dit_throughput.py " + " ".join(sys.argv[1:]),
+    machine = machine_info(device)
+    record = {"machine": machine, "date": today(), "command": command_line("eval/dit_throughput.py", args.argv),
               "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    lines = ["# DiT training throughput", "",
-             f"One training step (flow-matching loss, backward, grad clip, AdamW) on random latents; {machine} "
-             f"({result['device']}), torch {torch.__version__}, {result['date']}. Median of {args.iters} steps after "
-             f"{args.warmup} warm-up steps" + (f"; load average {load[0]:.1f} at the end (a shared machine)" if load else "")
-             + f". Command: `{result['command']}`", "",
-             "| model | params | latent | tokens | batch | precision | median step (ms) | images/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['torch_threads']} torch threads"
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {'x'.join(map(str, r['latent']))} | {r['tokens']} | "
-                     f"{r['batch_size']} | {r['precision']} | {1000 * r['step_s_median']:.0f} | {r['images_per_s']:.1f} |")
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}.json and {args.out}.md")
+        r["step_ms"] = 1000 * r["step_s_median"]
+        r["mfu_pct"] = 100 * r["mfu"] if r["mfu"] is not None else None
+        r["params_m"] = r["params"] / 1e6
+    table = markdown_table(rows, [("params_m", "params (M)", "{:.1f}"), ("tokens", "tokens", "{}"),
+                                  ("batch_size", "batch", "{}"), ("precision", "precision", "{}"),
+                                  ("compile", "compiled", "{}"), ("step_ms", "median step (ms)", "{:.0f}"),
+                                  ("steps_per_s", "steps/s", "{:.3g}"), ("images_per_s", "images/s", "{:.1f}"),
+                                  ("achieved_tflops", "TFLOP/s", "{:.3g}"), ("mfu_pct", "MFU %", "{:.1f}"),
+                                  ("peak_memory_gib", "peak GiB", "{:.1f}")], lead=[("model", "model")])
+    text = ["# DiT training throughput", "",
+            f"One training step (flow-matching loss, backward, AdamW{', EMA' if args.ema else ''}"
+            f"{', grad clip' if args.grad_clip else ''}) on random latents {'x'.join(map(str, args.latent))}; "
+            f"{where}, torch {machine['torch']}, {record['date']}. Median of {args.iters} steps after {args.warmup} "
+            f"warm-up steps; load average {machine['load_average']} at the end (1, 5, 15 min). FLOPs: 3 x the "
+            f"forward matmul + attention FLOPs; MFU against {rows[0]['peak_source'] or 'no known peak (n/a)'}.", "",
+            f"Command: `{record['command']}`", "", *table]
+    written = write_report(args.out, record, "\n".join(text) + "\n")
+    print("wrote " + ", ".join(written))
     return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", nargs="+", default=["DiT-S/2"])
-    ap.add_argument("--latent", type=int, nargs=3, default=[4, 32, 32], metavar=("C", "H", "W"))
+    ap.add_argument("--model", nargs="+", default=["DiT-S/2"], help="DiT-{S,B,L,XL}/{1,2,4,8} or DiT-Ti/*")
+    ap.add_argument("--latent", type=int, nargs=3, default=[4, 32, 32], metavar=("C", "H", "W"),
+                    help="latent shape (ImageNet 256 px with f8c4: 4 32 32)")
     ap.add_argument("--batch-size", type=int, nargs="+", default=[32])
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
                     help="DiT's 2C output channels (configs/dit.yaml default; dit_fmnist uses --no-learn-sigma)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the DiT (default: on for CUDA, off on CPU)")
+    ap.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA update every step")
+    ap.add_argument("--grad-clip", type=float, default=None, help="max grad norm (DiT: none)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (default: known GPUs)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default="docs/dit_throughput")
-    return run_cli(run, ap.parse_args(argv))
+    return run_script(ap, run, argv)
 
 
 if __name__ == "__main__":

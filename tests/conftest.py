@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Never reach for the network in tests: hub clients fail fast instead of retrying for ~46 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -33,3 +35,15 @@ def sdvae_files(tmp_path_factory):
     ldm = tmp / "vae-ft-mse-840000-ema-pruned.ckpt"
     torch.save({"state_dict": to_layout(state, "ldm"), "global_step": 840000}, str(ldm))
     return {"model": model, "diffusers": str(diffusers), "ldm": str(ldm)}
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test's torch work on one thread: on a busy 2-core machine two threads wait on each other (a decoder
+    call took 30x longer than with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -94,3 +94,37 @@ def test_time_budget_skips_and_records(tmp_path):
     assert [r["status"] for r in rows] == ["skipped", "skipped"]
     assert all(r["reason"].startswith("time budget") for r in rows)
     assert "Skipped:" in open(out + ".md").read()
+
+
+@pytest.mark.slow
+def test_cost_growth_dense_vs_local(tmp_path, one_thread):
+    bench = load_script()
+    out = str(tmp_path / "g")
+    argv = ["--decoders", "XS", "--steps", "1", "--sizes", "32", "136", "--batch-sizes", "1", "--attention", "dense",
+            "local", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--max-seconds-per-config", "1e9",
+            "--out", out]
+    assert bench.main(argv) == 0
+    report = json.load(open(out + ".json"))
+    rows = {(r["attention"], r["px"]): r for r in report["rows"]}
+    assert set(rows) == {("dense", 32), ("local", 32), ("dense", 136), ("local", 136)}
+    assert all(r["status"] == "ok" and r["attention_path"] == r["attention"] for r in rows.values()), rows
+    assert rows[("dense", 136)]["peak_mb"] is None or rows[("dense", 136)]["peak_mb"] > 0
+    growth = report["growth"]
+    assert any(line.startswith("- SSDD-XS, 1 step(s), 136 px, batch 1: dense time / local time = ") for line in growth)
+    assert any(line.startswith("- SSDD-XS (local), 1 step(s), batch 1, 32 -> 136 px") for line in growth)
+    md = open(out + ".md").read()
+    assert "| SSDD-XS (dense) | 1 | 136 | 1 |" in md and "Cost growth with image size" in md
+    assert os.path.getsize(out + "_cost_growth.png") > 1000
+
+
+def test_attention_that_would_not_fit_is_skipped_before_running(tmp_path, one_thread):
+    bench = load_script()
+    out = str(tmp_path / "m")
+    argv = ["--decoders", "kl", "XS", "--steps", "1", "--sizes", "32", "--batch-sizes", "1", "--kl-base-channels", "32",
+            "--attention", "dense", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--max-memory-gb", "1e-9",
+            "--out", out]
+    assert bench.main(argv) == 0
+    rows = json.load(open(out + ".json"))["rows"]
+    kl, xs = rows
+    assert kl["status"] == "ok"  # the KL-VAE has no attention of this kind
+    assert xs["status"] == "skipped" and xs["reason"].startswith("memory: dense attention over 16 tokens needs")

@@ -20,6 +20,7 @@ Parameter names follow the released checkpoints (diffusers-like: down_blocks.i.r
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -213,8 +214,172 @@ class UpBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Middle transformer
+# Local attention: one learned bias table, three exact ways to apply it (docs/ARCHITECTURE.md §3)
 # ----------------------------------------------------------------------------------------------------------
+
+ATTENTION_MODES = ("auto", "dense", "local", "flex")
+OUTSIDE = -1e7  # logit bias outside the window: exp underflows to exactly 0 in the softmax
+LOCAL_BLOCK = 8  # windowed path: each 8x8 tile of queries attends to its (8 + 2*7)^2 = 22x22 halo of keys
+# auto without FlexAttention: dense up to this many tokens, windowed above. Measured on a CPU (one thread, one
+# attention layer, widths 96 and 288; eval/attention_crossover.py, docs/attention_crossover_cpu.md): the two are
+# even at 24x24 to 28x28 tokens, windowed is 1.2-1.9x faster at 32x32 (256 px) and 5.5-11x at 64x64 (512 px);
+# dense is 4-8x faster at 16x16.
+DENSE_MAX_TOKENS = 28 * 28
+
+_INDEX_CACHE: dict = {}  # index tensors depend only on (window, grid, device): shared by every block and model
+
+
+class AttentionPlan(NamedTuple):
+    """How the blocks of one forward pass attend: decided once per grid in MidTransformer, shared by all blocks.
+
+    mode "dense": index (N, N) into the flattened bias table (+ one OUTSIDE slot);
+    mode "local": index (tiles, B*B, S*S) for B x B query tiles and their S x S key halos (S = B + 2(w-1));
+    mode "flex":  block_mask, a FlexAttention BlockMask of the window on the N x N raster.
+    """
+
+    mode: str
+    grid: tuple
+    index: torch.Tensor | None = None
+    block_mask: object = None
+
+
+def clear_attention_cache() -> None:
+    """Drop the cached index tensors (benchmarks do, so that a measured peak includes them)."""
+    _INDEX_CACHE.clear()
+
+
+def attention_memory_bytes(mode: str, grid, heads: int, batch: int, window: int = 8) -> int:
+    """Rough bytes the middle transformer's attention holds at once in fp32 on this path (index + bias + scores).
+
+    dense: an (N, N) int64 index, an (heads, N, N) bias, and scores and softmax of (batch, heads, N, N);
+    local: the same per tile, (tiles, 64, 484), which grows with N. FlexAttention's fused kernel holds none of it.
+    """
+    n = grid[0] * grid[1]
+    if mode == "dense":
+        return n * n * (8 + 4 * heads * (1 + 2 * batch))
+    if mode == "local":
+        side = LOCAL_BLOCK + 2 * (window - 1)
+        tiles = -(-grid[0] // LOCAL_BLOCK) * -(-grid[1] // LOCAL_BLOCK)
+        return tiles * LOCAL_BLOCK**2 * side**2 * (8 + 4 * heads * (1 + 2 * batch))
+    return 0
+
+
+def _cached(key, build):
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = build()
+    return _INDEX_CACHE[key]
+
+
+def dense_index(window: int, gh: int, gw: int, device) -> torch.Tensor:
+    """(N, N) long: query n, key m -> flat table slot of their offset, or the OUTSIDE slot (2w-1)^2."""
+
+    def build():
+        w = window
+        ys, xs = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        dy = ys[:, None] - ys[None, :]
+        dx = xs[:, None] - xs[None, :]
+        inside = (dy.abs() < w) & (dx.abs() < w)
+        idx = (dy + w - 1) * (2 * w - 1) + (dx + w - 1)
+        return torch.where(inside, idx, torch.full_like(idx, (2 * w - 1) ** 2))
+
+    return _cached(("dense", window, gh, gw, str(device)), build)
+
+
+def local_index(window: int, block: int, gh: int, gw: int, device) -> torch.Tensor:
+    """(tiles, block^2, side^2) long for the windowed path, side = block + 2(w-1), tiles in raster order.
+
+    Tile (ty, tx) holds the queries (ty*block + i, tx*block + j) and the keys (ty*block + a - r, tx*block + b - r)
+    with r = w - 1, so the offset query - key is i - a + r whatever the tile. A key gets the OUTSIDE slot when the
+    offset leaves the window or the key lies outside the grid (the zero padding around it).
+    """
+
+    def build():
+        r, side, n = window - 1, block + 2 * (window - 1), 2 * window - 1
+
+        def axis(g):  # per tile along one axis: offset (tiles, block, side) and key validity (tiles, side)
+            tiles = torch.arange(-(-g // block), device=device)
+            q = tiles[:, None] * block + torch.arange(block, device=device)
+            k = tiles[:, None] * block + torch.arange(side, device=device) - r
+            d = q[:, :, None] - k[:, None, :]
+            ok = (d.abs() <= r) & ((k >= 0) & (k < g))[:, None, :]
+            return d + r, ok
+
+        dy, oky = axis(gh)
+        dx, okx = axis(gw)
+        # (ty, tx, i, j, a, b)
+        idx = dy[:, None, :, None, :, None] * n + dx[None, :, None, :, None, :]
+        ok = oky[:, None, :, None, :, None] & okx[None, :, None, :, None, :]
+        idx = torch.where(ok, idx, torch.full_like(idx, n * n))
+        return idx.reshape(dy.shape[0] * dx.shape[0], block * block, side * side)
+
+    return _cached(("local", window, block, gh, gw, str(device)), build)
+
+
+def flex_block_mask(window: int, gh: int, gw: int, device):
+    """FlexAttention BlockMask of the (2w-1)^2 window on the gh x gw raster (blocks wholly outside are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    r = window - 1
+
+    def in_window(b, h, q, k):
+        return ((q // gw - k // gw).abs() <= r) & ((q % gw - k % gw).abs() <= r)
+
+    n = gh * gw
+    return _cached(("flex", window, gh, gw, str(device)),
+                   lambda: create_block_mask(in_window, None, None, n, n, device=str(device)))
+
+
+def flex_supported(device) -> bool:
+    """FlexAttention's compiled kernels: CUDA with compute capability 8.0 or newer (Ampere, Hopper, ...)."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_attention(mode: str, window: int, grid, device) -> str:
+    """The path `auto` takes for this grid and device; any other mode is returned as given."""
+    if mode not in ATTENTION_MODES:
+        raise UserError(f"unknown attention {mode!r}: choose one of {', '.join(ATTENTION_MODES)}")
+    if mode != "auto":
+        return mode
+    gh, gw = grid
+    if gh < 2 * window and gw < 2 * window:
+        # The window covers every token (<= 15x15) or nearly so: local work would exceed dense work.
+        return "dense"
+    if flex_supported(device):
+        return "flex"
+    return "local" if gh * gw > DENSE_MAX_TOKENS else "dense"
+
+
+@torch.compiler.disable  # python-level caching of index tensors: one graph break per forward, not per block
+def attention_plan(mode: str, window: int, grid, device) -> AttentionPlan:
+    mode = resolve_attention(mode, window, grid, device)
+    gh, gw = grid
+    if mode == "dense":
+        return AttentionPlan("dense", (gh, gw), index=dense_index(window, gh, gw, device))
+    if mode == "local":
+        return AttentionPlan("local", (gh, gw), index=local_index(window, LOCAL_BLOCK, gh, gw, device))
+    return AttentionPlan("flex", (gh, gw), block_mask=flex_block_mask(window, gh, gw, device))
+
+
+_compiled_flex = None
+
+
+def flex_attention_fn(device):
+    """Compiled flex_attention on GPU (its fused kernel); the eager reference elsewhere (materialises the scores)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.device(device).type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
 
 
 class RelativePositionBias(nn.Module):
@@ -222,40 +387,74 @@ class RelativePositionBias(nn.Module):
 
     The table has (2w-1, 2w-1, heads) entries indexed by (dy + w-1, dx + w-1) with (dy, dx) = query - key.
     Offsets with |dy| or |dx| > w-1 get -1e7, so each token only attends to its (2w-1)^2 neighbourhood: this
-    is the transformer's only positional information and what keeps its cost local. The index is rebuilt per
-    grid size (never stored in the state dict) and cached in a plain dict.
+    is the transformer's only positional information and what keeps its cost local. The index tensors are built
+    per grid size (never stored in the state dict) and shared by all blocks.
     """
 
     def __init__(self, window: int, heads: int):
         super().__init__()
         self.window = window
         self.relative_bias_table = nn.Parameter(torch.zeros(2 * window - 1, 2 * window - 1, heads))
-        self._index_cache: dict = {}
 
-    def _index(self, gh: int, gw: int, device) -> torch.Tensor:
-        """(N, N) long index into the flattened table plus one trailing 'outside the window' slot."""
-        key = (gh, gw, str(device))
-        if key not in self._index_cache:
-            w = self.window
-            ys, xs = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
-            ys, xs = ys.flatten(), xs.flatten()
-            dy = ys[:, None] - ys[None, :]
-            dx = xs[:, None] - xs[None, :]
-            inside = (dy.abs() < w) & (dx.abs() < w)
-            idx = (dy + w - 1) * (2 * w - 1) + (dx + w - 1)
-            self._index_cache[key] = torch.where(inside, idx, torch.full_like(idx, (2 * w - 1) ** 2))
-        return self._index_cache[key]
-
-    def forward(self, gh: int, gw: int) -> torch.Tensor:
-        """-> (heads, N, N) additive float bias, N = gh * gw."""
+    def flat_table(self) -> torch.Tensor:
+        """((2w-1)^2 + 1, heads): the table flattened, plus a last row of OUTSIDE for offsets beyond the window."""
         table = self.relative_bias_table
         flat = table.reshape(-1, table.shape[-1])
-        flat = torch.cat([flat, flat.new_full((1, flat.shape[-1]), -1e7)], dim=0)
-        return flat[self._index(gh, gw, table.device)].permute(2, 0, 1)
+        return torch.cat([flat, flat.new_full((1, flat.shape[-1]), OUTSIDE)], dim=0)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """index (...) into the flat table -> (heads, ...) bias."""
+        return self.flat_table()[index].movedim(-1, 0)
+
+    def forward(self, gh: int, gw: int) -> torch.Tensor:
+        """-> (heads, N, N) additive float bias, N = gh * gw (the dense reference)."""
+        return self.gather(dense_index(self.window, gh, gw, self.relative_bias_table.device))
+
+
+def windowed_attention(q, k, v, bias: torch.Tensor, grid, window: int, block: int = LOCAL_BLOCK) -> torch.Tensor:
+    """Exact local attention: q, k, v (B, heads, N, d) on a gh x gw raster, bias (heads, tiles, block^2, side^2).
+
+    The grid is zero-padded to whole tiles (and by w-1 around for the keys); each tile of block x block queries
+    attends to its side x side halo with the gathered bias, OUTSIDE beyond the window or the grid. Work and
+    memory grow with N (side^2 = 484 keys per query) instead of N^2. Returns (B, heads, N, d).
+    """
+    b, h, n, d = q.shape
+    gh, gw = grid
+    r, side = window - 1, block + 2 * (window - 1)
+    ty, tx = -(-gh // block), -(-gw // block)
+    ph, pw = ty * block - gh, tx * block - gw
+
+    q = F.pad(q.view(b, h, gh, gw, d), (0, 0, 0, pw, 0, ph))
+    q = q.view(b, h, ty, block, tx, block, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h * ty * tx, block * block, d)
+
+    def halo(t):  # (B, heads, N, d) -> (B, heads * tiles, side^2, d)
+        t = F.pad(t.view(b, h, gh, gw, d), (0, 0, r, r + pw, r, r + ph))
+        t = t.unfold(2, side, block).unfold(3, side, block)  # (B, heads, ty, tx, d, side, side)
+        return t.permute(0, 1, 2, 3, 5, 6, 4).reshape(b, h * ty * tx, side * side, d)
+
+    mask = bias.reshape(1, h * ty * tx, block * block, side * side).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, halo(k), halo(v), attn_mask=mask)
+    out = out.view(b, h, ty, tx, block, block, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, ty * block, tx * block, d)
+    return out[:, :, :gh, :gw].reshape(b, h, n, d)
+
+
+def flex_window_attention(q, k, v, table: torch.Tensor, plan: AttentionPlan, window: int) -> torch.Tensor:
+    """FlexAttention: the bias table as a score modification, the window as a block mask. (B, heads, N, d)."""
+    gh, gw = plan.grid
+    r = window - 1
+    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or table.requires_grad):
+        raise UserError("attention=flex has no backward on a CPU: train with attention=local or auto there")
+
+    def add_bias(score, b, h, qi, ki):  # offsets clamped only to stay in the table; the block mask drops them
+        dy = (qi // gw - ki // gw).clamp(-r, r) + r
+        dx = (qi % gw - ki % gw).clamp(-r, r) + r
+        return score + table[dy, dx, h]
+
+    return flex_attention_fn(q.device)(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
 
 
 class Attention(nn.Module):
-    """(B, N, C) -> (B, N, C) multi-head self-attention with an additive (heads, N, N) bias; no QK-norm."""
+    """(B, N, C) -> (B, N, C) multi-head self-attention with the relative bias of the plan's path; no QK-norm."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -265,16 +464,26 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rpb: RelativePositionBias, plan: AttentionPlan) -> torch.Tensor:
         b, n, c = x.shape
 
         def split(t):  # (B, N, C) -> (B, heads, N, C/heads)
             return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
 
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
-        # A float mask rules out FlashAttention; PyTorch picks the memory-efficient or math kernel.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0))
+        if plan.mode == "dense":
+            # A float mask rules out FlashAttention; PyTorch picks the memory-efficient or math kernel.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=rpb.gather(plan.index).to(q.dtype).unsqueeze(0))
+        elif plan.mode == "local":
+            out = windowed_attention(q, k, v, rpb.gather(plan.index), plan.grid, rpb.window)
+        else:
+            out = flex_window_attention(q, k, v, rpb.relative_bias_table, plan, rpb.window)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Middle transformer
+# ----------------------------------------------------------------------------------------------------------
 
 
 class AdaLayerNorm(nn.Module):
@@ -332,8 +541,11 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.relative_position_bias = RelativePositionBias(window, heads)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, grid) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x, ctx, grid), self.relative_position_bias(*grid))
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, grid, plan: AttentionPlan | None = None) -> torch.Tensor:
+        """`plan` (from MidTransformer) says how to attend; None means the dense reference."""
+        if plan is None:
+            plan = attention_plan("dense", self.relative_position_bias.window, grid, x.device)
+        x = x + self.attn1(self.norm1(x, ctx, grid), self.relative_position_bias, plan)
         return x + self.ff(self.norm2(x))
 
 
@@ -341,10 +553,14 @@ class MidTransformer(nn.Module):
     """(B, C, gh, gw) -> (B, C, gh, gw): GroupNorm -> tokens -> proj_in -> blocks -> proj_out -> + input.
 
     With `feature_block` set, also returns the (B, N, C) output of that block (REPA's student features).
+    `attention` picks the path (ATTENTION_MODES); all give the same result, so it is not part of the state dict.
     """
 
-    def __init__(self, dim: int, depth: int, heads: int, ctx_channels: int, window: int):
+    def __init__(self, dim: int, depth: int, heads: int, ctx_channels: int, window: int, attention: str = "auto"):
         super().__init__()
+        resolve_attention(attention, window, (1, 1), "cpu")  # a bad name fails here, not at the first forward
+        self.attention = attention
+        self.window = window
         self.norm = nn.GroupNorm(32, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim)
         self.transformer_blocks = nn.ModuleList(
@@ -355,9 +571,10 @@ class MidTransformer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, feature_block: int | None = None):
         b, c, gh, gw = x.shape
         h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        plan = attention_plan(self.attention, self.window, (gh, gw), x.device)
         feats = None
         for i, block in enumerate(self.transformer_blocks):
-            h = block(h, ctx, (gh, gw))
+            h = block(h, ctx, (gh, gw), plan)
             if i == feature_block:
                 feats = h
         h = self.proj_out(h).transpose(1, 2).reshape(b, c, gh, gw)
@@ -376,9 +593,12 @@ class SSDDDecoder(nn.Module):
     t:   (B,) float noise level in [0, 1] (1 = pure noise), scaled by `timescale` before the embedding;
     z:   (B, z_channels, h, w) latent at 1/F of the image (F = 4, 8, 16, 32).
     Returns v (B, 3, H, W), or (v, feats) with feats (B, H/8 * W/8, C_mid) from block `repa_block`.
+    `attention`: auto | dense | local | flex, how the middle transformer applies its 15x15 window (same result;
+    auto picks per grid and device, see `resolve_attention`). Settable later through `self.mid_block.attention`.
     """
 
-    def __init__(self, size: str = "M", z_channels: int = 4, attn_window: int = 8, timescale: float = 1000.0):
+    def __init__(self, size: str = "M", z_channels: int = 4, attn_window: int = 8, timescale: float = 1000.0,
+                 attention: str = "auto"):
         super().__init__()
         if size not in DECODER_SIZES:
             raise UserError(f"unknown decoder size {size!r}: choose one of {', '.join(DECODER_SIZES)}")
@@ -404,7 +624,7 @@ class SSDDDecoder(nn.Module):
             DownBlock(widths[max(i - 1, 0)], widths[i], c0, temb_dim, num_layers=2, downsample=i < n - 1)
             for i in range(n)
         )
-        self.mid_block = MidTransformer(c_mid, cfg["depth"], cfg["heads"], c0, attn_window)
+        self.mid_block = MidTransformer(c_mid, cfg["depth"], cfg["heads"], c0, attn_window, attention)
         rev = widths[::-1]
         self.up_blocks = nn.ModuleList(
             UpBlock(

@@ -30,6 +30,7 @@ def model_from_config(cfg) -> SSDD:
         fm_sampler=OmegaConf.to_container(s.fm_sampler),
         encoder_base_channels=s.encoder_base_channels,
         kl_base_channels=s.kl_base_channels,
+        attention=s.get("attention", "auto"),
     )
     if not model.is_kl:
         model.decoder.repa_block = min(cfg.aux_losses.repa.i_extract, model.decoder.depth // 2)

@@ -18,6 +18,12 @@ from tokenizer.errors import UserError
 OPTIMIZERS = ("radam_schedulefree", "adamw")
 
 
+def enable_tf32() -> None:
+    """On CUDA, TF32 for the fp32 matmuls and convolutions left outside autocast (Ampere and newer); CPU unchanged."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_dir: str | None = None):
     """An accelerate Accelerator; mixed precision only on GPU (CPU autocast is far slower); TensorBoard in log_dir."""
     from accelerate import Accelerator
@@ -27,6 +33,7 @@ def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_
     if log_dir is not None:
         kw = dict(log_with="tensorboard", project_config=ProjectConfiguration(project_dir=log_dir, logging_dir=log_dir))
     mp = mixed_precision if torch.cuda.is_available() else "no"
+    enable_tf32()
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accumulate, **kw)
 
 
@@ -39,8 +46,8 @@ def build_optimizer(named_params, name: str, lr: float, weight_decay: float):
         import schedulefree
 
         return schedulefree.RAdamScheduleFree(groups, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+    if name == "adamw":  # the fused CUDA kernel where every parameter is on a GPU; CPU keeps the default
+        return torch.optim.AdamW(groups, lr=lr, fused=all(p.is_cuda for _, p in named_params) or None)
     raise UserError(f"unknown training.optimizer '{name}' (choose {' or '.join(OPTIMIZERS)})")
 
 
