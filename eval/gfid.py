@@ -145,7 +145,8 @@ def extract(source: ImageSource, inception: InceptionFeatures, batch_size: int =
     parts = {POOL: [], SPATIAL: [], LOGITS: []}
     with tqdm(total=source.count, desc=desc, unit="img") as bar:
         for batch in source.batches(batch_size):
-            feats = inception(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2))
+            batch = np.require(batch, requirements=["C", "W"])  # a writable copy of read-only (npz) buffers
+            feats = inception(torch.from_numpy(batch).permute(0, 3, 1, 2))
             for k in parts:
                 parts[k].append(feats[k].numpy())
             bar.update(len(batch))

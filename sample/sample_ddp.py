@@ -121,25 +121,24 @@ def sample(args) -> dict:
               f"in {out}; {world} process(es) x batch {batch}", flush=True)
     dit_s = decoder_s = 0.0
     bad = []
-    bar = tqdm(total=sum(len(r) for _, r in todo), desc="sampling", unit="img", disable=not main)
-    for _, indices in mine:
-        y = torch.tensor([i % gen.num_classes for i in indices])
-        noise, decoder_noise = gen.draw_sample_noise(indices, args.seed)
-        step_noise = gen.sde_step_noise(indices, args.seed) if s["sampler"] == "sde" else None
-        z, t = gen.sample_latents(y, noise, s, args.seed, batch_size=len(indices), step_noise=step_noise)
-        images, dec = gen.decode(z, decoder_noise, decoder_name, decoder_steps, batch_size=len(indices))
-        dit_s, decoder_s = dit_s + t, decoder_s + dec["decoder_s"]
-        finite = (torch.isfinite(z.flatten(1)).all(1).cpu() & dec["finite"]).tolist()
-        pixels = to_uint8(images)
-        for j, i in enumerate(indices):
-            if finite[j]:
-                write_png(os.path.join(out, png_name(i, n)), pixels[j])
-            else:
-                bad.append(i)
-        bar.update(min(len(indices) * world, bar.total - bar.n))
-        if bad:
-            bar.set_postfix_str(f"{len(bad)} non-finite")
-    bar.close()
+    with tqdm(total=sum(len(r) for _, r in todo), desc="sampling", unit="img", disable=not main) as bar:
+        for _, indices in mine:
+            y = torch.tensor([i % gen.num_classes for i in indices])
+            noise, decoder_noise = gen.draw_sample_noise(indices, args.seed)
+            step_noise = gen.sde_step_noise(indices, args.seed) if s["sampler"] == "sde" else None
+            z, t = gen.sample_latents(y, noise, s, args.seed, batch_size=len(indices), step_noise=step_noise)
+            images, dec = gen.decode(z, decoder_noise, decoder_name, decoder_steps, batch_size=len(indices))
+            dit_s, decoder_s = dit_s + t, decoder_s + dec["decoder_s"]
+            finite = (torch.isfinite(z.flatten(1)).all(1).cpu() & dec["finite"]).tolist()
+            pixels = to_uint8(images)
+            for j, i in enumerate(indices):
+                if finite[j]:
+                    write_png(os.path.join(out, png_name(i, n)), pixels[j])
+                else:
+                    bad.append(i)
+            bar.update(min(len(indices) * world, bar.total - bar.n))
+            if bad:
+                bar.set_postfix_str(f"{len(bad)} non-finite")
     accelerator.wait_for_everyone()
     if not main:
         return {}
