@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -263,7 +264,8 @@ def evaluate(args) -> dict:
 
                 os.makedirs(args.save_npz, exist_ok=True)
                 arr = np.concatenate(kept[name])
-                row["npz"] = os.path.join(args.save_npz, f"{name.replace(' ', '_').replace('/', '-')}_cfg{cfg_scale:g}.npz")
+                slug = re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_")
+                row["npz"] = os.path.join(args.save_npz, f"{slug}_cfg{cfg_scale:g}.npz")
                 write_sample_batch(row["npz"], [arr], n, arr.shape[1:], np.arange(n) % gen.num_classes)
             quality = ", ".join(f"{k} {row[k]:.4g}" for k in ("accuracy", "fd_classifier", "fid") if row.get(k) is not None)
             print(f"cfg {cfg_scale:g} {name}: {quality}; {row['images_per_s']:.3g} images/s "

@@ -17,11 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dit.export import main as export_main
 from dit.pipeline import load_generator
-from dit_fixtures import ROOT, make_dit, make_tokenizer
+from dit_fixtures import ROOT, make_bundle
 from tokenizer import SSDD
-from tokenizer.checkpoint import read_weights, save_weights
 
 spec = importlib.util.spec_from_file_location("sample_ddp", os.path.join(ROOT, "sample", "sample_ddp.py"))
 sample_ddp = importlib.util.module_from_spec(spec)
@@ -30,22 +28,8 @@ spec.loader.exec_module(sample_ddp)
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    """A random DiT-Ti/1 + XS tokenizer bundle (2 DiT steps by default) with the KL-VAE as an extra decoder."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    tok = make_tokenizer(tmp / "tok")
-    dit = make_dit(tmp / "dit.safetensors", tok)
-    state, meta = read_weights(dit)
-    encoder = SSDD.from_checkpoint(tok).encoder
-    meta["encoder_sha256"] = SSDD.from_checkpoint(tok).encoder_sha256()
-    save_weights(state, dit, meta)
-    torch.manual_seed(1)
-    kl = SSDD(encoder="f8c4", decoder="kl", encoder_base_channels=32, kl_base_channels=32)
-    kl.encoder.load_state_dict(encoder.state_dict())
-    save_weights(kl, str(tmp / "kl.safetensors"), kl.architecture())
-    out = tmp / "bundle"
-    assert export_main(["--dit", dit, "--out", str(out), "--steps", "2", "--decoder-steps", "1",
-                        "--extra-decoder", f"KL-VAE={tmp / 'kl.safetensors'}"]) == 0
-    return str(out)
+    """Random DiT-Ti/1 (2 steps by default) + the distilled stand-in, a 2-step teacher and a KL-VAE."""
+    return make_bundle(tmp_path_factory.mktemp("ddp"))
 
 
 @contextmanager
@@ -103,7 +87,7 @@ def test_samples_npz_labels_resume_and_settings(bundle, tmp_path, capsys):
     assert labels.tolist() == [i % 10 for i in range(7)]  # class-balanced: class i mod 10
     assert all(np.array_equal(np.asarray(Image.open(out / p)), images[i]) for i, p in enumerate(pngs(out)))
     settings = json.load(open(out / "sampling.json"))
-    assert settings["decoder"] == "SSDD-XS 1-step" and settings["steps"] == 2 and settings["num_samples"] == 7
+    assert settings["decoder"] == "SSDD-XS 1-step (distilled)" and settings["steps"] == 2 and settings["num_samples"] == 7
 
     # resume: a lost PNG and a half-written temporary file; only the batch that misses a PNG runs again
     before = {p: (out / p).read_bytes() for p in pngs(out)}
