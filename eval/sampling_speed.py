@@ -11,9 +11,11 @@ The paper's "3.8x faster sampling" has two readings, and both are measured here 
      decoder, against the f8c4 DiT-XL/2 + KL-VAE pipeline.
 
 Speed does not depend on the weights, so all models are randomly initialised. A DiT step is one guided velocity
-(classifier-free guidance: a forward of batch 2B); its time is the median of --repeats timed steps after --warmup,
-and a pipeline of S steps is taken as S x (step time) + (decoder time), measured side by side in the same process:
-the stated figures for 250, 50 and 25 steps are computed this way, not timed end to end. CPU: fp32; GPU: bf16
+(classifier-free guidance: a forward of batch 2B). All models stay loaded and are timed in turns (a DiT step of each,
+a decode of each, then again, --repeats rounds after --warmup one-step rounds), so the drifting load of a shared
+machine weighs on all alike; each time is the median of its rounds. A pipeline of S steps is taken as
+S x (step time) + (decoder time): the stated figures for 250, 50 and 25 steps are computed this way, not timed end to
+end. CPU: fp32; GPU: bf16
 autocast (and --compile). Writes <out>.json, <out>.md (tables and speed-ups next to the paper's 3.8x) and <out>.png.
 """
 
@@ -26,6 +28,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from dit.flow import guided_velocity
 from dit.models import build_dit
@@ -61,9 +64,8 @@ def decoder_label(name: str, steps: int) -> str:
     return "KL-VAE (SD-VAE size)" if name == "kl" else f"SSDD-{name} {steps}-step"
 
 
-def time_dit_step(model_name: str, encoder: str, size: int, batch: int, cfg_scale: float, device, amp_dtype,
-                  warmup: int, repeats: int, compile_: bool) -> dict:
-    """Median seconds of one guided DiT velocity on random latents of `encoder` at `size` px."""
+def dit_timer(model_name: str, encoder: str, size: int, batch: int, cfg_scale: float, device, compile_):
+    """(row, call): one guided DiT velocity on random latents of `encoder` at `size` px, as a timed_call function."""
     f, c = parse_encoder_name(encoder)
     torch.manual_seed(0)
     model = build_dit(model_name, input_size=size // f, in_channels=c, num_classes=1000, learn_sigma=True)
@@ -75,21 +77,30 @@ def time_dit_step(model_name: str, encoder: str, size: int, batch: int, cfg_scal
     def step(_z, _steps):
         guided_velocity(fn, x, 0.5, y, cfg_scale, null_class=model.null_class)
 
-    times = [timed_call(step, x, 1, device, amp_dtype) for _ in range(warmup + repeats)][warmup:]
-    out = {"dit": model_name, "encoder": encoder, "latent": [c, size // f, size // f],
-           "tokens": model.x_embedder.num_patches, "params": sum(p.numel() for p in model.parameters()),
-           "step_s": statistics.median(times), "step_times_s": [round(t, 4) for t in times]}
-    del model, fn
-    return out
+    row = {"dit": model_name, "encoder": encoder, "latent": [c, size // f, size // f],
+           "tokens": model.x_embedder.num_patches, "params": sum(p.numel() for p in model.parameters())}
+    return row, (lambda steps: step(None, steps)), 1
 
 
-def time_decoder(name: str, steps: int, encoder: str, size: int, batch: int, device, amp_dtype, warmup: int,
-                 repeats: int, compile_: bool) -> dict:
+def decoder_timer(name: str, steps: int, encoder: str, size: int, batch: int, device, compile_):
+    """(row, call(steps), steps): one decode of random latents."""
     fn, params, (c, f) = build_decode_fn(name, encoder, 128, device, compile_)
     z = torch.randn(batch, c, size // f, size // f, device=device)
-    times = [timed_call(fn, z, steps, device, amp_dtype) for _ in range(warmup + repeats)][warmup:]
-    return {"decoder": name, "steps": steps, "label": decoder_label(name, steps), "encoder": encoder,
-            "params": params, "decode_s": statistics.median(times), "decode_times_s": [round(t, 4) for t in times]}
+    row = {"decoder": name, "steps": steps, "label": decoder_label(name, steps), "encoder": encoder, "params": params}
+    return row, (lambda n: fn(z, n)), steps
+
+
+def time_round_robin(timers: list, device, amp_dtype, warmup: int, repeats: int) -> list:
+    """Median seconds of each timer's call, timed in turns (one call of each, then again, ...), so that the load of a
+    shared machine, which drifts over minutes, weighs on every configuration alike. Warm-up calls use one step."""
+    for _ in range(warmup):
+        for _, call, _ in timers:
+            timed_call(lambda _z, n: call(n), None, 1, device, amp_dtype)
+    times = [[] for _ in timers]
+    for _ in tqdm(range(repeats), desc="timing rounds"):
+        for i, (_, call, steps) in enumerate(timers):
+            times[i].append(timed_call(lambda _z, n: call(n), None, steps, device, amp_dtype))
+    return [(statistics.median(t), [round(x, 4) for x in t]) for t in times]
 
 
 def pipelines(dits: list, decoders: list, dit_steps: list, batch: int) -> list:
@@ -160,7 +171,8 @@ def markdown(record: dict) -> str:
     lines = [f"# End-to-end sampling speed at paper sizes ({where})", "",
              f"{r['date']}; {s['size']} px, batch {s['batch']}, cfg {s['cfg_scale']:g} (a DiT step is a forward of "
              f"batch {2 * s['batch']}), {s['dtype']}{', torch.compile' if s['compile'] else ''}; random weights; "
-             f"warm-up {s['warmup']}, median of {s['repeats']}. Load average (1, 5, 15 min) {m['load_average']} at "
+             f"warm-up {s['warmup']} round(s) of one step, median of {s['repeats']} rounds timed in turns (every model "
+             f"loaded). Load average (1, 5, 15 min) {m['load_average']} at "
              f"start, {r['load_average_end']} at end.", f"Command: `{r['command']}`", "",
              "**Pipeline times are computed, not timed end to end:** S x (median DiT step) + (median decode), both "
              "measured in this run.", "", "Measured parts:", "",
@@ -199,18 +211,20 @@ def measure(args) -> dict:
         raise UserError("--dit-steps, --batch and --repeats must be >= 1, --warmup >= 0")
     machine = machine_info(device)
     t0 = time.perf_counter()
-    dit_rows = []
-    for encoder, model in dits:
-        dit_rows.append(time_dit_step(model, encoder, args.size, args.batch, args.cfg_scale, device, amp_dtype,
-                                      args.warmup, args.repeats, args.compile))
-        print(f"{model} on {encoder}: {dit_rows[-1]['tokens']} tokens, {dit_rows[-1]['step_s']:.3f} s per guided "
-              f"step", flush=True)
-    dec_rows = []
-    for encoder in dict.fromkeys(e for e, _ in dits):
-        for name, steps in decoders:
-            dec_rows.append(time_decoder(name, steps, encoder, args.size, args.batch, device, amp_dtype, args.warmup,
-                                         args.repeats, args.compile))
-            print(f"{dec_rows[-1]['label']} on {encoder}: {dec_rows[-1]['decode_s']:.3f} s per decode", flush=True)
+    # every model stays in memory (three DiT-XL: ~8 GB in fp32) so that the timings can take turns
+    dit_timers = [dit_timer(model, encoder, args.size, args.batch, args.cfg_scale, device, args.compile)
+                  for encoder, model in dits]
+    dec_timers = [decoder_timer(name, steps, encoder, args.size, args.batch, device, args.compile)
+                  for encoder in dict.fromkeys(e for e, _ in dits) for name, steps in decoders]
+    timed = time_round_robin(dit_timers + dec_timers, device, amp_dtype, args.warmup, args.repeats)
+    dit_rows, dec_rows = [t[0] for t in dit_timers], [t[0] for t in dec_timers]
+    for row, (median, times) in zip(dit_rows + dec_rows, timed):
+        row.update({"step_s": median, "step_times_s": times} if "dit" in row else {"decode_s": median,
+                                                                                   "decode_times_s": times})
+    for d in dit_rows:
+        print(f"{d['dit']} on {d['encoder']}: {d['tokens']} tokens, {d['step_s']:.3f} s per guided step", flush=True)
+    for d in dec_rows:
+        print(f"{d['label']} on {d['encoder']}: {d['decode_s']:.3f} s per decode", flush=True)
     rows = pipelines(dit_rows, dec_rows, args.dit_steps, args.batch)
     record = {"settings": {"size": args.size, "batch": args.batch, "cfg_scale": args.cfg_scale, "dtype": dtype_name,
                            "compile": args.compile, "warmup": args.warmup, "repeats": args.repeats,
