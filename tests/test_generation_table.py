@@ -70,7 +70,7 @@ def test_generation_table_rows_speedups_and_samples(bundle, classifier, tmp_path
     assert set(fast["speedup"]) == set(names[1:])
     assert fast["speedup"][names[1]]["throughput"] == pytest.approx(
         fast["images_per_s"] / rows[3.0, names[1]]["images_per_s"])
-    assert len(r["speedups"]) == 4 and "faster than SSDD-XS 2-step (teacher)" in r["speedups"][0]
+    assert len(r["speedups"]) == 4 and "(distilled) vs SSDD-XS 2-step (teacher): " in r["speedups"][0]
     assert r["real"]["n_test"] == 100 and r["real"]["n_reference"] == 12 and r["plot_metric"] == "fd_classifier"
     md = open(out + ".md").read()
     assert "| 3 | KL-VAE | 1 |" in md and "Speed-up" in md and "t.png" in md
