@@ -290,7 +290,11 @@ def compare(ref_feats: dict | None, sample_feats: dict, ref_stats: dict | None =
         out[metric] = None if a is None or b is None else frechet_distance(*a, *b)
         if out[metric] is None:
             notes.append(f"{metric} not computed: the reference has neither images nor precomputed statistics for it")
-    out["inception_score"], out["inception_score_std"] = inception_score(sample_feats[LOGITS], is_splits)
+    out["inception_score"] = out["inception_score_std"] = None
+    try:
+        out["inception_score"], out["inception_score_std"] = inception_score(sample_feats[LOGITS], is_splits)
+    except UserError as e:
+        notes.append(f"inception_score not computed: {e}")
     out["precision"] = out["recall"] = out["kid"] = out["kid_std"] = None
     if ref_feats is None:
         notes.append("precision, recall and KID not computed: the reference holds statistics but no images")

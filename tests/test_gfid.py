@@ -221,3 +221,19 @@ def test_gfid_without_weights_is_one_line(tmp_path, capsys):
     assert gfid_cli.main([str(folder), str(folder), "--inception-weights", str(tmp_path / "none.pth")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "none.pth" in err
+
+
+def test_compare_reports_what_it_cannot_compute():
+    rng = np.random.default_rng(5)
+
+    def feats(n):
+        return {"pool": rng.normal(size=(n, 16)).astype(np.float32),
+                "spatial": rng.normal(size=(n, 8)).astype(np.float32), "logits": rng.normal(size=(n, 10))}
+
+    r = compare(feats(6), feats(3))  # too few samples for IS splits and 3-NN balls
+    assert np.isfinite(r["fid"]) and r["inception_score"] is None and r["precision"] is None and r["kid"] is not None
+    assert any(n.startswith("inception_score not computed") for n in r["notes"])
+    assert any(n.startswith("precision and recall not computed") for n in r["notes"])
+    only_stats = {"mu": np.zeros(16), "sigma": np.eye(16)}  # a reference of statistics only: no sFID, P/R, KID
+    r = compare(None, feats(20), ref_stats=only_stats)
+    assert r["fid"] is not None and r["sfid"] is None and r["recall"] is None and r["kid"] is None
