@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr  # noqa: E402
 
-from dit.pipeline import BUNDLE_DIR, FAMILY_METHODS, Generator, load_generator, to_uint8  # noqa: E402
+from dit.pipeline import BUNDLE_DIR, FAMILY_METHODS, Generator, load_generator  # noqa: E402
+from tokenizer.metrics import to_uint8  # noqa: E402
 from tokenizer.errors import UserError, one_line, run_cli  # noqa: E402
 
 log = logging.getLogger("ssdd.app")

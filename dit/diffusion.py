@@ -155,12 +155,13 @@ def guided_output(model_fn: ModelFn, x: torch.Tensor, timestep: float, y: torch.
 def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps=250, method: str = "ddpm",
            cfg_scale: float = 1.0, cfg_channels: Optional[int] = 3, guidance_interval: Tuple[float, float] = (0.0, 1.0),
            null_class: Optional[int] = None, generator: Optional[torch.Generator] = None, clip_denoised: bool = False,
-           eta: float = 0.0, progress: bool = False) -> torch.Tensor:
+           eta: float = 0.0, progress: bool = False, step_noise=None) -> torch.Tensor:
     """Sample x_0 (B, C, H, W) from x_T = noise with a DiT-convention model.
 
     steps: an int (evenly spaced respacing, as DiT's `--num-sampling-steps`) or a respacing spec ("ddim50").
     method: "ddpm" (ancestral, learned variance) or "ddim" (eta = 0: deterministic). The per-step noise of
-    "ddpm" (and of "ddim" with eta > 0) comes from `generator`. null_class defaults to `model_fn.null_class`.
+    "ddpm" (and of "ddim" with eta > 0) comes from `step_noise(x)` when given (per-sample streams), else
+    `generator`. null_class defaults to `model_fn.null_class`.
     A model output of C channels (no learn_sigma) uses DiT's fixed variance instead of the learned range.
     """
     if method not in METHODS:
@@ -187,16 +188,18 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps=250, m
                 x = mean
             else:
                 log_var = schedule.model_log_variance(var_values, i, x)
-                x = mean + torch.exp(0.5 * log_var) * _randn(x, generator)
+                x = mean + torch.exp(0.5 * log_var) * _randn(x, generator, step_noise)
         else:
             eps = schedule.predict_eps(x, x0, i)  # equals the model's eps unless x0 was clipped
             ab, ab_prev = schedule.alpha_bar[i], schedule.alpha_bar_prev[i]
             sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
             x = _f32(np.sqrt(ab_prev)) * x0 + _f32(np.sqrt(1 - ab_prev - sigma ** 2)) * eps
             if sigma > 0 and not last:
-                x = x + _f32(sigma) * _randn(x, generator)
+                x = x + _f32(sigma) * _randn(x, generator, step_noise)
     return x
 
 
-def _randn(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _randn(x: torch.Tensor, generator: Optional[torch.Generator], step_noise=None) -> torch.Tensor:
+    if step_noise is not None:
+        return step_noise(x)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -9,25 +9,38 @@ or tokenizer run name; default: the tokenizer the DiT was trained on). A whole-m
 the same encoder as the one that made the DiT's latents (checked by the sha256 of its encoder weights); a
 distilled single-step decoder of the same encoder passes that check and makes the bundle decode in one step.
 --cfg / --steps / --sampler / --decoder-steps set the bundle's default sampler (else the run's `sample:` config).
+
+--extra-decoder "NAME=CKPT[:STEPS]" (repeatable) adds further decoders of the same latents, e.g. the multi-step
+teacher and the KL-VAE baseline next to the distilled default, so that `Generator.compare` and
+eval/generation_table.py can set them side by side:
+
+    python -m dit.export --dit dit_fmnist --decoder fmnist_f8c4_XS_distill --out dit/assets/fmnist \
+        --extra-decoder "SSDD-XS 8-step (teacher)=fmnist_f8c4_XS:8" --extra-decoder "KL-VAE=fmnist_f8c4_kl"
+
+Each is checked like the main one (the sha256 of a whole-model checkpoint's encoder, or the `encoder_sha256` a
+decoder-only file records, must be the DiT's), written decoder-only in fp16 as decoder_<name>.safetensors, and
+listed in bundle.json `decoders` ({name, file, steps, sha256, ...}; the default decoder first).
 """
 
 import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 
 import torch
 
 from dit.flow import METHODS
-from dit.pipeline import DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, load_dit
+from dit.pipeline import (DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, decoder_label,
+                          default_decoder_steps, load_dit)
 from tokenizer.checkpoint import save_weights
 from tokenizer.errors import UserError, run_cli
 from tokenizer.ssdd import SSDD
 from tokenizer.runs import resolve_checkpoint
 
-BUNDLE_LIMIT_MB = 25.0
+BUNDLE_LIMIT_MB = 25.0  # the DiT plus the default decoder; extra decoders are optional files beside them
 
 
 def resolve_dit(spec: str, ckpt_dir: str) -> str:
@@ -48,20 +61,63 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def parse_extra_decoder(text: str) -> tuple[str, str, int | None]:
+    """'NAME=CKPT[:STEPS]' -> (name, checkpoint, steps or None)."""
+    name, sep, rest = text.partition("=")
+    ckpt, steps = rest, None
+    head, colon, tail = rest.rpartition(":")
+    if colon and tail.isdigit():
+        ckpt, steps = head, int(tail)
+    if not sep or not name.strip() or not ckpt or (steps is not None and steps < 1):
+        raise UserError(f"--extra-decoder must look like 'NAME=CKPT[:STEPS]' with STEPS >= 1, got {text!r}")
+    return name.strip(), ckpt, steps
+
+
+def decoder_file_name(name: str) -> str:
+    return "decoder_" + (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "extra") + ".safetensors"
+
+
+def check_decoder(decoder: SSDD, path: str, meta: dict) -> str:
+    """Refuse a decoder of another encoder than the DiT's; returns how the check was made."""
+    if decoder.has_encoder:
+        h = decoder.encoder_sha256()
+        how = "sha256 of the encoder weights matches the DiT's cache"
+    else:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            h = (f.metadata() or {}).get("encoder_sha256")
+        if h is None:
+            return "not checked (decoder-only file without encoder_sha256)"
+        how = "encoder_sha256 recorded in the decoder-only file matches the DiT's"
+    if h != meta["encoder_sha256"]:
+        raise UserError(f"the decoder checkpoint {path} comes with another encoder (sha256 {h[:12]}) than the "
+                        f"one whose latents the DiT learnt (sha256 {meta['encoder_sha256'][:12]}); its latents "
+                        f"would not match")
+    latent = _json_field(meta, "latent_shape")
+    if decoder.encoder.z_channels != latent[0] or decoder.patch_size * latent[1] != int(meta["im_size"]):
+        raise UserError(f"the decoder {path} takes {decoder.encoder.z_channels}-channel latents at 1/"
+                        f"{decoder.patch_size} scale, not the DiT's {latent} for {meta['im_size']} px")
+    return how
+
+
+def decoder_summary(decoder: SSDD) -> dict:
+    return {**decoder.architecture(), "single_step": bool(decoder.single_step),
+            "params": sum(p.numel() for p in decoder.decoder.parameters()), "dtype": "float16"}
+
+
 def export(args) -> dict:
     dit_path = resolve_dit(args.dit, args.ckpt_dir)
     model, meta = load_dit(dit_path)
     dec_path = resolve_checkpoint(args.ckpt_dir, args.decoder or meta["tokenizer_checkpoint"])
     decoder = SSDD.from_checkpoint(dec_path).eval()
-    if decoder.has_encoder:
-        h = decoder.encoder_sha256()
-        if h != meta["encoder_sha256"]:
-            raise UserError(f"the decoder checkpoint {dec_path} comes with another encoder (sha256 {h[:12]}) than the "
-                            f"one whose latents the DiT learnt (sha256 {meta['encoder_sha256'][:12]}); its latents "
-                            f"would not match")
-        enc_check = "sha256 of the encoder weights matches the DiT's cache"
-    else:
-        enc_check = "not checked (decoder-only file)"
+    enc_check = check_decoder(decoder, dec_path, meta)
+    extras = []  # (name, source path, steps, SSDD, check); all checked before anything is written
+    for text in args.extra_decoder or []:
+        name, spec, steps = parse_extra_decoder(text)
+        path = resolve_checkpoint(args.ckpt_dir, spec)
+        extra = SSDD.from_checkpoint(path).eval()
+        extras.append((name, path, steps or default_decoder_steps(extra), extra, check_decoder(extra, path, meta)))
     sample = {**SAMPLE_DEFAULTS, **_json_field(meta, "sample", {})}
     sample = {k: sample[k] for k in SAMPLE_DEFAULTS}
     for key, value in (("cfg_scale", args.cfg), ("steps", args.steps), ("method", args.sampler),
@@ -70,24 +126,42 @@ def export(args) -> dict:
             sample[key] = value
     if sample["method"] not in METHODS:
         raise UserError(f"unknown sampler {sample['method']!r}; valid: {', '.join(METHODS)}")
+    main_steps = sample["decoder_steps"] or default_decoder_steps(decoder)
+    main_name = args.decoder_name or decoder_label(decoder, main_steps)
+    names = [main_name] + [e[0] for e in extras]
+    if len(set(names)) != len(names) or len({decoder_file_name(n) for n in names[1:]}) != len(extras):
+        raise UserError(f"decoder names must differ (also once reduced to file names): {names}")
 
     os.makedirs(args.out, exist_ok=True)
+    for stale in os.listdir(args.out):  # extra decoders of an earlier export into the same folder
+        if stale.startswith("decoder_") and stale.endswith(".safetensors"):
+            os.remove(os.path.join(args.out, stale))
     provenance = {"dit_source": dit_path, "dit_step": meta.get("step"), "decoder_source": dec_path}
     dit_meta = {**meta, "sample": json.dumps(sample), "exported_from": dit_path}
     save_weights({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
                  os.path.join(args.out, DIT_FILE), dit_meta)
     decoder.save_decoder(os.path.join(args.out, DECODER_FILE), dtype=torch.float16,
                          metadata={"exported_from": dec_path, "encoder_sha256": meta["encoder_sha256"]})
+    written = [DIT_FILE, DECODER_FILE]
+    listing = [{"name": main_name, "file": DECODER_FILE, "steps": main_steps, **decoder_summary(decoder),
+                "source": dec_path, "encoder_check": enc_check}]
+    for name, path, steps, extra, check in extras:
+        file = decoder_file_name(name)
+        extra.save_decoder(os.path.join(args.out, file), dtype=torch.float16,
+                           metadata={"exported_from": path, "encoder_sha256": meta["encoder_sha256"]})
+        written.append(file)
+        listing.append({"name": name, "file": file, "steps": steps, **decoder_summary(extra), "source": path,
+                        "encoder_check": check})
     files = {name: {"bytes": os.path.getsize(os.path.join(args.out, name)),
-                    "sha256": sha256_file(os.path.join(args.out, name))} for name in (DIT_FILE, DECODER_FILE)}
+                    "sha256": sha256_file(os.path.join(args.out, name))} for name in written}
+    for entry in listing:
+        entry.update(files[entry["file"]])
     info = {
         "what": "class-conditional DiT + SSDD decoder generator bundle (dit.pipeline.load_generator)",
         "dit": {"model": meta["model"], "params": sum(p.numel() for p in model.parameters()),
                 "num_classes": int(meta["num_classes"]), "class_names": _json_field(meta, "class_names", []),
                 "learn_sigma": bool(int(meta["learn_sigma"])), "dtype": "float16"},
-        "decoder": {**decoder.architecture(), "single_step": bool(decoder.single_step),
-                    "default_steps": 1 if decoder.single_step else decoder.default_steps,
-                    "params": sum(p.numel() for p in decoder.decoder.parameters()), "dtype": "float16"},
+        "decoder": {**decoder_summary(decoder), "default_steps": 1 if decoder.single_step else decoder.default_steps},
         "latent_shape": _json_field(meta, "latent_shape"),
         "im_size": int(meta["im_size"]),
         "dataset": meta.get("dataset"),
@@ -101,13 +175,19 @@ def export(args) -> dict:
         "files": files,
         "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if extras:  # without extras bundle.json keeps its earlier form (decoder.safetensors is the one decoder)
+        info["decoders"] = listing
     with open(os.path.join(args.out, INFO_FILE), "w") as f:
         json.dump(info, f, indent=2)
-    total = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)) / 1e6
+    default_mb = sum(files[n]["bytes"] for n in (DIT_FILE, DECODER_FILE)) / 1e6
+    total = sum(f["bytes"] for f in files.values()) / 1e6
     print(f"exported {meta['model']} (step {meta.get('step')}) + {decoder.decoder_name} decoder "
-          f"({'single-step' if decoder.single_step else f'{decoder.default_steps}-step'}) to {args.out}: {total:.1f} MB")
-    if total > BUNDLE_LIMIT_MB:
-        print(f"warning: the bundle is larger than the {BUNDLE_LIMIT_MB:.0f} MB the repository allows")
+          f"({'single-step' if decoder.single_step else f'{decoder.default_steps}-step'}) to {args.out}: "
+          f"{default_mb:.1f} MB" + (f", plus {len(extras)} extra decoder(s) ({', '.join(names[1:])}): "
+                                    f"{total:.1f} MB in all" if extras else ""))
+    if default_mb > BUNDLE_LIMIT_MB:
+        print(f"warning: the DiT and default decoder are larger than the {BUNDLE_LIMIT_MB:.0f} MB the repository "
+              f"allows")
     return info
 
 
@@ -121,6 +201,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="default DiT sampling steps")
     ap.add_argument("--sampler", default=None, help=f"default sampler ({', '.join(METHODS)})")
     ap.add_argument("--decoder-steps", type=int, default=None, help="default decoder steps (default: the decoder's)")
+    ap.add_argument("--decoder-name", default=None, help="display name of the default decoder (default: e.g. "
+                    "'SSDD-XS 1-step (distilled)')")
+    ap.add_argument("--extra-decoder", action="append", default=None, metavar="NAME=CKPT[:STEPS]",
+                    help="a further decoder of the same latents (repeatable); CKPT a file or tokenizer run name")
     return run_cli(export, ap.parse_args(argv))
 
 

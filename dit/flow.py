@@ -132,6 +132,7 @@ def sample(
     time_shift: float = 1.0,
     sde_scale: float = 1.0,
     cfg_channels: Optional[int] = None,
+    step_noise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0); returns x at t = 0, shaped like noise.
 
@@ -151,6 +152,8 @@ def sample(
              eps_hat = x - (1 - t_i) v, z ~ N(0, I) from `generator`. The last step is the
              plain Euler step (no noise), so the output is the model's clean estimate.
              sde_scale = 0 recovers Euler. steps evaluations.
+             `step_noise(x)`, when given, draws z (shaped like x) instead of `generator`: per-sample
+             generators make the SDE's noise independent of how samples are batched.
     """
     if method not in METHODS:
         raise UserError(f"unknown sampling method {method!r}; valid: {', '.join(METHODS)}")
@@ -176,6 +179,7 @@ def sample(
                 x = x + h * v
             else:
                 eps_hat = x - (1 - t_cur) * v
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                z = (step_noise(x) if step_noise is not None
+                     else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
                 x = x + h * (v - sde_scale * eps_hat) + (2 * sde_scale * t_cur * h) ** 0.5 * z
     return x

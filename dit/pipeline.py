@@ -8,8 +8,10 @@
     by_decoder, timings = gen.compare(ids, num=4, seed=0)  # {name: images}; timings["decoders"][name]["decoder_s"]
 
 The steps underneath, for callers that need them separately (sampling scripts, the app, benchmarks):
-`draw_noise(n, seed)` -> CPU noise for the DiT and for the decoder; `sample_latents(y, noise, ...)` -> latents
-(de-normalised, what a decoder takes); `decode(z, decoder_noise, decoder=name)` -> images.
+`draw_noise(n, seed)` -> CPU noise for the DiT and for the decoder (`draw_sample_noise(indices, seed)`: the same,
+drawn per sample from (seed, i), for sampling runs whose images must not depend on batching);
+`sample_latents(y, noise, ...)` -> latents (de-normalised, what a decoder takes); `decode(z, decoder_noise,
+decoder=name)` -> images.
 
 `load_generator(path)` takes a bundle directory (dit_ema.safetensors + decoder files + bundle.json, as
 `python -m dit.export` writes it), or a DiT checkpoint written by `dit.train` (model_dit_ema.safetensors or its
@@ -23,7 +25,8 @@ Decoders are given as specs (`decoder=[...]`): a checkpoint file (as before), `s
 including the released decoder-only SDVAE_*_256 files), `sdvae` or `sdvae:<file or name>` (the SD-VAE KL decoder,
 either published layout; default sd-vae-ft-mse). Generators on SD-VAE latents default to `sdvae`.
 All noise is drawn on the CPU from `seed`, so the same call gives the same images on any device (the per-step
-noise of the stochastic samplers excepted, which is drawn on the device).
+noise of the stochastic samplers excepted, which is drawn on the device unless `sde_step_noise` draws it per
+sample).
 """
 
 from __future__ import annotations
@@ -62,11 +65,6 @@ def imagenet_class_names() -> list[str]:
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8, for PNG files and displays."""
-    return ((images.clamp(-1, 1).movedim(-3, -1).numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
 def load_dit(path: str) -> tuple[DiT, dict]:
@@ -229,14 +227,40 @@ class Generator:
         noise = torch.randn((n, *self.latent_shape), generator=g)
         return noise, torch.randn((n, *self.image_shape), generator=g)
 
+    def draw_sample_noise(self, indices, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample noise: sample i's (DiT noise (C, h, w), decoder noise (3, H, W)) come, in that order, from its
+        own CPU generator seeded from (seed, i), so an image does not depend on which samples share its batch, the
+        batch size or the number of processes. -> two stacked tensors (len(indices), ...)."""
+        noise, decoder_noise = [], []
+        for i in indices:
+            g = torch.Generator().manual_seed(sample_seed(seed, i))
+            noise.append(torch.randn(self.latent_shape, generator=g))
+            decoder_noise.append(torch.randn(self.image_shape, generator=g))
+        return torch.stack(noise), torch.stack(decoder_noise)
+
+    def sde_step_noise(self, indices, seed: int):
+        """`step_noise` for `sample_latents` with the sde sampler: sample i's per-step noise from its own CPU
+        generator seeded from (seed, i, 1), moved to the device (only the sde sampler calls it)."""
+        gens = [torch.Generator().manual_seed(sample_seed(seed, i, stream=1)) for i in indices]
+
+        def draw(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
+
+        return draw
+
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def sample_latents(self, y: torch.Tensor, noise: torch.Tensor, settings: dict, seed: int = 0,
-                       batch_size: int = 256, progress=None) -> tuple[torch.Tensor, float]:
-        """(latents (n, C, h, w) on the device, de-normalised for the decoders, seconds) for labels y (n,)."""
+                       batch_size: int = 256, progress=None, step_noise=None) -> tuple[torch.Tensor, float]:
+        """(latents (n, C, h, w) on the device, de-normalised for the decoders, seconds) for labels y (n,).
+
+        The sde sampler draws its per-step noise from a device generator seeded with `seed`, or from
+        `step_noise(x)` when given (one batch only: see `sde_step_noise`)."""
+        if step_noise is not None and len(y) > batch_size:
+            raise ValueError("step_noise draws for one batch: give at most batch_size samples")
         device = self.device
         sde_gen = torch.Generator(device).manual_seed(int(seed))
         latents = []
@@ -244,17 +268,20 @@ class Generator:
         t0 = time.perf_counter()
         for i in range(0, len(y), batch_size):
             z = self._sample_batch(noise[i:i + batch_size].to(device), y[i:i + batch_size].to(device), settings,
-                                   sde_gen)
+                                   sde_gen, step_noise)
             latents.append(z * self.z_std + self.z_mean)
             if progress:
                 progress("dit", min(i + batch_size, len(y)), len(y))
         self._sync()
         return torch.cat(latents), time.perf_counter() - t0
 
-    def _sample_batch(self, noise: torch.Tensor, y: torch.Tensor, settings: dict, generator) -> torch.Tensor:
-        """Normalised latents of one batch, by the sampler of the model's family (docs/ARCHITECTURE.md §8)."""
+    def _sample_batch(self, noise: torch.Tensor, y: torch.Tensor, settings: dict, generator,
+                      step_noise=None) -> torch.Tensor:
+        """Normalised latents of one batch, by the sampler of the model's family (docs/ARCHITECTURE.md §8).
+
+        step_noise(x), when given, draws the stochastic samplers' per-step noise instead of `generator`."""
         common = dict(steps=settings["steps"], method=settings["sampler"], cfg_scale=settings["cfg_scale"],
-                      guidance_interval=settings["guidance_interval"], generator=generator)
+                      guidance_interval=settings["guidance_interval"], generator=generator, step_noise=step_noise)
         if self.family == "dit":
             return diffusion.sample(self.model, noise, y, cfg_channels=settings["cfg_channels"], progress=True, **common)
         if self.family == "sit":
@@ -265,22 +292,24 @@ class Generator:
     @torch.no_grad()
     def decode(self, z: torch.Tensor, decoder_noise: torch.Tensor, decoder: str | None = None,
                steps: int | None = None, batch_size: int = 256, progress=None) -> tuple[torch.Tensor, dict]:
-        """(images (n, 3, H, W) float32 CPU in [-1, 1], {"decoder", "decoder_s", "decoder_steps"}) of latents z."""
+        """(images (n, 3, H, W) float32 CPU in [-1, 1], {"decoder", "decoder_s", "decoder_steps", "finite"}) of
+        latents z; "finite" (n,) bool says which decoder outputs were free of NaN and inf before clamping."""
         name, model, default_steps = self.pick_decoder(decoder)
         steps = default_steps if steps is None else int(steps)
         if steps < 1:
             raise UserError(f"decoder steps must be >= 1, got {steps}")
-        images = []
+        images, finite = [], []
         self._sync()
         t0 = time.perf_counter()
         for i in range(0, len(z), batch_size):
             x = model.decode(z[i:i + batch_size], steps=steps, noise=decoder_noise[i:i + batch_size].to(self.device))
+            finite.append(torch.isfinite(x.flatten(1)).all(1).cpu())
             images.append(x.float().clamp(-1, 1).cpu())
             if progress:
                 progress(name, min(i + batch_size, len(z)), len(z))
         self._sync()
         return torch.cat(images), {"decoder": name, "decoder_s": time.perf_counter() - t0,
-                                   "decoder_steps": 1 if model.is_kl else steps}
+                                   "decoder_steps": 1 if model.is_kl else steps, "finite": torch.cat(finite)}
 
     def _labels(self, class_ids, num: int) -> torch.Tensor:
         ids = self.resolve_classes(list(class_ids))
@@ -324,6 +353,14 @@ class Generator:
         timings = {"dit_s": dit_s, "images": len(y), "steps": settings["steps"], "sampler": settings["sampler"],
                    "cfg_scale": settings["cfg_scale"], "device": str(self.device), "decoders": per_decoder}
         return images, timings
+
+
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """A 64-bit generator seed for sample `index` of a run seeded with `seed` (numpy's SeedSequence hash, so nearby
+    (seed, index) pairs give unrelated streams); `stream` separates the SDE's per-step noise (1) from the rest (0)."""
+    if seed < 0 or index < 0:
+        raise UserError(f"seeds and sample indices must be >= 0, got seed {seed}, index {index}")
+    return int(np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(1, np.uint64)[0])
 
 
 # ----------------------------------------------------------------------------- loading

@@ -55,10 +55,10 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, s: float) -> torch.Ten
 def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps: int = 250, method: str = "sde",
            cfg_scale: float = 1.0, cfg_channels: Optional[int] = 3, guidance_interval: Tuple[float, float] = (0.0, 1.0),
            null_class: Optional[int] = None, generator: Optional[torch.Generator] = None, atol: float = ATOL,
-           rtol: float = RTOL, progress: bool = False, stats: Optional[dict] = None) -> torch.Tensor:
+           rtol: float = RTOL, progress: bool = False, stats: Optional[dict] = None, step_noise=None) -> torch.Tensor:
     """Sample data (s = 1) from noise (s = 0) with a SiT-convention model_fn(x, s (B,) in [0, 1], y).
 
-    The SDE's noise comes from `generator`. `stats`, if given, receives {"nfe": model evaluations}.
+    The SDE's noise comes from `step_noise(x)` when given (per-sample streams), else `generator`. `stats`, if given, receives {"nfe": model evaluations}.
     """
     if method not in METHODS:
         raise UserError(f"unknown sampler {method!r} for a SiT-convention model; valid: {', '.join(METHODS)}")
@@ -86,7 +86,8 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps: int =
             return v + (1 - s) * score_from_velocity(v, x, s)  # diffusion form "sigma": w(s) = 1 - s
 
         for s in tqdm(grid[:-1], desc="sde", leave=False, disable=not progress):
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = (step_noise(x) if step_noise is not None
+                 else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
             x = x + drift(x, s) * dt + math.sqrt(2 * (1 - s)) * math.sqrt(dt) * z
         x = x + drift(x, grid[-1]) * LAST_STEP_SIZE
     else:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator, to_uint8
+from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator
+from tokenizer.metrics import to_uint8
 from tokenizer.errors import UserError, run_cli
 
 
@@ -37,12 +38,13 @@ def slug(name: str) -> str:
 def save_outputs(images: torch.Tensor, ids: list, names: list, num: int, out: str, scale: int = 1) -> str:
     """grid.png (row per class, `num` columns, 2-px white gaps) and <id>_<name>_<k>.png; returns the grid path."""
     os.makedirs(out, exist_ok=True)
+    pixels = to_uint8(images)
     h, w = images.shape[-2:]
     pad = 2
     grid = np.full((len(ids) * (h + pad) + pad, num * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for r, cid in enumerate(ids):
         for k in range(num):
-            img = to_uint8(images[r * num + k])
+            img = pixels[r * num + k]
             grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
             Image.fromarray(img).save(os.path.join(out, f"{cid:04d}_{slug(names[r])}_{k}.png"))
     path = os.path.join(out, "grid.png")

@@ -61,3 +61,31 @@ def make_dit(path, tokenizer: str, num_classes: int = 10, class_names=None, seed
                                   "time_shift": 1.0, "decoder_steps": None})}
     save_weights(model, str(path), meta)
     return str(path)
+
+
+def make_bundle(directory, steps: int = 2) -> str:
+    """A generator bundle of random weights with the three decoders of the paper's comparison, as dit.export writes
+    it: a "distilled" XS decoder (the tokenizer's, marked single-step) as the default, the same tokenizer as a 2-step
+    "teacher", and a KL-VAE decoder on the same encoder. Returns the bundle directory."""
+    from dit.export import main as export_main
+    from tokenizer.checkpoint import read_weights
+
+    directory = str(directory)
+    tok = make_tokenizer(os.path.join(directory, "tok"))
+    teacher = SSDD.from_checkpoint(tok)
+    dit = make_dit(os.path.join(directory, "dit.safetensors"), tok)
+    state, meta = read_weights(dit)
+    meta["encoder_sha256"] = teacher.encoder_sha256()
+    save_weights(state, dit, meta)
+    distilled = os.path.join(directory, "distilled.safetensors")
+    save_weights(teacher, distilled, {**teacher.architecture(), "single_step": 1})
+    torch.manual_seed(1)
+    kl = SSDD(encoder="f8c4", decoder="kl", encoder_base_channels=32, kl_base_channels=32)
+    kl.encoder.load_state_dict(teacher.encoder.state_dict())
+    kl_path = os.path.join(directory, "kl.safetensors")
+    save_weights(kl, kl_path, kl.architecture())
+    out = os.path.join(directory, "bundle")
+    assert export_main(["--dit", dit, "--decoder", distilled, "--out", out, "--steps", str(steps),
+                        "--extra-decoder", f"SSDD-XS 2-step (teacher)={tok}:2", "--extra-decoder",
+                        f"KL-VAE={kl_path}"]) == 0
+    return out

@@ -116,7 +116,7 @@ def test_api_generate_and_compare_with_gradio_client(served, standin):
     assert "DiT" in summary and "Decoder" in summary and f"{t['dit_s']:.3f} s" in summary
     # the page's images are exactly the API's images (8-bit PNG of generate())
     images, _ = gen.generate([7, 0], num=2, seed=3, cfg_scale=2.0, steps=2, sampler="euler", decoder_steps=8)
-    from dit.pipeline import to_uint8
+    from tokenizer.metrics import to_uint8
 
     assert all(np.array_equal(pixels(item["image"]), to_uint8(images[i])) for i, item in enumerate(gallery))
 

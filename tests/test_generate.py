@@ -50,6 +50,44 @@ def test_export_writes_fp16_bundle(bundle):
     assert all(k.startswith("decoder.") and v.dtype == torch.float16 for k, v in dec.items())
 
 
+def test_export_extra_decoders(bundle, tmp_path, capsys):
+    out, tok, dit = bundle
+    torch.manual_seed(1)  # the KL-VAE baseline on the same encoder
+    kl = SSDD(encoder="f8c4", decoder="kl", encoder_base_channels=32, kl_base_channels=32)
+    kl.encoder.load_state_dict(SSDD.from_checkpoint(tok).encoder.state_dict())
+    kl_path = str(tmp_path / "kl.safetensors")
+    save_weights(kl, kl_path, kl.architecture())
+    dest = tmp_path / "b"
+    assert export_main(["--dit", dit, "--out", str(dest), "--decoder-steps", "1", "--extra-decoder",
+                        f"SSDD-XS 4-step (teacher)={tok}:4", "--extra-decoder", f"KL-VAE={kl_path}"]) == 0
+    assert "plus 2 extra decoder(s)" in capsys.readouterr().out
+    info = json.load(open(dest / "bundle.json"))
+    listed = [(d["name"], d["file"], d["steps"]) for d in info["decoders"]]
+    assert listed == [("SSDD-XS 1-step", "decoder.safetensors", 1),
+                      ("SSDD-XS 4-step (teacher)", "decoder_ssdd_xs_4_step_teacher.safetensors", 4),
+                      ("KL-VAE", "decoder_kl_vae.safetensors", 1)]
+    from dit.export import sha256_file
+    from safetensors.torch import load_file
+
+    for d in info["decoders"]:
+        assert d["sha256"] == sha256_file(str(dest / d["file"])) == info["files"][d["file"]]["sha256"]
+        assert all(v.dtype == torch.float16 for v in load_file(dest / d["file"]).values())
+        assert "matches" in d["encoder_check"]
+    gen = load_generator(str(dest), device="cpu")
+    assert gen.decoder_names == [n for n, _, _ in listed] and gen.decoders["SSDD-XS 4-step (teacher)"][1] == 4
+    images, t = gen.compare([7], num=1, seed=0, steps=1)
+    assert len(images) == 3 and t["decoders"]["KL-VAE"]["decoder_steps"] == 1
+    # the extra decoders' re-export from the bundle's own decoder-only files is checked by their recorded hash
+    assert export_main(["--dit", dit, "--out", str(tmp_path / "c"), "--extra-decoder",
+                        f"again={dest / 'decoder_kl_vae.safetensors'}"]) == 0
+    other = make_tokenizer(tmp_path / "other", seed=3)
+    assert export_main(["--dit", dit, "--out", str(tmp_path / "d"), "--extra-decoder", f"x={other}"]) == 2
+    assert "another encoder" in capsys.readouterr().err
+    assert export_main(["--dit", dit, "--out", str(tmp_path / "d"), "--extra-decoder", "no-equals-sign"]) == 2
+    assert "NAME=CKPT" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "d")  # refused before anything is written
+
+
 def test_export_refuses_decoder_of_another_encoder(bundle, tmp_path, capsys):
     out, tok, dit = bundle
     other = make_tokenizer(tmp_path / "other", seed=3)
@@ -163,8 +201,9 @@ def test_generation_eval_writes_report(bundle, tmp_path):
 
 def test_embedded_bundle_works_out_of_the_box(tmp_path, capsys):
     info = json.load(open(BUNDLE_DIR / "bundle.json"))
-    total = sum(os.path.getsize(BUNDLE_DIR / name) for name in os.listdir(BUNDLE_DIR))
-    assert total <= 25 * 10**6, total  # the repository's size limit for the embedded default
+    default = sum(os.path.getsize(BUNDLE_DIR / name) for name in ("dit_ema.safetensors", "decoder.safetensors"))
+    assert default <= 25 * 10**6, default  # the repository's size limit for the embedded default
+    assert sorted(os.listdir(BUNDLE_DIR)) == sorted(["bundle.json", *info["files"]])  # extra decoders are listed
     from dit.export import sha256_file
 
     for name, entry in info["files"].items():  # the committed files are the ones bundle.json describes

@@ -7,7 +7,6 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from tokenizer.errors import WeightsUnavailableError
 from tokenizer.losses import DinoV2Teacher, LPIPSLoss, REPALoss, kl_loss
@@ -35,23 +34,6 @@ def lpips_alex_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("lpips") / "lpips_alex_random.pth"
     torch.save(net.state_dict(), path)
     return path, net
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    """torch-fidelity's InceptionV3 with Kaiming-normal random weights (~96 MB, made at test time)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for m in net.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight)
-    path = tmp_path_factory.mktemp("inception") / "inception_random.pth"
-    torch.save(net.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

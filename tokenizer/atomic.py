@@ -80,3 +80,14 @@ def atomic_file(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise explain_write_error(e, path) from None
+
+
+def atomic_json(path: str, obj) -> None:
+    """Write `obj` as indented JSON to `path` with `atomic_file`."""
+    import json
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_file(path, write)

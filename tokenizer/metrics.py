@@ -41,6 +41,12 @@ def _levels(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3) numpy array (clamped, rounded): what a PNG, a
+    display or an ADM sample batch holds."""
+    return _levels(x).to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """Clamp images in [-1, 1] and quantise them to the 8-bit grid: float values k/255 in [0, 1]."""
     return _levels(x) / 255
@@ -58,22 +64,24 @@ def pad_to_pow2(x: torch.Tensor, min_size: int = 64) -> torch.Tensor:
     return F.pad(x, pad, mode=mode)
 
 
-def load_inception(weights_path: str | Path | None = None, device="cpu") -> torch.nn.Module:
-    """torch-fidelity's InceptionV3 feature extractor ('2048' features). weights_path=None: torch-fidelity's standard
-    download (cached in $TORCH_HOME/hub/checkpoints). Raises WeightsUnavailableError when it cannot be had."""
+def load_inception(weights_path: str | Path | None = None, device="cpu", features=("2048",),
+                   purpose: str = "rFID", hint: str = "pass inception_weights_path") -> torch.nn.Module:
+    """torch-fidelity's InceptionV3 feature extractor (`features`: its names, '2048' pool features by default).
+    weights_path=None: torch-fidelity's standard download (cached in $TORCH_HOME/hub/checkpoints). Raises
+    WeightsUnavailableError (one line: what to place where, or `hint`) when it cannot be had."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if weights_path is not None and not Path(weights_path).is_file():
         raise WeightsUnavailableError(f"Inception weights file not found: {weights_path}")
     try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=
+        net = FeatureExtractorInceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=
                                           None if weights_path is None else str(weights_path), verbose=False)
     except Exception as err:
         what = weights_path or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
         first = (str(err).strip().splitlines() or [""])[0][:120]
         raise WeightsUnavailableError(
-            f"Inception weights for rFID unavailable ({type(err).__name__}: {first}); put {INCEPTION_FILE} at "
-            f"{what} or pass inception_weights_path"
+            f"Inception weights for {purpose} unavailable ({type(err).__name__}: {first}); put {INCEPTION_FILE} at "
+            f"{what} or {hint}"
         ) from None
     return net.to(device)
 

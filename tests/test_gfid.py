@@ -1,0 +1,239 @@
+"""eval/gfid.py and eval/adm_npz.py: the Fréchet distance, IS, ADM precision/recall, the ADM batch format, and the
+whole command against torch-fidelity with a randomly initialised Inception (made at test time, never downloaded)."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval.adm_npz import NpzImages, write_sample_batch
+from eval.gfid import (ImageSource, InceptionFeatures, compare, extract, frechet_distance, gaussian, inception_score,
+                       manifold_radii, precision_recall)
+from tokenizer.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("gfid_cli", os.path.join(ROOT, "eval", "gfid.py"))
+gfid_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gfid_cli)
+
+
+def _stats(x):
+    return gaussian(np.asarray(x, np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------- statistics
+
+
+def test_gaussian_is_numpy_mean_and_unbiased_cov_in_float64():
+    f = np.random.default_rng(0).normal(size=(257, 12)).astype(np.float32)
+    mu, sigma = gaussian(f, block=50)  # several blocks
+    assert mu.dtype == np.float64 and sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, f.astype(np.float64).mean(0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sigma, np.cov(f.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def test_frechet_distance_matches_torch_fidelity_and_a_closed_form():
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(400, 32)), rng.normal(size=(300, 32)) * 1.5 + 0.3
+    (ma, sa), (mb, sb) = _stats(a), _stats(b)
+    theirs = fid_statistics_to_metric({"mu": ma, "sigma": sa}, {"mu": mb, "sigma": sb}, False)[KEY_METRIC_FID]
+    assert frechet_distance(ma, sa, mb, sb) == pytest.approx(theirs, rel=1e-9)
+    # closed form for commuting covariances: |dmu|^2 + sum (sqrt(s1) - sqrt(s2))^2
+    s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 4.0, 1.0])
+    assert frechet_distance(np.zeros(3), s1, np.ones(3), s2) == pytest.approx(3 + 1 + 0 + 4, rel=1e-12)
+
+
+def test_frechet_distance_never_nan_on_singular_covariances():
+    rng = np.random.default_rng(2)
+    few, other = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.5  # rank 9 in 64 dimensions
+    (m1, s1), (m2, s2) = _stats(few), _stats(other)
+    d = frechet_distance(m1, s1, m2, s2)
+    assert np.isfinite(d) and d > 0
+    assert abs(frechet_distance(m1, s1, m1, s1)) < 1e-4  # identical: ~0 despite rank deficiency
+    zero = np.zeros((64, 64))  # a degenerate set (all images equal)
+    assert np.isfinite(frechet_distance(m1, zero, m2, s2))
+    with pytest.raises(UserError, match="NaN or inf"):
+        frechet_distance(m1, s1 * np.nan, m2, s2)
+    with pytest.raises(UserError, match="different dimensions"):
+        frechet_distance(m1, s1, m2[:3], s2[:3, :3])
+
+
+def test_inception_score_of_known_predictions():
+    sure = np.full((100, 10), -50.0)
+    sure[np.arange(100), np.arange(100) % 10] = 50.0  # confident and spread evenly over 10 classes
+    mean, std = inception_score(sure, splits=10)
+    assert mean == pytest.approx(10.0, rel=1e-6) and std == pytest.approx(0, abs=1e-6)
+    assert inception_score(np.zeros((100, 10)))[0] == pytest.approx(1.0)  # uniform predictions: IS 1
+    # consecutive splits as ADM: a split that only holds class 0 scores 1
+    grouped = np.full((20, 10), -50.0)
+    grouped[np.arange(20), np.repeat([0, 1], 10)] = 50.0
+    assert inception_score(grouped, splits=2)[0] == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(UserError, match="at least 10"):
+        inception_score(np.zeros((5, 10)))
+
+
+def test_precision_recall_follow_the_adm_manifolds():
+    # 1-D: reference 0, 1, 2, 3, 10 -> 3rd-neighbour squared radii (the point itself is the 0th): 9, 4, 4, 9, 81
+    ref = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]], np.float32)
+    radii = manifold_radii(torch.from_numpy(ref), k=3, block=2, fp16=False)
+    assert radii.tolist() == [9.0, 4.0, 4.0, 9.0, 81.0]
+    samples = np.array([[2.5], [18.0], [19.0], [40.0], [41.0]], np.float32)
+    # precision: 2.5 (0.25 from 2), 18 (64 <= 81 from 10) and 19 (81 <= 81: the boundary counts) are inside,
+    # 40 and 41 are not -> 3/5; the sample at 2.5 has radius 37.5^2 and covers every reference point -> recall 1
+    p, r = precision_recall(ref, samples, k=3, fp16=False, block=3)
+    assert (p, r) == (pytest.approx(0.6), pytest.approx(1.0))
+    assert precision_recall(samples, ref, k=3, fp16=False) == (pytest.approx(1.0), pytest.approx(0.6))  # swapped
+    f = np.random.default_rng(3).normal(size=(60, 8)).astype(np.float32)
+    assert precision_recall(f, f) == (1.0, 1.0)
+    assert precision_recall(f, f + 100) == (0.0, 0.0)
+    with pytest.raises(UserError, match="more than 3"):
+        precision_recall(f[:3], f)
+
+
+# ----------------------------------------------------------------------------------------------------- ADM batches
+
+
+def _images(n, seed, size=32):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def test_adm_npz_round_trips_streamed(tmp_path):
+    x, labels = _images(7, 0), np.arange(7) % 3
+    path = str(tmp_path / "s.npz")
+    write_sample_batch(path, iter(x), 7, (32, 32, 3), labels)  # one image at a time
+    with np.load(path) as z:  # what np.load (and the ADM evaluator) reads
+        assert sorted(z.files) == ["arr_0", "arr_1"]
+        assert z["arr_0"].dtype == np.uint8 and np.array_equal(z["arr_0"], x) and np.array_equal(z["arr_1"], labels)
+    npz = NpzImages(path)
+    assert len(npz) == 7 and npz.stats is None and np.array_equal(npz.labels, labels)
+    assert np.array_equal(np.concatenate(list(npz.batches(3))), x)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    with pytest.raises(ValueError, match="announced"):
+        write_sample_batch(str(tmp_path / "short.npz"), iter(x[:5]), 7, (32, 32, 3))
+    assert not os.path.exists(tmp_path / "short.npz")
+
+
+def test_adm_npz_rejects_what_is_not_a_batch(tmp_path):
+    np.savez(tmp_path / "float.npz", np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(UserError, match="uint8"):
+        NpzImages(str(tmp_path / "float.npz"))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(UserError, match="neither images"):
+        NpzImages(str(tmp_path / "other.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="cannot read"):
+        NpzImages(str(tmp_path / "junk.npz"))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))  # statistics only: allowed
+    assert NpzImages(str(tmp_path / "stats.npz")).stats["sigma"].shape == (4, 4)
+
+
+def test_image_sources_folder_npz_and_dataset_split(tmp_path):
+    x = _images(5, 1)
+    folder = tmp_path / "png"
+    folder.mkdir()
+    for i, im in enumerate(x):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    write_sample_batch(str(tmp_path / "x.npz"), [x], 5, (32, 32, 3))
+    for spec in (str(folder), str(tmp_path / "x.npz")):
+        src = ImageSource(spec)
+        assert src.count == 5 and np.array_equal(np.concatenate(list(src.batches(2))), x)
+    data = ImageSource(os.path.join(ROOT, "configs", "fmnist.yaml") + ":test")
+    first = next(data.batches(4))
+    assert data.split == "test" and first.shape == (4, 32, 32, 3) and first.dtype == np.uint8
+    assert (first[:, :2] == 0).all()  # the 2-px padding of the 28-px images is background (-1 -> 0)
+    Image.fromarray(_images(1, 2, size=16)[0]).save(folder / "999.png")
+    with pytest.raises(UserError, match="differ in size"):
+        list(ImageSource(str(folder)).batches(10))
+    with pytest.raises(UserError, match="neither"):
+        ImageSource(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="no PNG"):
+        ImageSource(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------- with Inception
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Two folders of the same 20 images (32 px, upsampled by the extractor) and one shifted in colour."""
+    root = tmp_path_factory.mktemp("gfid")
+    x = (np.random.default_rng(4).random((20, 32, 32, 3)) * 160).astype(np.uint8)
+    for name, imgs in (("a", x), ("a2", x), ("shifted", (x.astype(int) + 90).clip(0, 255).astype(np.uint8))):
+        (root / name).mkdir()
+        for i, im in enumerate(imgs):
+            Image.fromarray(im).save(root / name / f"{i:03d}.png")
+    return root, x
+
+
+@pytest.mark.slow
+def test_gfid_against_torch_fidelity_and_adm_npz(folders, inception_file, tmp_path, capsys):
+    import torch_fidelity
+
+    root, x = folders
+    inception = InceptionFeatures(str(inception_file))
+    feats = {n: extract(ImageSource(str(root / n)), inception, 8) for n in ("a", "shifted")}
+    same = compare(feats["a"], feats["a"])
+    assert abs(same["fid"]) < 1e-3 and abs(same["sfid"]) < 1e-3
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    assert feats["a"]["spatial"].shape == (20, 17 * 17 * 7) and feats["a"]["logits"].shape == (20, 1008)
+
+    out = tmp_path / "r.json"
+    assert gfid_cli.main([str(root / "a"), str(root / "shifted"), "--inception-weights", str(inception_file),
+                          "--out", str(out), "--batch-size", "8"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("FID ") and "sFID" in line and "precision" in line
+    r = json.load(open(out))
+    assert set(r) >= {"fid", "sfid", "inception_score", "precision", "recall", "kid", "notes", "command"}
+    assert r["fid"] > 1.0 + 100 * abs(same["fid"]) and r["sfid"] > 0 and r["n_samples"] == 20
+    assert any("mixed_6/conv" in n for n in r["notes"])
+    theirs = torch_fidelity.calculate_metrics(input1=str(root / "shifted"), input2=str(root / "a"), fid=True,
+                                              feature_extractor_weights_path=str(inception_file), cuda=False,
+                                              save_cpu_ram=True, verbose=False, batch_size=8)
+    assert r["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
+
+    # an ADM .npz of the same images gives the same features, and its precomputed mu/sigma give the same FID
+    npz_path = str(tmp_path / "a.npz")
+    write_sample_batch(npz_path, [x], 20, (32, 32, 3))
+    from_npz = extract(ImageSource(npz_path), inception, 8)
+    assert all(np.array_equal(from_npz[k], feats["a"][k]) for k in feats["a"])
+    (mu, sigma), (mu_s, sigma_s) = gaussian(feats["a"]["pool"]), gaussian(feats["a"]["spatial"])
+    with_stats = str(tmp_path / "ref_with_stats.npz")
+    np.savez(with_stats, x, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    assert ImageSource(with_stats).stats is not None
+    out2 = tmp_path / "r2.json"
+    assert gfid_cli.main([with_stats, str(root / "shifted"), "--inception-weights", str(inception_file),
+                          "--out", str(out2), "--batch-size", "8"]) == 0
+    r2 = json.load(open(out2))
+    assert r2["fid"] == pytest.approx(r["fid"], rel=1e-9) and r2["sfid"] == pytest.approx(r["sfid"], rel=1e-9)
+    assert r2["precision"] == r["precision"] and any("precomputed" in n for n in r2["notes"])
+
+
+def test_gfid_without_weights_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.fromarray(_images(1, 0)[0]).save(folder / "0.png")
+    assert gfid_cli.main([str(folder), str(folder), "--inception-weights", str(tmp_path / "none.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "none.pth" in err
+
+
+def test_compare_reports_what_it_cannot_compute():
+    rng = np.random.default_rng(5)
+
+    def feats(n):
+        return {"pool": rng.normal(size=(n, 16)).astype(np.float32),
+                "spatial": rng.normal(size=(n, 8)).astype(np.float32), "logits": rng.normal(size=(n, 10))}
+
+    r = compare(feats(6), feats(3))  # too few samples for IS splits and 3-NN balls
+    assert np.isfinite(r["fid"]) and r["inception_score"] is None and r["precision"] is None and r["kid"] is not None
+    assert any(n.startswith("inception_score not computed") for n in r["notes"])
+    assert any(n.startswith("precision and recall not computed") for n in r["notes"])
+    only_stats = {"mu": np.zeros(16), "sigma": np.eye(16)}  # a reference of statistics only: no sFID, P/R, KID
+    r = compare(None, feats(20), ref_stats=only_stats)
+    assert r["fid"] is not None and r["sfid"] is None and r["recall"] is None and r["kid"] is None
