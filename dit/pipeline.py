@@ -25,7 +25,7 @@ Decoders are given as specs (`decoder=[...]`): a checkpoint file (as before), `s
 including the released decoder-only SDVAE_*_256 files), `sdvae` or `sdvae:<file or name>` (the SD-VAE KL decoder,
 either published layout; default sd-vae-ft-mse). Generators on SD-VAE latents default to `sdvae`.
 All noise is drawn on the CPU from `seed`, so the same call gives the same images on any device (the per-step
-noise of the stochastic samplers excepted, which is drawn on the device unless `sde_step_noise` draws it per
+noise of the stochastic samplers excepted, which is drawn on the device unless `step_noise` draws it per
 sample).
 """
 
@@ -238,9 +238,10 @@ class Generator:
             decoder_noise.append(torch.randn(self.image_shape, generator=g))
         return torch.stack(noise), torch.stack(decoder_noise)
 
-    def sde_step_noise(self, indices, seed: int):
-        """`step_noise` for `sample_latents` with the sde sampler: sample i's per-step noise from its own CPU
-        generator seeded from (seed, i, 1), moved to the device (only the sde sampler calls it)."""
+    def step_noise(self, indices, seed: int):
+        """`step_noise` for `sample_latents`: sample i's per-step noise from its own CPU generator seeded from
+        (seed, i, 1), moved to the device. Only stochastic samplers (flow `sde`, DiT `ddpm`, SiT `sde`) call it, so
+        it can always be passed."""
         gens = [torch.Generator().manual_seed(sample_seed(seed, i, stream=1)) for i in indices]
 
         def draw(x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +259,7 @@ class Generator:
         """(latents (n, C, h, w) on the device, de-normalised for the decoders, seconds) for labels y (n,).
 
         The sde sampler draws its per-step noise from a device generator seeded with `seed`, or from
-        `step_noise(x)` when given (one batch only: see `sde_step_noise`)."""
+        `step_noise(x)` when given (one batch only: see `Generator.step_noise`)."""
         if step_noise is not None and len(y) > batch_size:
             raise ValueError("step_noise draws for one batch: give at most batch_size samples")
         device = self.device

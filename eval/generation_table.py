@@ -239,7 +239,7 @@ def evaluate(args) -> dict:
             idx = range(start, min(n, start + b))
             y = torch.tensor([i % gen.num_classes for i in idx])
             noise, decoder_noise = gen.draw_sample_noise(idx, args.seed)
-            step_noise = gen.sde_step_noise(idx, args.seed) if settings["sampler"] == "sde" else None
+            step_noise = gen.step_noise(idx, args.seed)  # used only by stochastic samplers
             z, t = gen.sample_latents(y, noise, settings, args.seed, batch_size=len(idx), step_noise=step_noise)
             dit_s += t
             for name in names:

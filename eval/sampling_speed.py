@@ -95,11 +95,11 @@ def time_round_robin(timers: list, device, amp_dtype, warmup: int, repeats: int)
     shared machine, which drifts over minutes, weighs on every configuration alike. Warm-up calls use one step."""
     for _ in range(warmup):
         for _, call, _ in timers:
-            timed_call(lambda _z, n: call(n), None, 1, device, amp_dtype)
+            timed_call(lambda _z, n, _attention: call(n), None, 1, device, amp_dtype)
     times = [[] for _ in timers]
     for _ in tqdm(range(repeats), desc="timing rounds"):
         for i, (_, call, steps) in enumerate(timers):
-            times[i].append(timed_call(lambda _z, n: call(n), None, steps, device, amp_dtype))
+            times[i].append(timed_call(lambda _z, n, _attention: call(n), None, steps, device, amp_dtype))
     return [(statistics.median(t), [round(x, 4) for x in t]) for t in times]
 
 

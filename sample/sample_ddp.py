@@ -12,7 +12,7 @@ read).
 
 Reproducibility. Sample i has class i mod num_classes (class-balanced; any num_classes consecutive samples hold
 every class once, so IS splits of consecutive samples are balanced too) and its noise comes from its own CPU
-generator seeded from (--seed, i) (`Generator.draw_sample_noise`; the sde sampler's step noise likewise). The work
+generator seeded from (--seed, i) (`Generator.draw_sample_noise`; a stochastic sampler's step noise likewise). The work
 is cut into fixed batches [k B, (k + 1) B) of B = --per-proc-batch-size samples, batch k going to process
 k mod P: a batch always has the same members, so the images are bit-identical for any number of processes P at the
 same B. Another B gives the same noise but other floating-point rounding in batched kernels: at most a level in a
@@ -125,7 +125,7 @@ def sample(args) -> dict:
         for _, indices in mine:
             y = torch.tensor([i % gen.num_classes for i in indices])
             noise, decoder_noise = gen.draw_sample_noise(indices, args.seed)
-            step_noise = gen.sde_step_noise(indices, args.seed) if s["sampler"] == "sde" else None
+            step_noise = gen.step_noise(indices, args.seed)  # used only by stochastic samplers
             z, t = gen.sample_latents(y, noise, s, args.seed, batch_size=len(indices), step_noise=step_noise)
             images, dec = gen.decode(z, decoder_noise, decoder_name, decoder_steps, batch_size=len(indices))
             dit_s, decoder_s = dit_s + t, decoder_s + dec["decoder_s"]

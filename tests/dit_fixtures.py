@@ -24,11 +24,15 @@ def make_tokenizer(directory, seed=0, z_mean=0.1, z_std=0.5) -> str:
     return path
 
 
-def make_kl_decoder(directory, seed=1) -> str:
-    """A KL-VAE baseline (same 32-wide f8c4 encoder layout) behind the SSDD API: a second decoder of the same latents."""
+def make_kl_decoder(directory, seed=1, encoder_from: str | None = None) -> str:
+    """A KL-VAE baseline (same 32-wide f8c4 encoder layout) behind the SSDD API: a second decoder of the same latents.
+
+    encoder_from: a tokenizer file whose encoder weights it takes (so its encoder hash matches that tokenizer's)."""
     os.makedirs(directory, exist_ok=True)
     torch.manual_seed(seed)
     model = SSDD(encoder="f8c4", decoder="kl", encoder_base_channels=32, kl_base_channels=32)
+    if encoder_from is not None:
+        model.encoder.load_state_dict(SSDD.from_checkpoint(encoder_from).encoder.state_dict())
     path = os.path.join(str(directory), "kl.safetensors")
     save_weights(model, path, model.architecture())
     return path

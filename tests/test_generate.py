@@ -52,11 +52,7 @@ def test_export_writes_fp16_bundle(bundle):
 
 def test_export_extra_decoders(bundle, tmp_path, capsys):
     out, tok, dit = bundle
-    torch.manual_seed(1)  # the KL-VAE baseline on the same encoder
-    kl = SSDD(encoder="f8c4", decoder="kl", encoder_base_channels=32, kl_base_channels=32)
-    kl.encoder.load_state_dict(SSDD.from_checkpoint(tok).encoder.state_dict())
-    kl_path = str(tmp_path / "kl.safetensors")
-    save_weights(kl, kl_path, kl.architecture())
+    kl_path = make_kl_decoder(tmp_path, encoder_from=tok)  # the KL-VAE baseline on the same encoder
     dest = tmp_path / "b"
     assert export_main(["--dit", dit, "--out", str(dest), "--decoder-steps", "1", "--extra-decoder",
                         f"SSDD-XS 4-step (teacher)={tok}:4", "--extra-decoder", f"KL-VAE={kl_path}"]) == 0

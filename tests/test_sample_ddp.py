@@ -73,7 +73,7 @@ def test_per_sample_noise_does_not_depend_on_batching(bundle):
     assert not torch.equal(gen.draw_sample_noise([4], seed=4)[0], part[:1])
     assert not torch.equal(noise[0], noise[1])
     x = torch.zeros(4, 4, 4, 4)
-    whole, half = gen.sde_step_noise(range(4), 3), gen.sde_step_noise([2, 3], 3)
+    whole, half = gen.step_noise(range(4), 3), gen.step_noise([2, 3], 3)
     first = whole(x)
     assert torch.equal(first[2:], half(x[2:])) and not torch.equal(first, whole(x))  # next draw: next step's noise
 
