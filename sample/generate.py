@@ -86,12 +86,12 @@ def generate(args) -> None:
         ids = gen.resolve_classes(args.classes)
     names = [gen.class_name(i) for i in ids]
     print(f"classes: {', '.join(f'{i} ({m})' for i, m in zip(ids, names))}; {args.num} per class, seed {args.seed}")
-    if len(gen.decoders) == 1:
+    if len(gen.decoders) == 1 or not (args.compare or len(args.decoder or []) > 1):  # the default decoder
         images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
                                  sampler=args.sampler, decoder_steps=args.decoder_steps)
         by_decoder = {t["decoder"]: images}
         per_decoder = {t["decoder"]: t}
-    else:  # the same latents through every decoder
+    else:  # the same latents through every decoder given, or every decoder of the bundle with --compare
         by_decoder, t = gen.compare(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
                                     sampler=args.sampler, decoder_steps=args.decoder_steps)
         per_decoder = t["decoders"]
@@ -135,6 +135,9 @@ def main(argv=None) -> int:
                     help="decoder to decode with, repeatable (each writes its own grid): a checkpoint file, "
                          "ssdd:<file>, sdvae or sdvae:<file or name> (default: the bundle's; SD-VAE for published "
                          "generators)")
+    ap.add_argument("--compare", action="store_true",
+                    help="decode the same latents with every decoder the bundle offers (e.g. the distilled 1-step "
+                         "SSDD, its multi-step teacher, the KL-VAE) and write their grids side by side")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     ap.add_argument("--out", default="generated", help="output folder")
     ap.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of grid.png")

@@ -211,6 +211,21 @@ def test_embedded_bundle_works_out_of_the_box(tmp_path, capsys):
     assert os.path.exists(tmp_path / "g" / "0007_sneaker_0.png")
 
 
+def test_embedded_bundle_offers_teacher_and_kl_and_compares_on_request(tmp_path, capsys):
+    """The embedded bundle carries the distilled decoder (the default), its 8-step teacher and the KL-VAE; a plain
+    run decodes with the default only, --compare with all three, side by side."""
+    gen = load_generator(device="cpu")
+    assert gen.decoder_names == ["SSDD-XS 1-step (distilled)", "SSDD-XS 8-step (teacher)", "KL-VAE"]
+    assert [steps for _, steps in gen.decoders.values()] == [1, 8, 1]
+    rc = generate.main(["--class", "bag", "--num", "1", "--steps", "2", "--out", str(tmp_path / "c"), "--compare",
+                        "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert all(f"decoder {name}:" in printed for name in gen.decoder_names)
+    assert sorted(p for p in os.listdir(tmp_path / "c") if p != "grid.png") == [
+        "kl-vae", "ssdd-xs-1-step-distilled", "ssdd-xs-8-step-teacher"]
+
+
 def test_compare_decodes_the_same_latents_with_every_decoder(tmp_path):
     tok = make_tokenizer(tmp_path / "tok")
     dit = make_dit(tmp_path / "dit.safetensors", tok)
