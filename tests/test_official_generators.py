@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -156,8 +157,14 @@ def test_generate_script_with_sdvae_and_ssdd_side_by_side(official_files, sdvae_
     rc = generate.main(["--ckpt", official_files["dit"], "--class", "207", "--num", "1", "--steps", "2",
                         "--decoder", "sdvae:" + sdvae_files["diffusers"], "--out", str(tmp_path / "d"), "--scale", "1"])
     assert rc == 0
-    assert Image.open(tmp_path / "d" / "grid.png").tobytes() == Image.open(out / sdvae_dir / "grid.png").crop(
-        (0, 0, 68, 68)).tobytes()
+    # Equal up to rounding: the weights are the same numbers, but the diffusers layout's attention projections are
+    # reshaped Linear weights, and on some CPUs that memory layout takes another kernel path (CI saw one level of
+    # 255 differ at a few pixels).
+    diffusers = torch.tensor(np.asarray(Image.open(tmp_path / "d" / "grid.png")), dtype=torch.int16)
+    ldm = torch.tensor(np.asarray(Image.open(out / sdvae_dir / "grid.png").crop((0, 0, 68, 68))), dtype=torch.int16)
+    assert diffusers.shape == ldm.shape
+    diff = (diffusers - ldm).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
 @pytest.mark.slow
