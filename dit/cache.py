@@ -4,7 +4,7 @@
 
 For every image x of `dataset.split` it stores z = (E(x).mode() - z_mean) / z_std and, with cache.flip, the same for
 the horizontally flipped image (a second entry; DiT trains with flips). z_mean / z_std are the encoder's scalar
-statistics from the z_stats.json that `python -m tokenizer.train task=z_stats` writes beside the checkpoint.
+statistics from the z_stats.json that `python -m tokenizer.train task=z_stats` writes for the checkpoint.
 
 A cache is a directory:
     shard_00000.safetensors ...   latents (n, C, h, w), latents_flip (n, C, h, w) when flipped, labels (n,) int64
@@ -24,25 +24,28 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tokenizer.atomic import atomic_directory
+from dit.config_checks import CACHE_DTYPES, DIT_CHECKS
+from tokenizer.atomic import atomic_directory, remove_stale_temporaries
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
 from tokenizer.errors import UserError, one_line, run_cli
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
 from tokenizer.latent_stats import read_z_stats as read_z_stats_file
-from tokenizer.runs import resolve_checkpoint
+from tokenizer.runs import find_result, resolve_checkpoint
 from tokenizer.ssdd import SSDD
+from tokenizer.validation import check_config
 
 FORMAT = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
 
 
 # ----------------------------------------------------------------------------- the tokenizer a config names
 
 
 def read_z_stats(cfg, checkpoint: str) -> dict:
-    """The z_stats.json named by tokenizer.z_stats, or the one beside the checkpoint."""
-    path = cfg.tokenizer.z_stats or os.path.join(os.path.dirname(checkpoint), Z_STATS_FILE)
+    """The z_stats.json named by tokenizer.z_stats, or the checkpoint's (tokenizer.runs.find_result: in its run's
+    results/step<N>/, or beside it)."""
+    path = cfg.tokenizer.z_stats or find_result(checkpoint, Z_STATS_FILE)
     return read_z_stats_file(path, f"write them with: python -m tokenizer.train task=z_stats config=<the tokenizer's "
                                    f"config> ssdd.checkpoint={checkpoint} (or set tokenizer.z_stats=)")
 
@@ -88,12 +91,12 @@ def write_shard(directory: str, index: int, buf: dict) -> dict:
 @torch.no_grad()
 def build_cache(cfg) -> str:
     """Encode dataset.split (plus flips) and write the cache; returns its directory."""
-    if cfg.cache.dtype not in DTYPES:
-        raise UserError(f"unknown cache.dtype '{cfg.cache.dtype}' (choose {', '.join(DTYPES)})")
     model, ckpt = load_tokenizer(cfg)
     stats = read_z_stats(cfg, ckpt)
     enc_hash = model.encoder_sha256()
     out = cache_dir(cfg, enc_hash)
+    for name in remove_stale_temporaries(os.path.dirname(os.path.abspath(out))):
+        print(f"removed {name} (a cache a killed process left half-written)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     dataset = build_dataset(cfg.dataset, cfg.dataset.split, train=False)
@@ -227,7 +230,7 @@ class LatentCache(Dataset):
 
 
 def run(argv: list[str]) -> str:
-    cfg = load_config("dit.yaml", argv)
+    cfg = check_config(load_config("dit.yaml", argv), DIT_CHECKS)
     return build_cache(cfg)
 
 

@@ -12,7 +12,6 @@ distilled single-step decoder of the same encoder passes that check and makes th
 """
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -22,10 +21,12 @@ import torch
 
 from dit.flow import METHODS
 from dit.pipeline import DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, load_dit
-from tokenizer.checkpoint import save_weights
+from tokenizer.atomic import remove_stale_temporaries
+from tokenizer.checkpoint import file_record, read_metadata, save_weights, sha256_file  # noqa: F401 (re-exported)
 from tokenizer.errors import UserError, run_cli
+from tokenizer.runs import resolve_checkpoint, save_json
 from tokenizer.ssdd import SSDD
-from tokenizer.runs import resolve_checkpoint
+from tokenizer.validation import MAX_STEPS, check_output_dir, in_range
 
 BUNDLE_LIMIT_MB = 25.0
 
@@ -40,28 +41,42 @@ def resolve_dit(spec: str, ckpt_dir: str) -> str:
     raise UserError(f"--dit {spec!r} is neither a file nor a DiT run with saved weights under {ckpt_dir}/jobs/")
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def check_args(args) -> None:
+    """The bundle's default sampler settings, and the output folder, before anything is loaded."""
+    if args.cfg is not None:
+        in_range("--cfg", args.cfg, 0, 100)
+    for name, value in (("--steps", args.steps), ("--decoder-steps", args.decoder_steps)):
+        if value is not None:
+            in_range(name, value, 1, MAX_STEPS)
+    check_output_dir(args.out, "--out")
+
+
+def decoder_encoder_sha256(decoder: SSDD, path: str) -> str | None:
+    """The sha256 of the encoder whose latents `decoder` decodes: its own encoder's, or for a decoder-only file the
+    `encoder_sha256` it records (None when it records none)."""
+    if decoder.has_encoder:
+        return decoder.encoder_sha256()
+    return read_metadata(path).get("encoder_sha256")
 
 
 def export(args) -> dict:
+    check_args(args)
     dit_path = resolve_dit(args.dit, args.ckpt_dir)
     model, meta = load_dit(dit_path)
     dec_path = resolve_checkpoint(args.ckpt_dir, args.decoder or meta["tokenizer_checkpoint"])
     decoder = SSDD.from_checkpoint(dec_path).eval()
-    if decoder.has_encoder:
-        h = decoder.encoder_sha256()
-        if h != meta["encoder_sha256"]:
-            raise UserError(f"the decoder checkpoint {dec_path} comes with another encoder (sha256 {h[:12]}) than the "
-                            f"one whose latents the DiT learnt (sha256 {meta['encoder_sha256'][:12]}); its latents "
-                            f"would not match")
-        enc_check = "sha256 of the encoder weights matches the DiT's cache"
+    h = decoder_encoder_sha256(decoder, dec_path)
+    if h is not None and h != meta["encoder_sha256"]:
+        kind = "checkpoint" if decoder.has_encoder else "decoder-only file"
+        raise UserError(f"the decoder {kind} {dec_path} comes with another encoder (sha256 {h[:12]}) than the "
+                        f"one whose latents the DiT learnt (sha256 {meta['encoder_sha256'][:12]}); its latents "
+                        f"would not match")
+    if h is not None:
+        enc_check = "sha256 of the decoder's encoder matches the DiT's cache"
     else:
-        enc_check = "not checked (decoder-only file)"
+        enc_check = "not checked (decoder-only file without encoder_sha256)"
+        print(f"warning: {dec_path} is a decoder-only file that does not record its encoder's sha256; "
+              f"nothing shows it decodes the latents the DiT learnt")
     sample = {**SAMPLE_DEFAULTS, **_json_field(meta, "sample", {})}
     sample = {k: sample[k] for k in SAMPLE_DEFAULTS}
     for key, value in (("cfg_scale", args.cfg), ("steps", args.steps), ("method", args.sampler),
@@ -72,14 +87,14 @@ def export(args) -> dict:
         raise UserError(f"unknown sampler {sample['method']!r}; valid: {', '.join(METHODS)}")
 
     os.makedirs(args.out, exist_ok=True)
+    remove_stale_temporaries(args.out)
     provenance = {"dit_source": dit_path, "dit_step": meta.get("step"), "decoder_source": dec_path}
     dit_meta = {**meta, "sample": json.dumps(sample), "exported_from": dit_path}
     save_weights({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
                  os.path.join(args.out, DIT_FILE), dit_meta)
     decoder.save_decoder(os.path.join(args.out, DECODER_FILE), dtype=torch.float16,
                          metadata={"exported_from": dec_path, "encoder_sha256": meta["encoder_sha256"]})
-    files = {name: {"bytes": os.path.getsize(os.path.join(args.out, name)),
-                    "sha256": sha256_file(os.path.join(args.out, name))} for name in (DIT_FILE, DECODER_FILE)}
+    files = {name: file_record(os.path.join(args.out, name)) for name in (DIT_FILE, DECODER_FILE)}
     info = {
         "what": "class-conditional DiT + SSDD decoder generator bundle (dit.pipeline.load_generator)",
         "dit": {"model": meta["model"], "params": sum(p.numel() for p in model.parameters()),
@@ -101,8 +116,7 @@ def export(args) -> dict:
         "files": files,
         "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    with open(os.path.join(args.out, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=2)
+    save_json(os.path.join(args.out, INFO_FILE), info)
     total = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)) / 1e6
     print(f"exported {meta['model']} (step {meta.get('step')}) + {decoder.decoder_name} decoder "
           f"({'single-step' if decoder.single_step else f'{decoder.default_steps}-step'}) to {args.out}: {total:.1f} MB")

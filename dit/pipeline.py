@@ -31,7 +31,7 @@ import torch
 
 from dit.flow import METHODS, sample
 from dit.models import DiT, build_dit
-from tokenizer.checkpoint import check_state_dict, read_weights
+from tokenizer.checkpoint import check_state_dict, read_metadata, read_weights, verify_file
 from tokenizer.errors import UserError
 from tokenizer.ssdd import SSDD
 
@@ -300,10 +300,26 @@ def _json_field(meta: dict, key: str, default=None):
         raise UserError(f"the metadata field {key!r} of the DiT checkpoint is not valid JSON") from None
 
 
-def load_decoder(path: str, latent_channels: int, what: str) -> SSDD:
-    """An eval-mode decoder (SSDD or KL-VAE behind the SSDD API) from a checkpoint, checked against the latents."""
+def verify_bundle_file(path: Path, info: dict) -> None:
+    """Check a bundle file against the size and sha256 that bundle.json records for it (in `files`, or in its
+    `decoders` entry); a mismatch is a one-line UserError naming the file. Files it does not list pass."""
+    record = dict(info.get("files", {}).get(path.name) or {})
+    for entry in info.get("decoders") or []:
+        if entry.get("file") == path.name:
+            record.update({k: entry[k] for k in ("bytes", "sha256") if k in entry})
+    if record:
+        verify_file(str(path), record, str(path.parent / INFO_FILE))
+
+
+def load_decoder(path: str, latent_channels: int, what: str, encoder_sha256: str | None = None) -> SSDD:
+    """An eval-mode decoder (SSDD or KL-VAE behind the SSDD API) from a checkpoint, checked against the latents:
+    their channels, and for a decoder-only file that records it, the sha256 of the encoder that made them."""
     if not os.path.isfile(path):
         raise UserError(f"decoder checkpoint not found: {path}")
+    recorded = read_metadata(str(path)).get("encoder_sha256")
+    if encoder_sha256 and recorded and recorded != encoder_sha256:
+        raise UserError(f"the decoder {path} decodes the latents of another encoder (sha256 {recorded[:12]}) than "
+                        f"{what} was trained on (sha256 {encoder_sha256[:12]})")
     dec = SSDD.from_checkpoint(str(path)).eval().requires_grad_(False)
     if dec.encoder.z_channels != latent_channels:
         raise UserError(f"the decoder {path} takes {dec.encoder.z_channels}-channel latents but {what} makes "
@@ -334,6 +350,9 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
                 except ValueError as e:
                     raise UserError(f"cannot read {path / INFO_FILE}: {e}") from None
             entries = bundle_decoders(path, info)
+            for file in [dit_path] + [Path(file) for _, file, _ in entries]:
+                if file.is_file():  # a missing file gets its own message below
+                    verify_bundle_file(file, info)
         elif (path / "model_dit_ema.safetensors").is_file():
             dit_path = path / "model_dit_ema.safetensors"
         else:
@@ -354,7 +373,7 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
     latent_shape = tuple(_json_field(meta, "latent_shape"))
     decoders = {}
     for name, file, steps in entries:
-        dec = load_decoder(file, latent_shape[0], f"the DiT {dit_path}")
+        dec = load_decoder(file, latent_shape[0], f"the DiT {dit_path}", meta.get("encoder_sha256"))
         steps = int(steps) if steps else default_decoder_steps(dec)
         decoders[name or decoder_label(dec, steps)] = (dec, steps)
     defaults = {**SAMPLE_DEFAULTS, **_json_field(meta, "sample", {}), **info.get("sample", {})}

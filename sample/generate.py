@@ -6,7 +6,9 @@
 
 --class takes ids or names (case-insensitive; the dataset's names stored with the model, and for 1000-class models
 the ImageNet names). Writes <out>/grid.png (one row per class) and one PNG per image; prints the DiT time and the
-decoder time separately. Noise is drawn on the CPU from --seed, so results repeat across devices.
+decoder time separately. Noise is drawn on the CPU from --seed, so results repeat across devices. Every argument is
+checked before any work (a request that needs more memory than the machine has is refused with the numbers), long
+runs show progress, and images with non-finite values (damaged weights) are refused, not written.
 """
 
 import argparse
@@ -17,10 +19,12 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from dit.flow import METHODS
 from dit.pipeline import BUNDLE_DIR, load_generator
 from tokenizer.errors import UserError, run_cli
+from tokenizer.validation import MAX_STEPS, check_device, check_memory, check_output_dir, in_range
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -51,9 +55,59 @@ def save_outputs(images: torch.Tensor, ids: list, names: list, num: int, out: st
     return path
 
 
+# ----------------------------------------------------------------------------- argument checks
+
+
+def check_args(args) -> None:
+    """Types and ranges of every argument, before anything is loaded."""
+    in_range("--num", args.num, 1, why="images per class")
+    in_range("--seed", args.seed, 0, 2**63 - 1)
+    if args.cfg_scale is not None:
+        in_range("--cfg", args.cfg_scale, 0, 100, why="the guidance scale; DiT uses 1.5 for FID and 4 for pictures")
+    for name, value in (("--steps", args.steps), ("--decoder-steps", args.decoder_steps)):
+        if value is not None:
+            in_range(name, value, 1, MAX_STEPS, why=f"more than {MAX_STEPS} sampler steps only costs time")
+    in_range("--scale", args.scale, 1)
+    args.device = check_device(args.device)
+    check_output_dir(args.out, "--out")
+
+
+def check_output_memory(args, n_classes: int, image_shape: tuple) -> None:
+    """Refuse up front what would not fit in memory: the images and their decoder noise in float32, and grid.png
+    (uint8) before and after its --scale upscaling, which PIL holds at once while resizing."""
+    c, h, w = image_shape
+    images = 2 * n_classes * args.num * c * h * w * 4
+    grid = (n_classes * (h + 2) + 2) * (args.num * (w + 2) + 2) * 3
+    check_memory(images + grid * (1 + 2 * args.scale**2), f"{n_classes * args.num} images of {h}x{w} px with a "
+                 f"grid.png upscaled {args.scale}x", advice="ask for fewer images (--num, --class) or a smaller --scale")
+
+
+class Progress:
+    """tqdm bars for Generator's `progress(phase, done, total)` callback: one bar per phase (DiT, then decoder)."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="img", dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+
+def refuse_non_finite(images: torch.Tensor) -> None:
+    """Non-finite values would be written as black images: refuse them (nothing is written)."""
+    bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+    if bad:
+        raise UserError(f"{bad} of {len(images)} generated images hold non-finite values (NaN or inf), so nothing was "
+                        f"written: the weights may be damaged (a bundle checked against bundle.json is not), or the "
+                        f"guidance scale too large")
+
+
 def generate(args) -> None:
-    if args.num < 1:
-        raise UserError(f"--num must be >= 1, got {args.num}")
+    check_args(args)
     gen = load_generator(args.ckpt, device=args.device, decoder=args.decoder)
     if args.classes is None:
         if gen.num_classes > 16:
@@ -61,10 +115,15 @@ def generate(args) -> None:
         ids = list(range(gen.num_classes))
     else:
         ids = gen.resolve_classes(args.classes)
+    check_output_memory(args, len(ids), gen.image_shape)
     images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
-                             sampler=args.sampler, decoder_steps=args.decoder_steps)
+                             sampler=args.sampler, decoder_steps=args.decoder_steps, progress=Progress())
+    refuse_non_finite(images)
     names = [gen.class_name(i) for i in ids]
-    grid = save_outputs(images, ids, names, args.num, args.out, args.scale)
+    try:
+        grid = save_outputs(images, ids, names, args.num, args.out, args.scale)
+    except OSError as e:
+        raise UserError(f"could not write the images into {args.out}: {e.strerror or e}") from None
     n = t["images"]
     print(f"classes: {', '.join(f'{i} ({m})' for i, m in zip(ids, names))}; {args.num} per class, seed {args.seed}")
     print(f"DiT ({gen.name}, {gen.source}): {t['dit_s']:.2f} s for {n} latents "
