@@ -30,12 +30,15 @@ sys.path.insert(0, ROOT)
 from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report  # noqa: E402
 from tokenizer.runs import read_loss_log  # noqa: E402
 
-TOKENIZER = ["config=configs/fmnist.yaml", "ssdd.encoder_base_channels=32", "dataset.batch_size=16", "dataset.limit=64",
-             "training.max_steps=16", "training.eval_freq=1", "training.eval_images=32", "training.ckpt_every=2",
-             "training.log_freq=1", "training.sample_every=8", "ssdd.fm_sampler.steps=2", "eval.batch_size=32"]
+# 32 images at batch 8: 4 steps per epoch, an evaluation (and so a best/ candidate) at every epoch end
+TOKENIZER = ["config=configs/fmnist.yaml", "ssdd.encoder_base_channels=32", "dataset.batch_size=8", "dataset.limit=32",
+             "training.max_steps=12", "training.eval_freq=1", "training.eval_images=16", "training.ckpt_every=2",
+             "training.log_freq=1", "training.sample_every=8", "ssdd.fm_sampler.steps=2", "eval.batch_size=16"]
 DIT = ["config=configs/dit_fmnist.yaml", "dataset.limit=32", "cache.batch_size=8", "training.batch_size=8",
        "training.max_steps=24", "training.ckpt_every=2", "training.log_freq=1", "training.sample_every=6",
        "sample.steps=2", "sample.per_class=1", "sample.grid_classes=[0,7]", "sample.decoder_steps=1"]
+# (steps, steps with an evaluation, steps with a sample grid) of each config above
+PLAN = {"tokenizer": (12, [4, 8, 12], [8]), "dit": (24, [], [6, 12, 18, 24])}
 
 
 def environment() -> dict:
@@ -91,10 +94,10 @@ def attempt(module: str, args: list, run: str, mode: str, rng: random.Random, st
             pass
     else:  # during the n-th checkpoint write of this process
         record["checkpoint_write"], extra = rng.choice([1, 2]), rng.uniform(0, 0.05)
-        seen, writes = set(), 0
+        writes, writing = 0, False
         while proc.poll() is None and writes < record["checkpoint_write"]:
-            new = set(temporary_folders(checkpoints, proc.pid)) - seen
-            writes, seen = writes + len(new), seen | new
+            now = bool(temporary_folders(checkpoints, proc.pid))  # each write reuses the name .tmp-<dir>-<pid>
+            writes, writing = writes + (now and not writing), now
             time.sleep(0.002)
         time.sleep(extra)
     if proc.poll() is None:
@@ -110,7 +113,7 @@ def attempt(module: str, args: list, run: str, mode: str, rng: random.Random, st
     return record
 
 
-def outputs(run: str, trainer: str, total: int, eval_steps: list, grid_steps: list) -> dict:
+def outputs(run: str, trainer: str, eval_steps: list, grid_steps: list) -> dict:
     """Which promised outputs exist, and every temporary file or folder left under the run."""
     promised = {"checkpoints/last": os.path.join(run, "checkpoints", "last", "training_state.json")}
     if trainer == "tokenizer":
@@ -127,8 +130,10 @@ def outputs(run: str, trainer: str, total: int, eval_steps: list, grid_steps: li
 
 
 def compare(straight: str, killed: str) -> dict:
-    """Loss records, tensor files and evaluation results of two runs, bit for bit."""
+    """Loss records, tensor files (tensors and metadata; not the bytes, whose header order safetensors varies from
+    process to process) and evaluation results of two runs, bit for bit."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     a, b = read_loss_log(straight), read_loss_log(killed)
@@ -142,10 +147,11 @@ def compare(straight: str, killed: str) -> dict:
             tensors_equal = False
         for n in names:
             ta, tb = load_file(os.path.join(da, n)), load_file(os.path.join(db, n))
+            ma, mb = (safe_open(os.path.join(d, n), "pt").metadata() for d in (da, db))
             files += 1
-            tensors_equal &= ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+            tensors_equal &= ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta) and ma == mb
         sa, sb = (json.load(open(os.path.join(d, "training_state.json"))) for d in (da, db))
-        tensors_equal &= all(sa.get(k) == sb.get(k) for k in ("step", "best", "best_step", "files"))
+        tensors_equal &= all(sa.get(k) == sb.get(k) for k in ("step", "best", "best_step"))
     evals = {}
     for d in (straight, killed):
         root = os.path.join(d, "results")
@@ -157,9 +163,7 @@ def compare(straight: str, killed: str) -> dict:
 
 def campaign(trainer: str, args: list, work: str, kills: int, rng: random.Random) -> dict:
     module = "tokenizer.train" if trainer == "tokenizer" else "dit.train"
-    total = 16 if trainer == "tokenizer" else 24
-    eval_steps = list(range(4, total + 1, 4)) if trainer == "tokenizer" else []
-    grid_steps = [8, 16] if trainer == "tokenizer" else [6, 12, 18, 24]
+    total, eval_steps, grid_steps = PLAN[trainer]
     straight = os.path.join(work, "jobs", f"{trainer}_straight")
     t0 = time.time()
     proc = launch(module, [*args, f"run_name={trainer}_straight"], os.path.join(work, f"{trainer}_straight.log"))
@@ -178,7 +182,7 @@ def campaign(trainer: str, args: list, work: str, kills: int, rng: random.Random
                 break
         done += sum(a["returncode"] != 0 for a in attempts)
         result = {"run": name, "kills": sum(a["returncode"] != 0 for a in attempts), "attempts": attempts,
-                  **compare(straight, run), **outputs(run, trainer, total, eval_steps, grid_steps)}
+                  **compare(straight, run), **outputs(run, trainer, eval_steps, grid_steps)}
         result["identical"] = (result["losses_equal"] and result["tensors_equal"] and result["evaluations_equal"]
                                and not result["missing"] and not result["temporaries_left"])
         rounds.append(result)

@@ -57,7 +57,8 @@ def ctx(tmp_path_factory):
     c = SimpleNamespace(root=root, out=root / "outputs", a_file=root / "plain_file")
     c.out.mkdir()
     c.a_file.write_text("not a folder")
-    c.tok_args = [*TINY, f"ckpt_dir={root / 'tok'}", "run_name=existing", "training.max_steps=2"]
+    c.tok_args = [*TINY, f"ckpt_dir={root / 'tok'}", "run_name=existing", "training.max_steps=2",
+                  "training.eval_images=8", "ssdd.fm_sampler.steps=2"]
     assert tok_main(c.tok_args) == 0
     c.tokenizer = make_tokenizer(root / "tokfile")
     c.dit_args = [*tiny_args(c.tokenizer, root / "dit"), "run_name=existing", "training.max_steps=2"]
