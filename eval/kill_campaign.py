@@ -4,10 +4,11 @@
 
 For each trainer (tokenizer.train on 64 Fashion-MNIST images with a 32-wide encoder and the XS decoder; dit.train
 with DiT-Ti/1 on the latent cache of a random tokenizer), the run is done once straight, then again under kills:
-each attempt is a fresh process that is SIGKILLed, and re-run, until it finishes. Half of the kills fall at a time
-drawn uniformly over the straight run's wall time (start-up included), half while a checkpoint is being written
-(at the first or second temporary checkpoint folder the attempt creates, after 0-50 ms more). When a run finishes
-before `--kills` kills, another round starts from scratch. Every finished round must equal the straight run:
+each attempt is a fresh process that is SIGKILLed, and re-run, until it finishes. Attempts alternate between two
+kill times: one drawn uniformly over the wall time of the latest whole uninterrupted run (the straight run at first;
+start-up included), and one while a checkpoint is being written (at the first or second temporary checkpoint
+folder the attempt creates, after 0-50 ms more). A random time can fall after a resumed attempt has finished: its
+round then ends, and when a run finishes before `--kills` kills, another round starts from scratch. Every finished round must equal the straight run:
 every step's loss record, every tensor file of checkpoints/last (and best/), the evaluation results, and the
 promised outputs present (last, best, each evaluation's results, the final sample grid) with no temporary file
 or folder left. Writes <out>.json and <out>.md.
@@ -170,15 +171,18 @@ def campaign(trainer: str, args: list, work: str, kills: int, rng: random.Random
     if proc.wait() != 0:
         raise RuntimeError(f"the straight {trainer} run failed; see {work}/{trainer}_straight.log")
     straight_s = time.time() - t0
-    rounds, done = [], 0
+    rounds, done, full_run_s = [], 0, straight_s
     while done < kills:
         name = f"{trainer}_killed{len(rounds)}"
         run, log = os.path.join(work, "jobs", name), os.path.join(work, f"{name}.log")
         attempts = []
         while True:
             mode = "random" if (done + len(attempts)) % 2 == 0 else "checkpoint"
-            attempts.append(attempt(module, [*args, f"run_name={name}"], run, mode, rng, straight_s, log))
+            t0 = time.time()
+            attempts.append(attempt(module, [*args, f"run_name={name}"], run, mode, rng, full_run_s, log))
             if attempts[-1]["returncode"] == 0:
+                if len(attempts) == 1:  # a whole run, uninterrupted: the scale of the next random kill times
+                    full_run_s = time.time() - t0
                 break
         done += sum(a["returncode"] != 0 for a in attempts)
         result = {"run": name, "kills": sum(a["returncode"] != 0 for a in attempts), "attempts": attempts,
@@ -195,6 +199,8 @@ def report(args, results: list) -> str:
     rows = []
     for r in results:
         for i, rd in enumerate(r["rounds"]):
+            if not rd["kills"]:
+                continue
             modes = [a for a in rd["attempts"] if a["returncode"] != 0]
             rows.append({"trainer": r["trainer"], "round": i + 1, "kills": rd["kills"],
                          "at_ckpt": sum(a["mode"] == "checkpoint" for a in modes),
@@ -210,13 +216,16 @@ def report(args, results: list) -> str:
              "Columns: kills in the round; at_ckpt: kills timed to a checkpoint write; mid_write: kills that landed "
              "while a temporary checkpoint folder existed; tmp: temporary files or folders left at the end.", "",
              *markdown_table(rows, [], lead), "",
-             *[f"- {r['trainer']}: {r['kills']} kills, straight run {r['straight_s']} s, all identical: "
-               f"**{r['all_identical']}**" for r in results]]
+             *[f"- {r['trainer']}: {r['kills']} kills in {len(r['rounds'])} rounds ("
+               f"{sum(not rd['kills'] for rd in r['rounds'])} of them ended before a kill landed; not in the table, "
+               f"compared too), straight run {r['straight_s']} s; every round identical to the straight run, "
+               f"with all outputs and no temporary left: **{r['all_identical']}**" for r in results]]
     return "\n".join(lines) + "\n"
 
 
 def main_campaign(args) -> dict:
     work = args.workdir or tempfile.mkdtemp(prefix="kill_campaign_")
+    os.makedirs(work, exist_ok=True)
     rng = random.Random(args.seed)
     results = []
     for trainer in args.trainers:

@@ -267,6 +267,12 @@ def test_full_output_disk_is_one_line(ctx, capsys, monkeypatch):
         assert rc == 2 and "Traceback" not in err and last.startswith("error:") and "No space left" in last, err
 
 
+def test_generation_shows_progress(ctx, capsys, tmp_path):
+    rc, err = run_case(ctx, "generate", ["--class", "bag", "--num", "2", "--steps", "1", "--decoder-steps", "1",
+                                         "--device", "cpu", "--out", str(tmp_path / "g")], capsys)
+    assert rc == 0 and "dit: 100%" in err and "2/2" in err and "SSDD-XS 1-step (distilled): 100%" in err, err
+
+
 def test_every_config_key_has_a_rule():
     """The tables check every knob of their config file, and name no key the file lacks."""
     from omegaconf import OmegaConf
