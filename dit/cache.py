@@ -5,7 +5,7 @@
 
 For every image x of `dataset.split` it stores z = (E(x).mode() - z_mean) / z_std and, with cache.flip, the same for
 the horizontally flipped image (a second entry; DiT trains with flips). z_mean / z_std are the encoder's scalar
-statistics from the z_stats.json that `python -m tokenizer.train task=z_stats` writes beside the checkpoint.
+statistics from the z_stats.json that `python -m tokenizer.train task=z_stats` writes for the checkpoint.
 
 A cache is a directory (docs/ARCHITECTURE.md §9):
     shard_00000.safetensors ...   images [k * shard_size, (k + 1) * shard_size) of the split: latents (n, C, h, w),
@@ -40,18 +40,20 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from dit.config_checks import CACHE_DTYPES, DIT_CHECKS
 from tokenizer.atomic import atomic_file, swap_in
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
 from tokenizer.errors import UserError, one_line, run_cli
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
 from tokenizer.latent_stats import read_z_stats as read_z_stats_file
-from tokenizer.runs import resolve_checkpoint
+from tokenizer.runs import find_result, resolve_checkpoint
 from tokenizer.ssdd import SSDD
 from tokenizer.training import make_accelerator
+from tokenizer.validation import check_config
 
 FORMAT = 2  # 2: shard k holds exactly images [k * shard_size, ...); format-1 caches read the same way
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
 BUILD_FILE = "build.json"
 
 
@@ -59,8 +61,9 @@ BUILD_FILE = "build.json"
 
 
 def read_z_stats(cfg, checkpoint: str) -> dict:
-    """The z_stats.json named by tokenizer.z_stats, or the one beside the checkpoint."""
-    path = cfg.tokenizer.z_stats or os.path.join(os.path.dirname(checkpoint), Z_STATS_FILE)
+    """The z_stats.json named by tokenizer.z_stats, or the checkpoint's (tokenizer.runs.find_result: in its run's
+    results/step<N>/, or beside it)."""
+    path = cfg.tokenizer.z_stats or find_result(checkpoint, Z_STATS_FILE)
     return read_z_stats_file(path, f"write them with: python -m tokenizer.train task=z_stats config=<the tokenizer's "
                                    f"config> ssdd.checkpoint={checkpoint} (or set tokenizer.z_stats=)")
 
@@ -411,7 +414,7 @@ def build_cache(cfg) -> str:
 
 
 def run(argv: list[str]) -> str:
-    cfg = load_config("dit.yaml", argv)
+    cfg = check_config(load_config("dit.yaml", argv), DIT_CHECKS)
     return build_cache(cfg)
 
 

@@ -23,7 +23,6 @@ listed in bundle.json `decoders` ({name, file, steps, sha256, ...}; the default 
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -35,10 +34,12 @@ import torch
 from dit.flow import METHODS
 from dit.pipeline import (DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, decoder_label,
                           default_decoder_steps, load_dit)
-from tokenizer.checkpoint import save_weights
+from tokenizer.atomic import remove_stale_temporaries
+from tokenizer.checkpoint import file_record, read_metadata, save_weights
 from tokenizer.errors import UserError, run_cli
+from tokenizer.runs import resolve_checkpoint, save_json
 from tokenizer.ssdd import SSDD
-from tokenizer.runs import resolve_checkpoint
+from tokenizer.validation import MAX_STEPS, check_output_dir, in_range
 
 BUNDLE_LIMIT_MB = 25.0  # the DiT plus the default decoder; extra decoders are optional files beside them
 
@@ -53,12 +54,14 @@ def resolve_dit(spec: str, ckpt_dir: str) -> str:
     raise UserError(f"--dit {spec!r} is neither a file nor a DiT run with saved weights under {ckpt_dir}/jobs/")
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def check_args(args) -> None:
+    """The bundle's default sampler settings, and the output folder, before anything is loaded."""
+    if args.cfg is not None:
+        in_range("--cfg", args.cfg, 0, 100)
+    for name, value in (("--steps", args.steps), ("--decoder-steps", args.decoder_steps)):
+        if value is not None:
+            in_range(name, value, 1, MAX_STEPS)
+    check_output_dir(args.out, "--out")
 
 
 def parse_extra_decoder(text: str) -> tuple[str, str, int | None]:
@@ -83,10 +86,7 @@ def check_decoder(decoder: SSDD, path: str, meta: dict) -> str:
         h = decoder.encoder_sha256()
         how = "sha256 of the encoder weights matches the DiT's cache"
     else:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            h = (f.metadata() or {}).get("encoder_sha256")
+        h = read_metadata(path).get("encoder_sha256")
         if h is None:
             return "not checked (decoder-only file without encoder_sha256)"
         how = "encoder_sha256 recorded in the decoder-only file matches the DiT's"
@@ -107,11 +107,15 @@ def decoder_summary(decoder: SSDD) -> dict:
 
 
 def export(args) -> dict:
+    check_args(args)
     dit_path = resolve_dit(args.dit, args.ckpt_dir)
     model, meta = load_dit(dit_path)
     dec_path = resolve_checkpoint(args.ckpt_dir, args.decoder or meta["tokenizer_checkpoint"])
     decoder = SSDD.from_checkpoint(dec_path).eval()
     enc_check = check_decoder(decoder, dec_path, meta)
+    if enc_check.startswith("not checked"):
+        print(f"warning: {dec_path} is a decoder-only file that does not record its encoder's sha256; "
+              f"nothing shows it decodes the latents the DiT learnt")
     extras = []  # (name, source path, steps, SSDD, check); all checked before anything is written
     for text in args.extra_decoder or []:
         name, spec, steps = parse_extra_decoder(text)
@@ -133,6 +137,7 @@ def export(args) -> dict:
         raise UserError(f"decoder names must differ (also once reduced to file names): {names}")
 
     os.makedirs(args.out, exist_ok=True)
+    remove_stale_temporaries(args.out)
     for stale in os.listdir(args.out):  # extra decoders of an earlier export into the same folder
         if stale.startswith("decoder_") and stale.endswith(".safetensors"):
             os.remove(os.path.join(args.out, stale))
@@ -152,8 +157,7 @@ def export(args) -> dict:
         written.append(file)
         listing.append({"name": name, "file": file, "steps": steps, **decoder_summary(extra), "source": path,
                         "encoder_check": check})
-    files = {name: {"bytes": os.path.getsize(os.path.join(args.out, name)),
-                    "sha256": sha256_file(os.path.join(args.out, name))} for name in written}
+    files = {name: file_record(os.path.join(args.out, name)) for name in written}
     for entry in listing:
         entry.update(files[entry["file"]])
     info = {
@@ -177,8 +181,7 @@ def export(args) -> dict:
     }
     if extras:  # without extras bundle.json keeps its earlier form (decoder.safetensors is the one decoder)
         info["decoders"] = listing
-    with open(os.path.join(args.out, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=2)
+    save_json(os.path.join(args.out, INFO_FILE), info)
     default_mb = sum(files[n]["bytes"] for n in (DIT_FILE, DECODER_FILE)) / 1e6
     total = sum(f["bytes"] for f in files.values()) / 1e6
     print(f"exported {meta['model']} (step {meta.get('step')}) + {decoder.decoder_name} decoder "

@@ -45,7 +45,7 @@ from dit import diffusion, sit
 from dit.flow import METHODS, sample
 from dit.models import DiT, build_dit
 from dit.official import FAMILY_DEFAULTS, is_official_spec, load_official
-from tokenizer.checkpoint import check_state_dict, read_weights
+from tokenizer.checkpoint import check_state_dict, read_weights, verify_file
 from tokenizer.errors import UserError
 from tokenizer.latent_stats import fixed_z_stats
 from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout, read_state_file
@@ -374,12 +374,26 @@ def _json_field(meta: dict, key: str, default=None):
         raise UserError(f"the metadata field {key!r} of the DiT checkpoint is not valid JSON") from None
 
 
-def load_decoder(path: str, latent_channels: int, what: str, sdvae_latents: bool = False) -> SSDD:
+def verify_bundle_file(path: Path, info: dict) -> None:
+    """Check a bundle file against the size and sha256 that bundle.json records for it (in `files`, or in its
+    `decoders` entry); a mismatch is a one-line UserError naming the file. Files it does not list pass."""
+    record = dict(info.get("files", {}).get(path.name) or {})
+    for entry in info.get("decoders") or []:
+        if entry.get("file") == path.name:
+            record.update({k: entry[k] for k in ("bytes", "sha256") if k in entry})
+    if record:
+        verify_file(str(path), record, str(path.parent / INFO_FILE))
+
+
+def load_decoder(path: str, latent_channels: int, what: str, sdvae_latents: bool = False,
+                 encoder_sha256: str | None = None) -> SSDD:
     """An eval-mode decoder (SSDD or KL-VAE behind the SSDD API) from a checkpoint, checked against the latents.
 
     sdvae_latents: the generator makes SD-VAE latents; a file without architecture metadata (a released
     decoder-only SDVAE_*_256 file) is then read as an SSDD decoder of SD-VAE latents, its size from its shapes,
     and an SD-VAE file (either layout) as the SD-VAE decoder.
+    encoder_sha256: the encoder whose latents the generator makes; a decoder-only file that records another is
+    refused.
     """
     if not os.path.isfile(path):
         raise UserError(f"decoder checkpoint not found: {path}")
@@ -393,6 +407,10 @@ def load_decoder(path: str, latent_channels: int, what: str, sdvae_latents: bool
         return load_sdvae_decoder(path)
     if not path.endswith(".safetensors"):
         raise UserError(f"{path} is neither an SD-VAE autoencoder nor an SSDD checkpoint (.safetensors)")
+    recorded = meta.get("encoder_sha256")
+    if encoder_sha256 and recorded and recorded != encoder_sha256:
+        raise UserError(f"the decoder {path} decodes the latents of another encoder (sha256 {recorded[:12]}) than "
+                        f"{what} was trained on (sha256 {encoder_sha256[:12]})")
     arch = {} if "encoder" in meta or not sdvae_latents else {"encoder": "sdvae"}
     dec = SSDD.from_checkpoint(path, **arch).eval().requires_grad_(False)
     if dec.encoder.z_channels != latent_channels:
@@ -409,17 +427,19 @@ def load_sdvae_decoder(source: str = DEFAULT_SDVAE) -> SSDD:
     return SSDD(encoder="sdvae", decoder="kl", checkpoint=source).eval().requires_grad_(False)
 
 
-def load_decoder_spec(spec, latent_channels: int, what: str, sdvae_latents: bool = False) -> SSDD:
+def load_decoder_spec(spec, latent_channels: int, what: str, sdvae_latents: bool = False,
+                      encoder_sha256: str | None = None) -> SSDD:
     """A decoder from a spec: `sdvae`, `sdvae:<file or name>`, `ssdd:<file>`, or a checkpoint file."""
     text = str(spec)
     if text == "sdvae" or text.startswith("sdvae:"):
         if not sdvae_latents:
             raise UserError(f"{what} does not make SD-VAE latents, so the SD-VAE decoder cannot decode them")
         return load_sdvae_decoder(text.partition(":")[2] or DEFAULT_SDVAE)
-    return load_decoder(text.removeprefix("ssdd:"), latent_channels, what, sdvae_latents)
+    return load_decoder(text.removeprefix("ssdd:"), latent_channels, what, sdvae_latents, encoder_sha256)
 
 
-def named_decoders(specs, latent_channels: int, what: str, sdvae_latents: bool = False) -> dict:
+def named_decoders(specs, latent_channels: int, what: str, sdvae_latents: bool = False,
+                   encoder_sha256: str | None = None) -> dict:
     """{display name: (decoder, default steps)} of [(name or None, spec, steps or None)]; names made unique.
 
     On SD-VAE latents the names carry no step count ('SSDD-M', 'SD-VAE (sd-vae-ft-mse)'): the steps a decoder
@@ -427,7 +447,7 @@ def named_decoders(specs, latent_channels: int, what: str, sdvae_latents: bool =
     """
     decoders = {}
     for name, spec, steps in specs:
-        dec = load_decoder_spec(spec, latent_channels, what, sdvae_latents)
+        dec = load_decoder_spec(spec, latent_channels, what, sdvae_latents, encoder_sha256)
         steps = int(steps) if steps else default_decoder_steps(dec)
         text = str(spec)
         source = os.path.basename(text.split(":", 1)[1] if text.startswith(("sdvae:", "ssdd:")) else text)
@@ -472,6 +492,9 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
                 except ValueError as e:
                     raise UserError(f"cannot read {path / INFO_FILE}: {e}") from None
             entries = bundle_decoders(path, info)
+            for file in [dit_path] + [Path(file) for _, file, _ in entries]:
+                if file.is_file():  # a missing file gets its own message below
+                    verify_bundle_file(file, info)
         elif (path / "model_dit_ema.safetensors").is_file():
             dit_path = path / "model_dit_ema.safetensors"
         else:
@@ -490,7 +513,8 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
             raise UserError(f"{dit_path} does not name its tokenizer; pass the SSDD decoder checkpoint explicitly")
         entries = [(None, meta["tokenizer_checkpoint"], None)]
     latent_shape = tuple(_json_field(meta, "latent_shape"))
-    decoders = named_decoders(entries, latent_shape[0], f"the DiT {dit_path}")
+    decoders = named_decoders(entries, latent_shape[0], f"the DiT {dit_path}",
+                              encoder_sha256=meta.get("encoder_sha256"))
     defaults = {**SAMPLE_DEFAULTS, **_json_field(meta, "sample", {}), **info.get("sample", {})}
     gen = Generator(model=model, decoders=decoders, class_names=_json_field(meta, "class_names", []),
                     z_mean=float(meta["z_mean"]), z_std=float(meta["z_std"]), latent_shape=latent_shape,

@@ -28,9 +28,11 @@ from dit.models import build_dit
 from tokenizer.config import load_config
 from tokenizer.ema import EMA
 from tokenizer.errors import UserError, run_cli
+from dit.config_checks import DIT_CHECKS
 from tokenizer.runs import LossLog, default_run_name, save_grid, start_run
-from tokenizer.training import (build_optimizer, check_finite, epoch_batches, plan_steps, resume, save_checkpoint,
-                                step_generator, train_loader)
+from tokenizer.training import (build_optimizer, check_finite, complete_finished_run, epoch_batches, plan_steps,
+                                resume_run, save_checkpoint, step_generator, train_loader)
+from tokenizer.validation import check_config
 
 
 def dit_architecture(cfg, cache: LatentCache) -> dict:
@@ -99,8 +101,6 @@ def train(cfg):
     training = cfg.training
     accelerator, out_dir = start_run(cfg, training.mixed_precision, training.grad_accumulate)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if training.grad_accumulate != 1:  # step, data order and the step generator all count one batch per optimiser step
-        raise UserError("training.grad_accumulate must be 1 for dit.train; use more processes or a larger batch")
 
     # The tokenizer: its encoder hash picks (and checks) the cache, its decoder draws the sample grids.
     tokenizer, tok_ckpt = load_tokenizer(cfg)
@@ -132,12 +132,8 @@ def train(cfg):
 
     # Resume: everything needed to continue bit-for-bit is in checkpoints/last.
     ckpt_root = os.path.join(out_dir, "checkpoints")
-    step = 0
-    state = resume(os.path.join(ckpt_root, "last"), {"dit": model, "dit_ema": ema.model}, optimizer)
-    if state is not None:
-        step = state["step"]
-        if accelerator.is_main_process:
-            print(f"resumed {out_dir} at step {step}")
+    state = resume_run(accelerator, cfg, out_dir, {"dit": model, "dit_ema": ema.model}, optimizer)
+    step = state["step"] if state is not None else 0
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -157,6 +153,14 @@ def train(cfg):
 
     model.train()
     optimizer.train()  # a no-op for AdamW; schedule-free optimisers need it (accelerate forwards it where it exists)
+    if step >= plan.total_steps:  # a finished run: draw the final grid if a kill after its last save left it out
+        def final_grid():
+            if accelerator.is_main_process:
+                sample_grid(tb, ema.model, decoder, grid, cfg, arch, shown, step, out_dir)
+
+        path = os.path.join("samples", f"step{step:07d}.png")
+        complete_finished_run(accelerator, out_dir, step, {path: os.path.isfile(os.path.join(out_dir, path))},
+                              final_grid)
     batches = epoch_batches(loader, sampler, cache, plan, step) if step < plan.total_steps else ()
     with tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
               dynamic_ncols=True) as bar:
@@ -202,7 +206,7 @@ def train(cfg):
 
 
 def run(argv: list[str]) -> None:
-    cfg = load_config("dit.yaml", argv)
+    cfg = check_config(load_config("dit.yaml", argv), DIT_CHECKS)
     if cfg.run_name is None:
         cfg.run_name = default_run_name()
     train(cfg)

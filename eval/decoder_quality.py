@@ -33,6 +33,7 @@ from tokenizer.metrics import quantize
 from tokenizer.runs import resolve_checkpoint, save_grid
 from tokenizer.ssdd import SSDD
 from tokenizer.training import make_accelerator
+from tokenizer.validation import SSDD_CHECKS, check_config
 
 COLUMNS = [("psnr", "PSNR (dB) ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.4f}"), ("lpips", "LPIPS ↓", "{:.4f}"),
            ("fd_classifier", "FD (classifier) ↓", "{:.3f}"), ("rfid", "rFID ↓", "{:.2f}"),
@@ -86,7 +87,7 @@ def markdown(rows: list, header: str) -> str:
 
 def evaluate(args) -> None:
     entries = [parse_entry(e) for e in args.entry]
-    cfg = load_config("ssdd.yaml", args.overrides)
+    cfg = check_config(load_config("ssdd.yaml", args.overrides), SSDD_CHECKS)
     accelerator = make_accelerator(cfg.training.mixed_precision)
     device = accelerator.device
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)

@@ -5,7 +5,8 @@
 Everything after `--` is the usual tokenizer config (`key=value`). For each step count the whole eval split is
 reconstructed from the same fixed noise (seed 0 per process) and scored on 8-bit images: PSNR over the whole set,
 SSIM, LPIPS (AlexNet) and rFID when their weights are available. Writes `<out>.json`, `<out>.md` and a grid
-`<out>.png` (rows: input, then one row per step count).
+`<out>.png` (rows: input, then one row per step count); by default into the checkpoint's results folder
+(`<run>/results/step<N>/reconstruction.*` for a run's checkpoint).
 """
 
 import argparse
@@ -18,7 +19,8 @@ import torch
 from eval.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
 from tokenizer.config import load_config
 from tokenizer.evaluation import load_for_eval, reconstruct_split
-from tokenizer.runs import save_grid
+from tokenizer.runs import results_dir, save_grid
+from tokenizer.validation import SSDD_CHECKS, check_config
 
 COLUMNS = [("psnr", "PSNR (dB) ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.4f}"), ("lpips", "LPIPS ↓", "{:.4f}"),
            ("rfid", "rFID ↓", "{:.2f}"), ("mse", "MSE ↓", "{:.5f}")]
@@ -31,9 +33,9 @@ def markdown(rows: list, header: str) -> str:
 
 
 def evaluate(args) -> None:
-    cfg = load_config("ssdd.yaml", args.overrides)
+    cfg = check_config(load_config("ssdd.yaml", args.overrides), SSDD_CHECKS)
     accelerator, model, dataset, ckpt = load_for_eval(cfg)
-    out = args.out or os.path.join(os.path.dirname(ckpt), "reconstruction")
+    out = args.out or os.path.join(results_dir(ckpt), "reconstruction")  # outside checkpoints/: saves keep it
     rows, decoded = [], []
     fixed = torch.stack([dataset[i][0] for i in range(cfg.show_samples)]).to(accelerator.device)
     for steps in args.steps:

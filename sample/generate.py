@@ -14,7 +14,9 @@ the torch cache where a network exists) or such a file (prefix dit: or sit: if i
 (repeatable) takes sdvae[:<file or name>], ssdd:<file> or a checkpoint file. Writes <out>/grid.png (one row per
 class; with several decoders, their grids side by side, each also in <out>/<decoder>/) and one PNG per image;
 prints the DiT time and each decoder's time separately. Noise is drawn on the CPU from --seed, so results repeat
-across devices.
+across devices. Every argument is checked before any work (a request that needs more memory than the machine has is
+refused with the numbers), long runs show progress, and images with non-finite values (damaged weights) are refused,
+not written.
 """
 
 import argparse
@@ -25,10 +27,12 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator
 from tokenizer.metrics import to_uint8
 from tokenizer.errors import UserError, run_cli
+from tokenizer.validation import MAX_STEPS, check_device, check_memory, check_output_dir, in_range
 
 
 def slug(name: str) -> str:
@@ -74,9 +78,59 @@ def describe_decoder(dec) -> str:
     return f"SSDD {dec.decoder_name}"
 
 
+# ----------------------------------------------------------------------------- argument checks
+
+
+def check_args(args) -> None:
+    """Types and ranges of every argument, before anything is loaded."""
+    in_range("--num", args.num, 1, why="images per class")
+    in_range("--seed", args.seed, 0, 2**63 - 1)
+    if args.cfg_scale is not None:
+        in_range("--cfg", args.cfg_scale, 0, 100, why="the guidance scale; DiT uses 1.5 for FID and 4 for pictures")
+    for name, value in (("--steps", args.steps), ("--decoder-steps", args.decoder_steps)):
+        if value is not None:
+            in_range(name, value, 1, MAX_STEPS, why=f"more than {MAX_STEPS} sampler steps only costs time")
+    in_range("--scale", args.scale, 1)
+    args.device = check_device(args.device)
+    check_output_dir(args.out, "--out")
+
+
+def check_output_memory(args, n_classes: int, image_shape: tuple, n_decoders: int = 1) -> None:
+    """Refuse up front what would not fit in memory: the images of each decoder and their decoder noise in float32,
+    and grid.png (uint8) before and after its --scale upscaling, which PIL holds at once while resizing."""
+    c, h, w = image_shape
+    images = (1 + n_decoders) * n_classes * args.num * c * h * w * 4
+    grid = (n_classes * (h + 2) + 2) * (args.num * (w + 2) + 2) * 3
+    check_memory(images + grid * (1 + 2 * args.scale**2), f"{n_classes * args.num} images of {h}x{w} px with a "
+                 f"grid.png upscaled {args.scale}x", advice="ask for fewer images (--num, --class) or a smaller --scale")
+
+
+class Progress:
+    """tqdm bars for Generator's `progress(phase, done, total)` callback: one bar per phase (DiT, then decoder)."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="img", dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+
+def refuse_non_finite(images: torch.Tensor) -> None:
+    """Non-finite values would be written as black images: refuse them (nothing is written)."""
+    bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+    if bad:
+        raise UserError(f"{bad} of {len(images)} generated images hold non-finite values (NaN or inf), so nothing was "
+                        f"written: the weights may be damaged (a bundle checked against bundle.json is not), or the "
+                        f"guidance scale too large")
+
+
 def generate(args) -> None:
-    if args.num < 1:
-        raise UserError(f"--num must be >= 1, got {args.num}")
+    check_args(args)
     gen = load_generator(args.ckpt, device=args.device, decoder=args.decoder)
     if args.classes is None:
         if gen.num_classes > 16:
@@ -85,31 +139,39 @@ def generate(args) -> None:
     else:
         ids = gen.resolve_classes(args.classes)
     names = [gen.class_name(i) for i in ids]
+    compare = len(gen.decoders) > 1 and (args.compare or len(args.decoder or []) > 1)
+    check_output_memory(args, len(ids), gen.image_shape, len(gen.decoders) if compare else 1)
     print(f"classes: {', '.join(f'{i} ({m})' for i, m in zip(ids, names))}; {args.num} per class, seed {args.seed}")
-    if len(gen.decoders) == 1 or not (args.compare or len(args.decoder or []) > 1):  # the default decoder
+    if not compare:  # the default decoder
         images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
-                                 sampler=args.sampler, decoder_steps=args.decoder_steps)
+                                 sampler=args.sampler, decoder_steps=args.decoder_steps, progress=Progress())
         by_decoder = {t["decoder"]: images}
         per_decoder = {t["decoder"]: t}
     else:  # the same latents through every decoder given, or every decoder of the bundle with --compare
         by_decoder, t = gen.compare(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
-                                    sampler=args.sampler, decoder_steps=args.decoder_steps)
+                                    sampler=args.sampler, decoder_steps=args.decoder_steps, progress=Progress())
         per_decoder = t["decoders"]
+    for images in by_decoder.values():  # before anything is written
+        refuse_non_finite(images)
     n = t["images"]
     print(f"DiT ({gen.name}, {gen.source}): {t['dit_s']:.2f} s for {n} latents "
           f"({t['sampler']}, {t['steps']} steps, cfg {t['cfg_scale']:g}) on {t['device']}")
     grids = []
-    for name, images in by_decoder.items():
-        d = per_decoder[name]
-        dec = gen.pick_decoder(name)[1]
-        print(f"decoder {f'({describe_decoder(dec)})' if len(by_decoder) == 1 else name}: {d['decoder_s']:.2f} s "
-              f"for {n} images ({d['decoder_steps']} step{'s' if d['decoder_steps'] > 1 else ''})")
-        out = args.out if len(by_decoder) == 1 else os.path.join(args.out, slug(name))
-        grids.append(save_outputs(images, ids, names, args.num, out, args.scale))
+    try:
+        for name, images in by_decoder.items():
+            d = per_decoder[name]
+            dec = gen.pick_decoder(name)[1]
+            print(f"decoder {f'({describe_decoder(dec)})' if len(by_decoder) == 1 else name}: {d['decoder_s']:.2f} s "
+                  f"for {n} images ({d['decoder_steps']} step{'s' if d['decoder_steps'] > 1 else ''})")
+            out = args.out if len(by_decoder) == 1 else os.path.join(args.out, slug(name))
+            grids.append(save_outputs(images, ids, names, args.num, out, args.scale))
+        if len(grids) > 1:
+            both = side_by_side(grids, os.path.join(args.out, "grid.png"))
+    except OSError as e:
+        raise UserError(f"could not write the images into {args.out}: {e.strerror or e}") from None
     if len(grids) == 1:
         print(f"saved {grids[0]} and {n} single images in {args.out}")
     else:
-        both = side_by_side(grids, os.path.join(args.out, "grid.png"))
         print(f"saved {both} ({', '.join(by_decoder)} left to right) and each decoder's grid and {n} single images "
               f"in {args.out}/<decoder>/")
 

@@ -21,6 +21,7 @@ from PIL import Image
 from tokenizer import SSDD, UserError
 from tokenizer.data import load_rgb
 from tokenizer.errors import run_cli
+from tokenizer.validation import MAX_STEPS, check_memory, check_output_dir, in_range
 
 BUNDLED = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -42,13 +43,47 @@ def load_image(spec: str, size: int) -> torch.Tensor:
     return x.unsqueeze(0)
 
 
+# ----------------------------------------------------------------------------- argument checks
+
+
+def check_args(args) -> None:
+    """Types and ranges of the arguments that need no model, before anything is loaded."""
+    for steps in args.steps:
+        in_range("--steps", steps, 1, MAX_STEPS, why=f"more than {MAX_STEPS} decoder steps only costs time")
+    in_range("--seed", args.seed, 0, 2**63 - 1)
+    in_range("--size", args.size, 8)
+    check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise UserError(f"--out {args.out}: give an image file name such as reconstruction.png (.png, .jpg, .webp)")
+
+
+def peak_memory(model: SSDD, size: int) -> float:
+    """A rough upper estimate (bytes, float32) of encoding or decoding one size x size image, whichever is larger:
+    about 16 feature maps of the full-resolution width (activations and U-Net skips), plus attention maps of
+    (heads, N, N) floats held about 3 times (bias, weights, softmax): the encoder's and the KL decoder's single head
+    over the latent grid, and the SSDD decoder's middle transformer over N = (size/8)^2 tokens. Those grow with
+    size^4 and dominate from about 512 px."""
+    def part(width: int, heads: int, tokens: int) -> float:
+        return 16 * width * size * size * 4 + 3 * heads * tokens**2 * 4
+
+    latent_tokens = (size // model.patch_size) ** 2
+    encoder = part(model.encoder_base_channels, 1, latent_tokens)
+    if model.is_kl:
+        return max(encoder, part(model.kl_base_channels, 1, latent_tokens))
+    heads = model.decoder.mid_block.transformer_blocks[0].attn1.heads
+    return max(encoder, part(model.decoder.conv_in.out_channels, heads, (size // 8) ** 2))
+
+
 def reconstruct(args) -> None:
+    check_args(args)
     arch = {k: v for k, v in (("encoder", args.encoder), ("decoder", args.decoder)) if v}
     model = SSDD.from_checkpoint(args.ckpt, **arch).eval()
     f = model.patch_size
     if args.size % max(f, 8):
         raise UserError(f"--size must be a multiple of {max(f, 8)} for this tokenizer, got {args.size}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_memory(peak_memory(model, args.size), f"decoding a {args.size}-px image", device,
+                 advice="choose a smaller --size")
     model.to(device)
     x = load_image(args.image, args.size).to(device)
     rows = [x]
@@ -65,8 +100,11 @@ def reconstruct(args) -> None:
             rows.append(rec)
     strip = torch.cat([r[0].clamp(-1, 1) for r in rows], dim=2)  # left to right: input, then each step count
     arr = ((strip.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Image.fromarray(arr).save(args.out)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        Image.fromarray(arr).save(args.out)
+    except OSError as e:
+        raise UserError(f"could not write {args.out}: {e.strerror or e}") from None
     print(f"saved {args.out} (left to right: input, {', '.join(f'{s}-step' for s in args.steps)})")
 
 

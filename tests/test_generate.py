@@ -62,7 +62,7 @@ def test_export_extra_decoders(bundle, tmp_path, capsys):
     assert listed == [("SSDD-XS 1-step", "decoder.safetensors", 1),
                       ("SSDD-XS 4-step (teacher)", "decoder_ssdd_xs_4_step_teacher.safetensors", 4),
                       ("KL-VAE", "decoder_kl_vae.safetensors", 1)]
-    from dit.export import sha256_file
+    from tokenizer.checkpoint import sha256_file
     from safetensors.torch import load_file
 
     for d in info["decoders"]:
@@ -200,7 +200,7 @@ def test_embedded_bundle_works_out_of_the_box(tmp_path, capsys):
     default = sum(os.path.getsize(BUNDLE_DIR / name) for name in ("dit_ema.safetensors", "decoder.safetensors"))
     assert default <= 25 * 10**6, default  # the repository's size limit for the embedded default
     assert sorted(os.listdir(BUNDLE_DIR)) == sorted(["bundle.json", *info["files"]])  # extra decoders are listed
-    from dit.export import sha256_file
+    from tokenizer.checkpoint import sha256_file
 
     for name, entry in info["files"].items():  # the committed files are the ones bundle.json describes
         assert sha256_file(str(BUNDLE_DIR / name)) == entry["sha256"], name

@@ -145,13 +145,14 @@ def test_eval_and_z_stats_tasks(tmp_path):
     common = [*TINY, f"ckpt_dir={tmp_path}", "run_name=e", "dataset.limit=48"]
     assert main([*common, "training.max_steps=2"]) == 0
     ckpt_dir = tmp_path / "jobs" / "e" / "checkpoints" / "last"
+    results = tmp_path / "jobs" / "e" / "results" / "step0000002"  # outside checkpoints/: later saves keep it
     assert main([*common, "task=eval", "ssdd.checkpoint=e", "ssdd.fm_sampler.steps=2"]) == 0
-    result = json.load(open(ckpt_dir / "eval_2steps.json"))
+    result = json.load(open(results / "eval_2steps.json"))
     assert result["n_images"] == 48 and result["steps"] == 2 and 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1
-    assert (ckpt_dir / "eval_2steps.png").exists()
+    assert (results / "eval_2steps.png").exists()
 
     assert main([*common, "task=z_stats", "ssdd.checkpoint=e"]) == 0
-    stats = json.load(open(ckpt_dir / "z_stats.json"))
+    stats = json.load(open(results / "z_stats.json"))
     # the same numbers computed directly from the saved EMA weights
     from tokenizer import SSDD
     from tokenizer.data import FashionMNIST
@@ -163,3 +164,8 @@ def test_eval_and_z_stats_tasks(tmp_path):
     assert stats["z_mean"] == pytest.approx(float(z.mean()), rel=1e-6, abs=1e-9)
     assert stats["z_std"] == pytest.approx(float(z.std()), rel=1e-6)
     assert stats["n_values"] == z.numel()
+
+    # the run goes on: its new checkpoints/last replaces the folder, and the results of step 2 stay
+    assert main([*common, "training.max_steps=3"]) == 0
+    assert json.load(open(results / "z_stats.json")) == stats and (results / "eval_2steps.json").exists()
+    assert json.load(open(ckpt_dir / "training_state.json"))["step"] == 3

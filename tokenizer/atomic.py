@@ -6,14 +6,24 @@
 
 A directory swap renames the old directory to `<dir>.old` before renaming the new one into place; a reader that
 finds no `<dir>` (a kill between the two renames) falls back to `<dir>.old` (`existing_version`), so there is no
-moment at which a kill loses the last complete version. Temporary names carry the writer's pid.
+moment at which a kill loses the last complete version. Temporary names carry the writer's pid
+(`.tmp-<name>-<pid>` for a directory, `<file>.tmp-<pid>` for a file): a kill leaves them behind, and the next
+start removes those of processes that no longer exist (`remove_stale_temporaries`) and settles a half-done swap
+(`settle`).
 """
 
 import os
+import re
 import shutil
 from contextlib import contextmanager
 
+from safetensors import SafetensorError
+
 from tokenizer.errors import UserError, one_line
+
+# What a failed write raises: the OS's errors, and safetensors' (it reports a full disk as a SafetensorError).
+WRITE_ERRORS = (OSError, SafetensorError)
+_TEMPORARY = re.compile(r"^\.tmp-.+-(\d+)$|^.+\.tmp-(\d+)$")
 
 
 def temporary_sibling(path: str) -> str:
@@ -22,9 +32,10 @@ def temporary_sibling(path: str) -> str:
     return os.path.join(parent, f".tmp-{name}-{os.getpid()}")
 
 
-def explain_write_error(error: OSError, target: str) -> UserError:
+def explain_write_error(error: BaseException, target: str) -> UserError:
     """A full disk, a read-only filesystem or a quota, as a one-line error that says the old version is kept."""
-    return UserError(f"could not write {target}: {error.strerror or one_line(error)}; the previous version is kept")
+    why = getattr(error, "strerror", None) or one_line(error)
+    return UserError(f"could not write {target}: {why}; the previous version is kept")
 
 
 def swap_in(tmp: str, directory: str) -> None:
@@ -45,12 +56,63 @@ def existing_version(directory: str, marker: str) -> str | None:
     return None
 
 
+def settle(directory: str, marker: str) -> None:
+    """Finish a swap a kill interrupted: the complete version (holding `marker`) becomes `directory` again and
+    `<directory>.old` goes. Only for a directory no live process is writing (a run's main process at start)."""
+    old = directory + ".old"
+    if not os.path.isdir(old):
+        return
+    if not os.path.isfile(os.path.join(directory, marker)) and os.path.isfile(os.path.join(old, marker)):
+        shutil.rmtree(directory, ignore_errors=True)
+        os.rename(old, directory)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def process_exists(pid: int) -> bool:
+    """True when a process with this pid runs on this machine (a zombie counts); the caller's own pid included."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list:
+    """Remove the temporary files and directories in `folder` whose writer no longer runs (killed mid-write, or
+    stopped by a full disk before it could clean up); returns their names. Those of live processes stay, except
+    this process's own, which no write of this process has started yet when a run starts."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        m = _TEMPORARY.match(name)
+        if not m:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid != os.getpid() and process_exists(pid):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        removed.append(name)
+    return removed
+
+
 @contextmanager
 def atomic_directory(directory: str):
     """Yield an empty temporary directory; when the block ends without error, swap it in as `directory`.
 
-    Every file written inside is fsynced before the swap, so the renames never expose unwritten bytes. An OSError
-    while writing becomes a one-line UserError; on any error the temporary directory is removed.
+    Every file written inside is fsynced before the swap, so the renames never expose unwritten bytes. A failed
+    write (an OSError, or a SafetensorError such as a full disk) becomes a one-line UserError; on any error the
+    temporary directory is removed.
     """
     os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
     tmp = temporary_sibling(directory)
@@ -61,7 +123,7 @@ def atomic_directory(directory: str):
         for entry in os.listdir(tmp):
             with open(os.path.join(tmp, entry), "rb") as f:
                 os.fsync(f.fileno())
-    except OSError as e:
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise explain_write_error(e, directory) from None
     except BaseException:
@@ -76,7 +138,7 @@ def atomic_file(path: str, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise explain_write_error(e, path) from None

@@ -6,9 +6,12 @@ A training state is a directory (e.g. `runs/jobs/<run>/checkpoints/last/`) holdi
     training_state.json        step, epoch, best metric, RNG states, anything JSON-able
 It is written with `tokenizer.atomic.atomic_directory`: into a temporary sibling first, then swapped in by
 renames, so a run killed while saving leaves the previous state intact (`resolve_state_dir` finds it).
+training_state.json also records the size and sha256 of every other file of the state (`files`); loading checks
+them once per process (`verify_file`), so garbled bytes are a one-line error naming the file, not silent garbage.
 Layouts: docs/ARCHITECTURE.md §9.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -22,18 +25,87 @@ from tokenizer.atomic import atomic_directory, atomic_file, existing_version
 from tokenizer.errors import CheckpointMismatchError, UserError, one_line
 
 
+STATE_FILE = "training_state.json"
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: str) -> dict:
+    """{"bytes", "sha256"} of a file: what a manifest (training_state.json, bundle.json) records about it."""
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+_verified: dict = {}  # (real path, size, mtime) -> sha256 already checked in this process
+
+
+def verify_file(path: str, expected: dict, manifest: str) -> None:
+    """Check `path` against its manifest record {"bytes", "sha256"} (the size first, which costs nothing); a
+    mismatch is a one-line UserError naming the file. Each version of a file is hashed once per process."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if _verified.get(key) == expected.get("sha256"):
+        return
+    if "bytes" in expected and st.st_size != int(expected["bytes"]):
+        raise UserError(f"{path} is damaged: {st.st_size} bytes, but {manifest} records {expected['bytes']} "
+                        f"(truncated or replaced); restore it or write it again")
+    if "sha256" in expected:
+        actual = sha256_file(path)
+        if actual != expected["sha256"]:
+            raise UserError(f"{path} is damaged: its sha256 {actual[:12]}... differs from the {expected['sha256'][:12]}"
+                            f"... that {manifest} records; restore it or write it again")
+        _verified[key] = actual
+
+
+def state_manifest(directory: str) -> dict:
+    """{file name: {"bytes", "sha256"}} that a training state's training_state.json records ({} for older states)."""
+    path = os.path.join(directory, STATE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    return read_state_json(path).get("files") or {}
+
+
+def read_state_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {one_line(e)}; the training state is damaged") from None
+
+
 # ----------------------------------------------------------------------------- weights
 
 
-def read_weights(path: str) -> tuple[dict, dict]:
-    """Return (state_dict, metadata) of a safetensors file; a user-facing error if unreadable."""
+def read_metadata(path: str) -> dict:
+    """The metadata of a safetensors file (its header only: cheap); a user-facing error if unreadable."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+
+
+def read_weights(path: str) -> tuple[dict, dict]:
+    """Return (state_dict, metadata) of a safetensors file; a user-facing error if unreadable.
+
+    A file of a training state is first checked against the sha256 its training_state.json records.
+    """
+    meta = read_metadata(path)
+    record = state_manifest(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path))
+    if record:
+        verify_file(path, record, os.path.join(os.path.dirname(path), STATE_FILE))
+    try:
         return load_file(path), meta
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
@@ -78,11 +150,16 @@ def load_weights(module: torch.nn.Module, path: str, what: str | None = None, pr
     return meta
 
 
-def save_weights(module_or_state, path: str, metadata: dict | None = None) -> None:
-    """Save fp32-contiguous tensors (shared storage broken) to safetensors, atomically."""
+def write_weights(module_or_state, path: str, metadata: dict | None = None) -> None:
+    """Write contiguous CPU tensors (shared storage broken) and string metadata to safetensors (not atomic)."""
     state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    atomic_file(path, lambda tmp: save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    save_file(state, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def save_weights(module_or_state, path: str, metadata: dict | None = None) -> None:
+    """`write_weights`, atomically: the file appears complete or not at all."""
+    atomic_file(path, lambda tmp: write_weights(module_or_state, tmp, metadata))
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -106,6 +183,11 @@ def _unflatten_optimizer(tensors: dict, plain: dict) -> dict:
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
     return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def optimizer_name(optimizer) -> str:
+    """The optimiser's class name (through accelerate's wrapper): a state of another optimiser does not fit."""
+    return type(getattr(optimizer, "optimizer", optimizer)).__name__
 
 
 def _optimizer_files(optimizer) -> dict:
@@ -145,37 +227,46 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_state(directory: str, modules: dict, optimizer, state: dict, metadata: dict | None = None) -> None:
-    """Atomically write modules (name -> nn.Module), optimiser(s) and a JSON state into `directory`."""
+    """Atomically write modules (name -> nn.Module), optimiser(s) and a JSON state into `directory`; the JSON
+    records each file's size and sha256 (read back once written, so it describes the bytes on disk)."""
     with atomic_directory(directory) as tmp:
         for key, module in modules.items():
-            save_weights(module, os.path.join(tmp, f"model_{key}.safetensors"), metadata)
+            write_weights(module, os.path.join(tmp, f"model_{key}.safetensors"), metadata)
         for file, opt in _optimizer_files(optimizer).items():
             tensors, plain = _flatten_optimizer(opt.state_dict())
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 os.path.join(tmp, file),
-                metadata={"structure": json.dumps(plain)},
+                metadata={"structure": json.dumps(plain), "optimizer": optimizer_name(opt)},
             )
-        with open(os.path.join(tmp, "training_state.json"), "w") as f:
-            json.dump({**state, "rng": rng_state()}, f)
+        files = {name: file_record(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({**state, "files": files, "rng": rng_state()}, f)
 
 
 def resolve_state_dir(directory: str) -> str | None:
     """The directory holding the last complete state (`directory`, or `directory.old` after a kill mid-swap)."""
-    return existing_version(directory, "training_state.json")
+    return existing_version(directory, STATE_FILE)
 
 
 def load_training_state(directory: str, modules: dict, optimizer=None) -> dict:
-    """Load what `save_training_state` wrote; returns the JSON state (RNG states already restored)."""
+    """Load what `save_training_state` wrote (each file checked against its recorded sha256); returns the JSON
+    state (RNG states already restored)."""
     found = resolve_state_dir(directory)
     if found is None:
         raise UserError(f"no complete training state in {directory}")
+    state = read_state_json(os.path.join(found, STATE_FILE))
     for key, module in modules.items():
         load_weights(module, os.path.join(found, f"model_{key}.safetensors"), what=f"{key} of this config")
     for file, opt in _optimizer_files(optimizer).items():
         tensors, meta = read_weights(os.path.join(found, file))
-        opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["structure"])))
-    with open(os.path.join(found, "training_state.json")) as f:
-        state = json.load(f)
+        if meta.get("optimizer", optimizer_name(opt)) != optimizer_name(opt):
+            raise CheckpointMismatchError(f"{os.path.join(found, file)} holds the state of {meta['optimizer']}, not of "
+                                          f"this config's {optimizer_name(opt)}")
+        try:
+            opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["structure"])))
+        except (KeyError, ValueError) as e:  # another optimiser, or other parameter groups
+            raise CheckpointMismatchError(f"{os.path.join(found, file)} does not fit the optimiser of this config: "
+                                          f"{one_line(e)}") from None
     set_rng_state(state.pop("rng"))
     return state

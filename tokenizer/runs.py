@@ -2,8 +2,10 @@
 
 A run lives in `<ckpt_dir>/jobs/<run_name>/`:
 
-    config.yaml                  the resolved config of the latest start
+    config.yaml                  the resolved config of the latest start (written once a resume is known to fit)
     checkpoints/{last,best}/     training states (tokenizer.checkpoint; written atomically)
+    results/step<N>/             what was computed from the weights of step N (evaluations, z_stats.json): outside
+                                 checkpoints/, so a later save, which replaces checkpoints/last, never deletes it
     losses.jsonl                 one JSON record per optimiser step (a resumed run appends; the last record wins)
     samples/*.png                sample or reconstruction grids
     events.out.tfevents.*        TensorBoard scalars and images
@@ -20,7 +22,8 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from tokenizer.checkpoint import resolve_state_dir
+from tokenizer.atomic import atomic_file, remove_stale_temporaries, settle
+from tokenizer.checkpoint import STATE_FILE, read_state_json, resolve_state_dir
 from tokenizer.errors import UserError
 
 
@@ -44,9 +47,48 @@ def resolve_checkpoint(ckpt_dir: str, spec: str, weights: str = "model_ae_ema.sa
     return os.path.join(found, weights)
 
 
+def step_results_dir(out_dir: str, step: int) -> str:
+    """`<run>/results/step<N>/`: what was computed from the weights of step N of the run in `out_dir`."""
+    return os.path.join(out_dir, "results", f"step{int(step):07d}")
+
+
+def results_dir(checkpoint: str) -> str:
+    """Where results computed from a weights file are kept (z_stats.json, eval_<N>steps.json): for a file of a run's
+    checkpoints/<last|best>/, `<run>/results/step<N>/` (N: that state's step), which no later save touches; for
+    any other file, its own folder."""
+    folder = os.path.dirname(checkpoint) or "."
+    state = os.path.join(folder, STATE_FILE)
+    if os.path.basename(os.path.dirname(os.path.abspath(folder))) == "checkpoints" and os.path.isfile(state):
+        run = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
+        run = os.path.relpath(run) if not os.path.isabs(checkpoint) else run
+        return step_results_dir(run, read_state_json(state)["step"])
+    return folder
+
+
+def find_result(checkpoint: str, name: str) -> str:
+    """The file `name` computed from `checkpoint`: in `results_dir(checkpoint)`, else beside the checkpoint (where
+    older versions wrote it); when neither exists, where it would be written."""
+    for candidate in (os.path.join(results_dir(checkpoint), name), os.path.join(os.path.dirname(checkpoint), name)):
+        if os.path.isfile(candidate):
+            return candidate
+    return os.path.join(results_dir(checkpoint), name)
+
+
+def save_json(path: str, record: dict) -> None:
+    """Write a JSON file atomically (its folder created); a full disk is a one-line error."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+
+    atomic_file(path, write)
+
+
 def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
     """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
-    create the directory and save config.yaml in it. The accelerator logs to TensorBoard there."""
+    and create the directory. The accelerator logs to TensorBoard there. Nothing of an existing run is changed
+    yet: `record_start` writes config.yaml once the trainer knows the run can go on (tokenizer.training.resume_run)."""
     from tokenizer.training import make_accelerator
 
     out_dir = run_dir(cfg.ckpt_dir, cfg.run_name)
@@ -56,15 +98,37 @@ def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
         print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
               f"mixed precision: {accelerator.mixed_precision}")
         os.makedirs(out_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
     return accelerator, out_dir
+
+
+def tidy_run(out_dir: str) -> list:
+    """Clean up after killed processes: settle a half-done checkpoint swap and remove the temporary files and
+    folders of writers that no longer run. Returns what was removed (main process, before anything is written)."""
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    if os.path.isdir(ckpt_root):
+        for name in os.listdir(ckpt_root):
+            if name.endswith(".old"):
+                settle(os.path.join(ckpt_root, name[:-len(".old")]), STATE_FILE)
+    results = os.path.join(out_dir, "results")
+    folders = [out_dir, ckpt_root, results]
+    folders += sorted(os.path.join(results, d) for d in os.listdir(results)) if os.path.isdir(results) else []
+    return [os.path.join(folder, name) for folder in folders for name in remove_stale_temporaries(folder)]
+
+
+def record_start(cfg, out_dir: str) -> None:
+    """Tidy the run directory (`tidy_run`) and save the config of this start as config.yaml (main process)."""
+    for path in tidy_run(out_dir):
+        print(f"removed {path} (left by a process that no longer runs)")
+    atomic_file(os.path.join(out_dir, "config.yaml"), lambda tmp: OmegaConf.save(cfg, tmp))
 
 
 class LossLog:
     """The main process's training log: every step to losses.jsonl, every `every` steps to TensorBoard (+ steps/s)."""
 
     def __init__(self, out_dir: str, accelerator, every: int):
-        self.file = open(os.path.join(out_dir, "losses.jsonl"), "a")
+        path = os.path.join(out_dir, "losses.jsonl")
+        drop_partial_line(path)
+        self.file = open(path, "a")
         self.accelerator, self.every = accelerator, every
         self.t_last = time.time()
 
@@ -85,6 +149,16 @@ class LossLog:
         self.file.close()
 
 
+def drop_partial_line(path: str) -> None:
+    """Cut a line a kill left half-written at the end of a JSON-lines file, so appending goes on after whole records."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_loss_log(run_directory: str) -> dict:
     """{step: record} from a run's losses.jsonl, keeping a step's last record (a resumed run logs re-done steps again)."""
     path = os.path.join(run_directory, "losses.jsonl")
@@ -93,6 +167,8 @@ def read_loss_log(run_directory: str) -> dict:
     records = {}
     with open(path) as f:
         for line in f:
+            if not line.endswith("\n"):  # a record a kill cut short (the resumed run logs that step again)
+                break
             r = json.loads(line)
             records[r["step"]] = r
     return dict(sorted(records.items()))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenizer.checkpoint import check_state_dict, load_weights, read_weights, save_weights
+from tokenizer.checkpoint import check_state_dict, load_weights, read_metadata, read_weights, save_weights
 from tokenizer.decoder import DECODER_SIZES, SSDDDecoder
 from tokenizer.encoder import SDVAE_ENCODER, DiagonalGaussian, build_encoder, parse_encoder_name
 from tokenizer.errors import UserError
@@ -204,16 +204,19 @@ class SSDD(nn.Module):
     def save_decoder(self, path: str, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:
         """Write only `decoder.*` (optionally cast, e.g. to fp16 for shipping) with the architecture metadata.
 
-        Generation needs no encoder; `from_checkpoint` rebuilds a decode-only model from such a file.
+        Generation needs no encoder; `from_checkpoint` rebuilds a decode-only model from such a file. The file
+        records `encoder_sha256`, the identity of the encoder whose latents it decodes (a model loaded from a
+        decoder-only file has no encoder of its own: pass it in `metadata`).
         """
         state = {f"decoder.{k}": v.to(dtype) if dtype is not None and v.is_floating_point() else v
                  for k, v in self.decoder.state_dict().items()}
-        save_weights(state, path, {**self.architecture(), "parts": "decoder", **(metadata or {})})
+        identity = {"encoder_sha256": self.encoder_sha256()} if self.has_encoder else {}
+        save_weights(state, path, {**self.architecture(), "parts": "decoder", **identity, **(metadata or {})})
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
         """Build from a file this project wrote (architecture in its metadata); official files need `encoder=`/`decoder=`."""
-        _, meta = read_weights(path)
+        meta = read_metadata(path)
         arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels", "kl_base_channels") if k in meta}
         arch.update(overrides)
         if "decoder" not in arch and "encoder" in arch:  # a released decoder-only file: its size from its shapes

@@ -5,10 +5,12 @@
     accelerate launch -m tokenizer.train distill_teacher=true ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=7  # 1-step student
     python -m tokenizer.train task=z_stats ssdd.checkpoint=fmnist
 
-Every knob is in configs/ssdd.yaml. A run lives in <ckpt_dir>/jobs/<run_name>/: checkpoints/{last,best}/,
-TensorBoard logs, samples/*.png, losses.jsonl, eval_*.json. Re-running with the same run_name resumes exactly:
-data order, noise and timesteps are functions of (seed, step, rank), and the model, EMA, optimiser and RNG
-states are restored from checkpoints/last.
+Every knob is in configs/ssdd.yaml (checked before any work: tokenizer.validation). A run lives in
+<ckpt_dir>/jobs/<run_name>/: checkpoints/{last,best}/, TensorBoard logs, samples/*.png, losses.jsonl, and
+results/step<N>/ (each evaluation's metrics; task=eval and task=z_stats of a run's checkpoint write there too).
+Re-running with the same run_name resumes exactly: data order, noise and timesteps are functions of
+(seed, step, rank), and the model, EMA, optimiser and RNG states are restored from checkpoints/last; a re-run of a
+finished run completes its final evaluation and best/ if a kill left them out.
 """
 
 import json
@@ -19,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from tokenizer.checkpoint import resolve_state_dir
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
 from tokenizer.ema import EMA
@@ -27,10 +30,14 @@ from tokenizer.evaluation import load_for_eval, model_from_config, reconstruct_s
 from tokenizer.losses import PatchDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE, compute_z_stats
 from tokenizer.metrics import selection_score
-from tokenizer.runs import LossLog, default_run_name, resolve_checkpoint, save_grid, start_run
+from tokenizer.runs import (LossLog, default_run_name, resolve_checkpoint, results_dir, save_grid, save_json,
+                            start_run, step_results_dir)
 from tokenizer.ssdd import SSDD
-from tokenizer.training import (build_optimizer, check_finite, epoch_batches, plan_steps, resume, save_checkpoint,
-                                step_generator, train_loader)
+from tokenizer.training import (build_optimizer, check_finite, complete_finished_run, epoch_batches, plan_steps,
+                                resume_run, save_checkpoint, step_generator, train_loader)
+from tokenizer.validation import SSDD_CHECKS, check_config
+
+EVAL_FILE = "eval_training.json"  # the in-training evaluation of a step, in <run>/results/step<N>/
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -143,12 +150,10 @@ def train(cfg):
 
     # Resume: everything needed to continue bit-for-bit is in checkpoints/last.
     ckpt_root = os.path.join(out_dir, "checkpoints")
-    step, best = 0, None
-    state = resume(os.path.join(ckpt_root, "last"), state_modules(model, ema, aux, disc), optimizers)
+    step, best, best_step = 0, None, None
+    state = resume_run(accelerator, cfg, out_dir, state_modules(model, ema, aux, disc), optimizers)
     if state is not None:
-        step, best = state["step"], state.get("best")
-        if accelerator.is_main_process:
-            print(f"resumed {out_dir} at step {step}")
+        step, best, best_step = state["step"], state.get("best"), state.get("best_step")
 
     model, optimizer = accelerator.prepare(model, optimizer)
     if disc is not None:
@@ -163,11 +168,38 @@ def train(cfg):
     step_counts = [1] if teacher is not None or raw_model.is_kl else sorted({1, cfg.ssdd.fm_sampler.steps})
     teacher_steps = cfg.ssdd.fm_sampler.steps
 
+    def evaluate_and_save(step: int) -> None:
+        """Evaluate the EMA model, keep the metrics in results/step<N>/, refresh best/ if it is better (or missing),
+        then last/: in that order, so a kill never leaves last/ past a step whose outputs are incomplete."""
+        nonlocal best, best_step
+        results = evaluate(cfg, accelerator, ema.model, val_set, step_counts, step, out_dir)
+        saves = ["last"]
+        if accelerator.is_main_process:
+            save_json(os.path.join(step_results_dir(out_dir, step), EVAL_FILE),
+                      {"step": step, "images": training.eval_images, "split": "val",
+                       "results": {f"{n}_steps": r for n, r in results.items()}})
+            score = selection_score(results[step_counts[-1]], training.save_on_best)
+            if best is None or score > best or resolve_state_dir(os.path.join(ckpt_root, "best")) is None:
+                best, best_step, saves = score, step, ["best", "last"]
+        save(saves, step)
+
+    def save(names: list, step: int) -> None:
+        save_checkpoint(accelerator, [os.path.join(ckpt_root, name) for name in names], modules, optimizers,
+                        {"step": step, "best": best, "best_step": best_step, "config": OmegaConf.to_container(cfg)},
+                        raw_model.architecture())
+
     model.train()
     # Schedule-free optimisers keep two weight sequences; the model holds the training one throughout, since
     # evaluation and sample grids use the EMA copy (accelerate's wrapper forwards train() where it exists).
     optimizer.train()
     trainable_aux = list(aux.parameters())
+    if step >= plan.total_steps:  # a finished run: make what a kill after its last save may have left out
+        final_eval = os.path.join(step_results_dir(out_dir, step), EVAL_FILE)
+        complete_finished_run(accelerator, out_dir, step, {
+            os.path.relpath(final_eval, out_dir): os.path.isfile(final_eval),
+            "checkpoints/best": resolve_state_dir(os.path.join(ckpt_root, "best")) is not None,
+        }, lambda: evaluate_and_save(step))
+
     batches = epoch_batches(loader, sampler, train_set, plan, step) if step < plan.total_steps else ()
     with tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
               dynamic_ncols=True) as bar:
@@ -227,20 +259,12 @@ def train(cfg):
                 if step % training.sample_every == 0:
                     sample_grid(tb, ema.model, teacher, fixed_x, step_counts, teacher_steps, step, out_dir)
             end_of_epoch = step % plan.steps_per_epoch == 0
-            saves = ["last"] if step % training.ckpt_every == 0 else []
             if (end_of_epoch and (step // plan.steps_per_epoch) % training.eval_freq == 0) or step == plan.total_steps:
-                # EMA reconstructions at 1 and N steps; refresh last/ and, if better, best/ (also at the very end,
-                # so every run finishes with metrics and a best/ checkpoint)
-                results = evaluate(cfg, accelerator, ema.model, val_set, step_counts, step, out_dir)
-                saves = ["last"]
-                if accelerator.is_main_process:
-                    score = selection_score(results[step_counts[-1]], training.save_on_best)
-                    if best is None or score > best:
-                        best, saves = score, ["last", "best"]
-            if saves:
-                save_checkpoint(accelerator, [os.path.join(ckpt_root, name) for name in saves], modules, optimizers,
-                                {"step": step, "best": best, "config": OmegaConf.to_container(cfg)},
-                                raw_model.architecture())
+                # EMA reconstructions at 1 and N steps (also at the very end, so every run finishes with metrics
+                # and a best/ checkpoint)
+                evaluate_and_save(step)
+            elif step % training.ckpt_every == 0:
+                save(["last"], step)
             if step >= plan.total_steps:
                 break
     accelerator.end_training()
@@ -250,17 +274,18 @@ def train(cfg):
 
 
 def task_eval(cfg):
-    """Reconstruct the eval split with `ssdd.fm_sampler.steps` (or eval.steps) and write eval_<N>steps.json."""
+    """Reconstruct the eval split with `ssdd.fm_sampler.steps` (or eval.steps) and write eval_<N>steps.json (and a
+    grid) into the checkpoint's results folder (`tokenizer.runs.results_dir`)."""
     accelerator, model, dataset, checkpoint = load_for_eval(cfg)
     steps = cfg.eval.steps or cfg.ssdd.fm_sampler.steps
-    out_dir = os.path.dirname(checkpoint)
+    out_dir = results_dir(checkpoint)
     result = reconstruct_split(cfg, accelerator, model, dataset, steps, grid_path=os.path.join(out_dir, f"eval_{steps}steps.png"))
     if accelerator.is_main_process:
         result = {"checkpoint": checkpoint, "steps": steps, "split": cfg.eval.split,
                   "im_size": cfg.dataset.im_size, **result}
-        with open(os.path.join(out_dir, f"eval_{steps}steps.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(os.path.join(out_dir, f"eval_{steps}steps.json"), result)
         print(json.dumps(result, indent=2))
+        print(f"saved {os.path.join(out_dir, f'eval_{steps}steps.json')}")
     return result
 
 
@@ -275,9 +300,8 @@ def task_z_stats(cfg):
     stats = compute_z_stats(model, dataset, cfg.eval.batch_size, cfg.dataset.num_workers, device)
     stats |= {"encoder": cfg.ssdd.encoder, "im_size": cfg.dataset.im_size, "split": cfg.eval.split,
               "checkpoint": resolve_checkpoint(cfg.ckpt_dir, spec)}
-    path = os.path.join(os.path.dirname(stats["checkpoint"]), Z_STATS_FILE)
-    with open(path, "w") as f:
-        json.dump(stats, f, indent=2)
+    path = os.path.join(results_dir(stats["checkpoint"]), Z_STATS_FILE)
+    save_json(path, stats)
     print(json.dumps(stats, indent=2))
     print(f"saved {path}")
     return stats
@@ -287,11 +311,9 @@ TASKS = {"train": train, "eval": task_eval, "z_stats": task_z_stats}
 
 
 def run(argv: list[str]) -> None:
-    cfg = load_config("ssdd.yaml", argv)
+    cfg = check_config(load_config("ssdd.yaml", argv), SSDD_CHECKS)
     if cfg.run_name is None:
         cfg.run_name = default_run_name()
-    if cfg.task not in TASKS:
-        raise UserError(f"unknown task '{cfg.task}' (choose one of {', '.join(TASKS)})")
     TASKS[cfg.task](cfg)
 
 

@@ -4,8 +4,14 @@ Exact resume rests on three rules (docs/ARCHITECTURE.md §7): all randomness of 
 `step_generator(seed, step, rank)`; the data order of an epoch comes from (seed, epoch) through `EpochSampler`,
 so `epoch_batches` can restart mid-epoch at any step; and `checkpoints/last` holds the model, EMA, optimiser(s)
 and the global RNG states (`save_checkpoint` / `resume`).
+
+Nothing is lost to a kill because `checkpoints/last`, the resume point, is written last: everything a step
+promises (best/, evaluation results, sample grids) exists before last moves past that step, so a kill anywhere
+makes the re-run do that step again, and a re-run of a finished run makes what is missing
+(`complete_finished_run`).
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_training_state
 from tokenizer.data import EpochSampler
-from tokenizer.errors import UserError
+from tokenizer.errors import CheckpointMismatchError, UserError, one_line
 
 OPTIMIZERS = ("radam_schedulefree", "adamw")
 
@@ -118,13 +124,49 @@ def resume(directory: str, modules: dict, optimizers) -> dict | None:
     return load_training_state(directory, modules, optimizers)
 
 
+def resume_run(accelerator, cfg, out_dir: str, modules: dict, optimizers) -> dict | None:
+    """Resume the run in `out_dir` from checkpoints/last (None for a new run), then record this start.
+
+    A state that does not fit this config (another architecture or optimiser) is refused before anything of the
+    run is changed; only then does the main process tidy what killed processes left and write config.yaml
+    (`tokenizer.runs.record_start`).
+    """
+    from tokenizer.runs import record_start
+
+    try:
+        state = resume(os.path.join(out_dir, "checkpoints", "last"), modules, optimizers)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"run {out_dir} holds a training state of another model or optimiser than this "
+                                      f"config (nothing was changed; use another run_name): {one_line(e)}") from None
+    if accelerator.is_main_process:
+        record_start(cfg, out_dir)
+        if state is not None:
+            print(f"resumed {out_dir} at step {state['step']}")
+    return state
+
+
 def save_checkpoint(accelerator, directories: list, modules: dict, optimizers, state: dict, metadata: dict) -> None:
     """Write a training state into each directory from the main process, after every process finished the step.
 
     Every process must call it (it synchronises once), also those that do not know all the directories: only
-    the main process's list is used (it alone decides whether a new best/ is due).
+    the main process's list is used (it alone decides whether a new best/ is due). `last` is written after the
+    others (the module docstring says why).
     """
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for directory in directories:
+        for directory in sorted(directories, key=lambda d: os.path.basename(os.path.normpath(d)) == "last"):
             save_training_state(directory, modules, optimizers, state, metadata)
+
+
+def complete_finished_run(accelerator, out_dir: str, step: int, artefacts: dict, make) -> None:
+    """A re-run of a run whose checkpoints/last is at its final step: `make()` (on every process) when one of the
+    final `artefacts` ({description: present?}) is missing, because a kill or an older version left it out."""
+    missing = [what for what, present in artefacts.items() if not present]
+    if accelerator.is_main_process:
+        if missing:
+            print(f"{out_dir} finished training at step {step}; completing what the last run left out: "
+                  f"{', '.join(missing)}")
+        else:
+            print(f"{out_dir} finished training at step {step}; all its outputs are present, nothing to do")
+    if missing:
+        make()
