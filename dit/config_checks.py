@@ -12,7 +12,7 @@ from tokenizer.flow import T_KINDS
 from tokenizer.runs import resolve_checkpoint
 from tokenizer.training import OPTIMIZERS
 from tokenizer.validation import (MAX_STEPS, ConfigChecks, Rule, boolean, check_output_dir, choice, existing_file,
-                                  int_list, integer, number, optional, relative_name, text, unit_interval_pair)
+                                  in_range, int_list, integer, number, optional, relative_name, text, unit_interval_pair)
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -79,3 +79,15 @@ DIT_CHECKS = ConfigChecks(rules={
     "sample.grid_classes": optional(int_list),
     "sample.per_class": integer(1, 256),
 }, cross=(_places_exist,))
+
+
+def check_sampling_args(cfg_scale=None, steps=None, decoder_steps=None, seed=None) -> None:
+    """The sampling arguments the generation scripts share (--cfg, --steps, --decoder-steps, --seed), checked before
+    anything is loaded; None means the bundle's default and passes."""
+    if cfg_scale is not None:
+        in_range("--cfg", cfg_scale, 0, 100, why="the guidance scale; DiT uses 1.5 for FID and 4 for pictures")
+    for name, value in (("--steps", steps), ("--decoder-steps", decoder_steps)):
+        if value is not None:
+            in_range(name, value, 1, MAX_STEPS, why=f"more than {MAX_STEPS} sampler steps only costs time")
+    if seed is not None:
+        in_range("--seed", seed, 0, 2**63 - 1)

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from dit.config_checks import check_sampling_args
 from dit.flow import METHODS
 from dit.pipeline import (DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, decoder_label,
                           default_decoder_steps, load_dit)
@@ -39,7 +40,7 @@ from tokenizer.checkpoint import file_record, read_metadata, save_weights
 from tokenizer.errors import UserError, run_cli
 from tokenizer.runs import resolve_checkpoint, save_json
 from tokenizer.ssdd import SSDD
-from tokenizer.validation import MAX_STEPS, check_output_dir, in_range
+from tokenizer.validation import check_output_dir
 
 BUNDLE_LIMIT_MB = 25.0  # the DiT plus the default decoder; extra decoders are optional files beside them
 
@@ -56,11 +57,7 @@ def resolve_dit(spec: str, ckpt_dir: str) -> str:
 
 def check_args(args) -> None:
     """The bundle's default sampler settings, and the output folder, before anything is loaded."""
-    if args.cfg is not None:
-        in_range("--cfg", args.cfg, 0, 100)
-    for name, value in (("--steps", args.steps), ("--decoder-steps", args.decoder_steps)):
-        if value is not None:
-            in_range(name, value, 1, MAX_STEPS)
+    check_sampling_args(args.cfg, args.steps, args.decoder_steps)
     check_output_dir(args.out, "--out")
 
 

@@ -29,10 +29,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dit.config_checks import check_sampling_args
 from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator
 from tokenizer.metrics import to_uint8
 from tokenizer.errors import UserError, run_cli
-from tokenizer.validation import MAX_STEPS, check_device, check_memory, check_output_dir, in_range
+from tokenizer.validation import check_device, check_memory, check_output_dir, in_range
 
 
 def slug(name: str) -> str:
@@ -84,12 +85,7 @@ def describe_decoder(dec) -> str:
 def check_args(args) -> None:
     """Types and ranges of every argument, before anything is loaded."""
     in_range("--num", args.num, 1, why="images per class")
-    in_range("--seed", args.seed, 0, 2**63 - 1)
-    if args.cfg_scale is not None:
-        in_range("--cfg", args.cfg_scale, 0, 100, why="the guidance scale; DiT uses 1.5 for FID and 4 for pictures")
-    for name, value in (("--steps", args.steps), ("--decoder-steps", args.decoder_steps)):
-        if value is not None:
-            in_range(name, value, 1, MAX_STEPS, why=f"more than {MAX_STEPS} sampler steps only costs time")
+    check_sampling_args(args.cfg_scale, args.steps, args.decoder_steps, args.seed)
     in_range("--scale", args.scale, 1)
     args.device = check_device(args.device)
     check_output_dir(args.out, "--out")

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dit.config_checks import check_sampling_args
 from dit.flow import METHODS
 from dit.pipeline import load_generator
 from eval.adm_npz import write_sample_batch
@@ -46,6 +47,7 @@ from tokenizer.atomic import atomic_file, atomic_json
 from tokenizer.errors import UserError, run_cli
 from tokenizer.metrics import to_uint8
 from tokenizer.training import make_accelerator
+from tokenizer.validation import check_output_dir, in_range
 
 SETTINGS_FILE, NONFINITE_FILE = "sampling.json", "nonfinite.json"
 SAME_RUN_KEYS = ("checkpoint", "decoder", "decoder_steps", "num_samples", "seed", "cfg_scale", "steps", "sampler",
@@ -88,11 +90,18 @@ def check_settings(out: str, settings: dict) -> None:
               f" this run started with; the remaining images may differ from an uninterrupted run in rounding")
 
 
+def check_args(args) -> None:
+    """Every argument's type and range, before any model is loaded or anything written."""
+    in_range("--num-fid-samples", args.num_fid_samples, 1)
+    in_range("--per-proc-batch-size", args.per_proc_batch_size, 1)
+    check_sampling_args(args.cfg_scale, args.steps, args.decoder_steps, args.seed)
+    check_output_dir(args.out, "--out")
+
+
 def sample(args) -> dict:
     accelerator = make_accelerator("no")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if args.num_fid_samples < 1 or args.per_proc_batch_size < 1:
-        raise UserError("--num-fid-samples and --per-proc-batch-size must be >= 1")
+    check_args(args)
     decoder_file = args.decoder if args.decoder and os.path.isfile(args.decoder) else None
     gen = load_generator(args.ckpt, device=accelerator.device, decoder=decoder_file)
     decoder_name, _, default_steps = gen.pick_decoder(None if decoder_file else args.decoder)

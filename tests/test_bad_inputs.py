@@ -35,9 +35,9 @@ def load_script(name):
     return module
 
 
-generate, reconstruct = load_script("generate"), load_script("reconstruct")
+generate, reconstruct, sample_ddp = load_script("generate"), load_script("reconstruct"), load_script("sample_ddp")
 ENTRIES = {"tokenizer.train": tok_main, "dit.train": dit_main, "dit.cache": cache_main, "dit.export": export_main,
-           "generate": generate.main, "reconstruct": reconstruct.main}
+           "generate": generate.main, "reconstruct": reconstruct.main, "sample_ddp": sample_ddp.main}
 
 
 def garble(path, offset_from_data=64, count=256):
@@ -101,6 +101,10 @@ def gen(c, *extra):
 def rec(c, *extra):
     return "reconstruct", ["--ckpt", c.tokenizer, "--image", "chelsea", "--size", "64", "--steps", "1",
                            "--out", str(c.out / "r.png"), *extra]
+
+
+def ddp(c, *extra):
+    return "sample_ddp", ["--num-fid-samples", "20", "--out", str(c.out / "fid" / "s"), *extra]
 
 
 # (case id, arguments from the context, text the one-line message must contain)
@@ -187,6 +191,12 @@ CASES = [
     ("gen-non-finite-images", lambda c: gen(c, "--ckpt", str(c.root / "nan"), "--out", str(c.out / "nan")),
      "non-finite"),
     ("gen-decoder-of-another-encoder", lambda c: gen(c, "--decoder", c.other_decoder), "another encoder"),
+    # sample/sample_ddp.py: refused before a model is loaded or a sample written
+    ("ddp-cfg-nan", lambda c: ddp(c, "--cfg", "nan"), "--cfg"),
+    ("ddp-num-zero", lambda c: ddp(c, "--num-fid-samples", "0"), "--num-fid-samples"),
+    ("ddp-batch-zero", lambda c: ddp(c, "--per-proc-batch-size", "0"), "--per-proc-batch-size"),
+    ("ddp-steps-huge", lambda c: ddp(c, "--steps", "100000"), "--steps"),
+    ("ddp-out-under-file", lambda c: ("sample_ddp", ["--out", f"{c.a_file}/s"]), "is a file"),
     # sample/reconstruct.py
     ("rec-size-zero", lambda c: rec(c, "--size", "0"), "--size"),
     ("rec-size-not-multiple", lambda c: rec(c, "--size", "100"), "multiple of 8"),
@@ -236,6 +246,8 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(ctx, case, capsys,
     assert snapshot(*kept) == before, f"{name} changed files of an existing run or bundle"
     if name == "gen-non-finite-images":
         assert not (ctx.out / "nan").exists() or not os.listdir(ctx.out / "nan")  # nothing written
+    if name.startswith("ddp-"):
+        assert not (ctx.out / "fid").exists()  # refused before the sample folder is made
 
 
 def test_the_catalogue_covers_the_reported_defects():
