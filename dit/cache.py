@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dit.config_checks import CACHE_DTYPES, DIT_CHECKS
-from tokenizer.atomic import atomic_file, swap_in
+from tokenizer.atomic import atomic_file, atomic_json, swap_in
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
 from tokenizer.errors import UserError, one_line, run_cli
@@ -253,14 +253,6 @@ def write_shard(path: str, tensors: dict) -> None:
     atomic_file(path, write)
 
 
-def write_json(path: str, record: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-
-    atomic_file(path, write)
-
-
 def encode_shard(model, dataset, start: int, stop: int, cfg, stats: dict, device, bar) -> dict:
     """The tensors of the shard holding images [start, stop): batches of cache.batch_size from `start` on."""
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=cfg.cache.batch_size,
@@ -307,7 +299,7 @@ def prepare_partial(partial: str, plan: dict) -> None:
         if ".tmp-" in name:
             os.remove(os.path.join(partial, name))
     if not os.path.isfile(plan_path):
-        write_json(plan_path, plan)
+        atomic_json(plan_path, plan)
 
 
 def finished_shards(partial: str, counts: list) -> set:
@@ -404,7 +396,7 @@ def build_cache(cfg) -> str:
     if main:
         class_names = [str(c) for c in getattr(dataset, "classes", [])]
         meta = cache_metadata(cfg, model, ckpt, enc_hash, stats, class_names, partial, counts, time.time() - t0)
-        write_json(os.path.join(partial, "cache.json"), meta)
+        atomic_json(os.path.join(partial, "cache.json"), meta)
         swap_in(partial, out)  # the old cache (if any) stays until this rename
         os.remove(os.path.join(out, BUILD_FILE))  # only now: a kill before the swap resumes with every shard done
         print(f"cached {meta['entries']} latents {tuple(meta['latent_shape'])} of {images} images in "

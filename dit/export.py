@@ -35,10 +35,10 @@ from dit.config_checks import check_sampling_args
 from dit.flow import METHODS
 from dit.pipeline import (DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, decoder_label,
                           default_decoder_steps, load_dit)
-from tokenizer.atomic import remove_stale_temporaries
+from tokenizer.atomic import atomic_json, remove_stale_temporaries
 from tokenizer.checkpoint import file_record, read_metadata, save_weights
 from tokenizer.errors import UserError, run_cli
-from tokenizer.runs import resolve_checkpoint, save_json
+from tokenizer.runs import resolve_checkpoint
 from tokenizer.ssdd import SSDD
 from tokenizer.validation import check_output_dir
 
@@ -178,7 +178,7 @@ def export(args) -> dict:
     }
     if extras:  # without extras bundle.json keeps its earlier form (decoder.safetensors is the one decoder)
         info["decoders"] = listing
-    save_json(os.path.join(args.out, INFO_FILE), info)
+    atomic_json(os.path.join(args.out, INFO_FILE), info)
     default_mb = sum(files[n]["bytes"] for n in (DIT_FILE, DECODER_FILE)) / 1e6
     total = sum(f["bytes"] for f in files.values()) / 1e6
     print(f"exported {meta['model']} (step {meta.get('step')}) + {decoder.decoder_name} decoder "

@@ -31,7 +31,6 @@ Differences from the published code, all layout-neutral:
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Callable, Optional, Sequence, Tuple, Union
 

@@ -28,7 +28,6 @@ import os
 import re
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch

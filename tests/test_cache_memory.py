@@ -2,7 +2,6 @@
 subprocess, records the trainer's memory, and removes what it wrote."""
 
 import json
-import os
 
 import pytest
 

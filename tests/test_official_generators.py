@@ -109,7 +109,7 @@ def test_generator_samples_each_family_with_its_convention(official_files):
     settings = sit.sampler_settings(cfg_scale=1.0, steps=3, sampler="euler")
     z, _ = sit.sample_latents(torch.tensor([3]), noise, settings)
     # SiT's euler on 3 points: s = 0 and 0.5, the model fed s itself; then z = z_norm / 0.18215
-    x, calls = noise, []
+    x = noise
     for s in (0.0, 0.5):
         x = x + 0.5 * sit.model(x, torch.tensor([s]), torch.tensor([3]))[:, :4]
     assert torch.allclose(z, x / 0.18215, atol=1e-5)

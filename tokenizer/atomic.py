@@ -12,6 +12,7 @@ start removes those of processes that no longer exist (`remove_stale_temporaries
 (`settle`).
 """
 
+import json
 import os
 import re
 import shutil
@@ -145,8 +146,8 @@ def atomic_file(path: str, write) -> None:
 
 
 def atomic_json(path: str, obj) -> None:
-    """Write `obj` as indented JSON to `path` with `atomic_file`."""
-    import json
+    """Write `obj` as indented JSON to `path` with `atomic_file` (its folder created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(tmp):
         with open(tmp, "w") as f:

@@ -74,17 +74,6 @@ def find_result(checkpoint: str, name: str) -> str:
     return os.path.join(results_dir(checkpoint), name)
 
 
-def save_json(path: str, record: dict) -> None:
-    """Write a JSON file atomically (its folder created); a full disk is a one-line error."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-
-    atomic_file(path, write)
-
-
 def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
     """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
     and create the directory. The accelerator logs to TensorBoard there. Nothing of an existing run is changed

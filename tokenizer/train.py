@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from tokenizer.atomic import atomic_json
 from tokenizer.checkpoint import resolve_state_dir
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
@@ -30,7 +31,7 @@ from tokenizer.evaluation import load_for_eval, model_from_config, reconstruct_s
 from tokenizer.losses import PatchDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE, compute_z_stats
 from tokenizer.metrics import selection_score
-from tokenizer.runs import (LossLog, default_run_name, resolve_checkpoint, results_dir, save_grid, save_json,
+from tokenizer.runs import (LossLog, default_run_name, resolve_checkpoint, results_dir, save_grid,
                             start_run, step_results_dir)
 from tokenizer.ssdd import SSDD
 from tokenizer.training import (build_optimizer, check_finite, complete_finished_run, epoch_batches, plan_steps,
@@ -175,7 +176,7 @@ def train(cfg):
         results = evaluate(cfg, accelerator, ema.model, val_set, step_counts, step, out_dir)
         saves = ["last"]
         if accelerator.is_main_process:
-            save_json(os.path.join(step_results_dir(out_dir, step), EVAL_FILE),
+            atomic_json(os.path.join(step_results_dir(out_dir, step), EVAL_FILE),
                       {"step": step, "images": training.eval_images, "split": "val",
                        "results": {f"{n}_steps": r for n, r in results.items()}})
             score = selection_score(results[step_counts[-1]], training.save_on_best)
@@ -283,7 +284,7 @@ def task_eval(cfg):
     if accelerator.is_main_process:
         result = {"checkpoint": checkpoint, "steps": steps, "split": cfg.eval.split,
                   "im_size": cfg.dataset.im_size, **result}
-        save_json(os.path.join(out_dir, f"eval_{steps}steps.json"), result)
+        atomic_json(os.path.join(out_dir, f"eval_{steps}steps.json"), result)
         print(json.dumps(result, indent=2))
         print(f"saved {os.path.join(out_dir, f'eval_{steps}steps.json')}")
     return result
@@ -301,7 +302,7 @@ def task_z_stats(cfg):
     stats |= {"encoder": cfg.ssdd.encoder, "im_size": cfg.dataset.im_size, "split": cfg.eval.split,
               "checkpoint": resolve_checkpoint(cfg.ckpt_dir, spec)}
     path = os.path.join(results_dir(stats["checkpoint"]), Z_STATS_FILE)
-    save_json(path, stats)
+    atomic_json(path, stats)
     print(json.dumps(stats, indent=2))
     print(f"saved {path}")
     return stats
