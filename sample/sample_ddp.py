@@ -40,8 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.config_checks import check_sampling_args
-from dit.flow import METHODS
-from dit.pipeline import load_generator
+from dit.pipeline import ALL_METHODS, load_generator
 from eval.adm_npz import write_sample_batch
 from tokenizer.atomic import atomic_file, atomic_json
 from tokenizer.errors import UserError, run_cli
@@ -181,7 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-fid-samples", type=int, default=50000)
     ap.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: the bundle's)")
     ap.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the bundle's)")
-    ap.add_argument("--sampler", choices=METHODS, default=None, help="default: the bundle's")
+    ap.add_argument("--sampler", choices=ALL_METHODS, default=None,
+                    help="default: the model's (this project's DiT: a flow sampler; DiT-XL/2: ddpm or ddim; SiT: sde or ode)")
     ap.add_argument("--decoder", default=None, help="a decoder name of the bundle, or a decoder checkpoint file")
     ap.add_argument("--decoder-steps", type=int, default=None, help="default: the decoder's (1 when distilled)")
     ap.add_argument("--per-proc-batch-size", type=int, default=64)
