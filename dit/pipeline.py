@@ -45,7 +45,7 @@ from dit import diffusion, sit
 from dit.flow import METHODS, sample
 from dit.models import DiT, build_dit
 from dit.official import FAMILY_DEFAULTS, is_official_spec, load_official
-from tokenizer.checkpoint import check_state_dict, read_weights, verify_file
+from tokenizer.checkpoint import check_state_dict, read_header, read_weights, verify_file
 from tokenizer.errors import UserError
 from tokenizer.latent_stats import fixed_z_stats
 from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout, read_state_file
@@ -398,10 +398,11 @@ def load_decoder(path: str, latent_channels: int, what: str, sdvae_latents: bool
     if not os.path.isfile(path):
         raise UserError(f"decoder checkpoint not found: {path}")
     path = str(path)
-    state, meta = read_weights(path) if path.endswith(".safetensors") else (read_state_file(path), {})
-    if "x_embedder.proj.weight" in state:
+    # the header is enough to tell what the file is (SSDD.from_checkpoint reads the tensors once, below)
+    keys, meta = read_header(path) if path.endswith(".safetensors") else (list(read_state_file(path)), {})
+    if "x_embedder.proj.weight" in keys:
         raise UserError(f"{path} is a DiT/SiT generator, not a decoder; give it with --ckpt")
-    if detect_layout(state) is not None:
+    if detect_layout(keys) is not None:
         if not sdvae_latents:
             raise UserError(f"{path} is an SD-VAE autoencoder, but {what} does not make SD-VAE latents")
         return load_sdvae_decoder(path)

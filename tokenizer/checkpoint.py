@@ -83,17 +83,23 @@ def read_state_json(path: str) -> dict:
 # ----------------------------------------------------------------------------- weights
 
 
-def read_metadata(path: str) -> dict:
-    """The metadata of a safetensors file (its header only: cheap); a user-facing error if unreadable."""
+def read_header(path: str) -> tuple[list, dict]:
+    """(tensor names, metadata) of a safetensors file, from its header only (cheap: no tensor is read); a
+    user-facing error if unreadable."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}
+            return list(f.keys()), f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata of a safetensors file (`read_header`: cheap)."""
+    return read_header(path)[1]
 
 
 def read_weights(path: str) -> tuple[dict, dict]:

@@ -68,8 +68,8 @@ def read_state_file(path: str) -> dict:
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def detect_layout(state: dict) -> str | None:
-    """'diffusers', 'ldm' or None (not an SD-VAE-style autoencoder) from the key names."""
+def detect_layout(state) -> str | None:
+    """'diffusers', 'ldm' or None (not an SD-VAE-style autoencoder) from the key names (a state dict or its keys)."""
     keys = [k.removeprefix("first_stage_model.") for k in state]
     # Both layouts keep SD's quant convs at the top level; this project's files (and SSDD decoders, whose U-Net
     # also has `decoder.up_blocks`) never do, and SSDD decoders have no mid-block attention.
