@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dit.config_checks import CACHE_DTYPES, DIT_CHECKS
-from tokenizer.atomic import atomic_file, atomic_json, swap_in
+from tokenizer.atomic import atomic_file, atomic_json, remove_stale_temporaries, swap_in
 from tokenizer.config import load_config
 from tokenizer.data import build_dataset
 from tokenizer.errors import UserError, one_line, run_cli
@@ -243,14 +243,9 @@ def encode_normalised(model: SSDD, x: torch.Tensor, stats: dict, dtype: torch.dt
 
 
 def write_shard(path: str, tensors: dict) -> None:
-    """Write one shard atomically (temporary file, fsync, rename): a shard file that exists is complete."""
-
-    def write(tmp):
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-
-    atomic_file(path, write)
+    """Write one shard atomically (`atomic_file`: temporary file, fsync, rename): a shard file that exists is
+    complete."""
+    atomic_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 def encode_shard(model, dataset, start: int, stop: int, cfg, stats: dict, device, bar) -> dict:
@@ -295,9 +290,7 @@ def prepare_partial(partial: str, plan: dict) -> None:
             print(f"{partial} holds a build with other settings: starting afresh")
             shutil.rmtree(partial)
     os.makedirs(partial, exist_ok=True)
-    for name in os.listdir(partial):  # temporary files of a killed writer
-        if ".tmp-" in name:
-            os.remove(os.path.join(partial, name))
+    remove_stale_temporaries(partial)  # shard files a killed writer left half-written
     if not os.path.isfile(plan_path):
         atomic_json(plan_path, plan)
 

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from tokenizer.atomic import explain_write_error
+from tokenizer.atomic import atomic_file
 from tokenizer.errors import UserError, one_line
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -45,18 +45,15 @@ def write_sample_batch(path: str, images: Iterable[np.ndarray], n: int, image_sh
 
     Written to a temporary sibling and moved into place, so a kill or a full disk never leaves a truncated .npz (a
     full disk is a one-line UserError)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
     blocks = (im[None] if im.ndim == 3 else im for im in images)
-    try:
+
+    def write(tmp):
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             _write_member(zf, "arr_0", (n, *image_shape), np.uint8, blocks)
             if labels is not None:
                 _write_member(zf, "arr_1", (len(labels),), np.int64, [np.asarray(labels)])
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise explain_write_error(e, path) from None
+
+    atomic_file(path, write)
 
 
 class NpzImages:

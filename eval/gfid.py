@@ -339,8 +339,7 @@ def evaluate(args) -> dict:
                   inception_weights=args.inception_weights or "torch-fidelity download",
                   machine=machine_info(device), date=today(), command=command_line("eval/gfid.py", args.argv))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        atomic_json(args.out, result)
+        atomic_json(args.out, result)  # (creates the folder)
     print(summary(result))
     return result
 

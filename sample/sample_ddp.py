@@ -42,7 +42,7 @@ from tqdm import tqdm
 from dit.config_checks import check_sampling_args
 from dit.pipeline import ALL_METHODS, load_generator
 from eval.adm_npz import write_sample_batch
-from tokenizer.atomic import atomic_file, atomic_json
+from tokenizer.atomic import atomic_file, atomic_json, remove_stale_temporaries
 from tokenizer.errors import UserError, run_cli
 from tokenizer.metrics import to_uint8
 from tokenizer.training import make_accelerator
@@ -116,9 +116,7 @@ def sample(args) -> dict:
     check_settings(out, settings)  # every process checks, so a refusal stops all of them alike
     accelerator.wait_for_everyone()
     if main:
-        for name in os.listdir(out):  # leftovers of writes cut short by a kill
-            if ".tmp-" in name:
-                os.remove(os.path.join(out, name))
+        remove_stale_temporaries(out)  # leftovers of writes cut short by a kill
         atomic_json(os.path.join(out, SETTINGS_FILE), settings)
     accelerator.wait_for_everyone()
     todo = batches_to_do(n, batch, existing_indices(out))

@@ -117,6 +117,7 @@ def test_adm_npz_round_trips_streamed(tmp_path):
     with pytest.raises(ValueError, match="announced"):
         write_sample_batch(str(tmp_path / "short.npz"), iter(x[:5]), 7, (32, 32, 3))
     assert not os.path.exists(tmp_path / "short.npz")
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # nor its temporary
 
 
 def test_adm_npz_rejects_what_is_not_a_batch(tmp_path):

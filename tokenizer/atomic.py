@@ -134,15 +134,21 @@ def atomic_directory(directory: str):
 
 
 def atomic_file(path: str, write) -> None:
-    """`write(tmp_path)` into a temporary sibling, then `os.replace` it onto `path` (atomic on POSIX)."""
+    """`write(tmp_path)` into a temporary sibling, fsync it, then `os.replace` it onto `path` (atomic on POSIX), so
+    the rename never exposes unwritten bytes. On any error the temporary is removed; a failed write (full disk,
+    ...) becomes a one-line UserError."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except WRITE_ERRORS as e:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise explain_write_error(e, path) from None
+        if isinstance(e, WRITE_ERRORS):
+            raise explain_write_error(e, path) from None
+        raise
 
 
 def atomic_json(path: str, obj) -> None:
