@@ -31,6 +31,7 @@ import gradio as gr  # noqa: E402
 from dit.pipeline import BUNDLE_DIR, FAMILY_METHODS, Generator, load_generator  # noqa: E402
 from tokenizer.metrics import to_uint8  # noqa: E402
 from tokenizer.errors import UserError, one_line, run_cli  # noqa: E402
+from tokenizer.validation import check_device  # noqa: E402
 
 log = logging.getLogger("ssdd.app")
 
@@ -82,9 +83,7 @@ def validate(gen: Generator, classes, num, seed, cfg_scale, steps, sampler, deco
             "cfg_scale": _real(cfg_scale, "the CFG scale", *LIMITS["cfg_scale"]),
             "steps": _whole(steps, "the DiT steps", 1, LIMITS["steps"]),
             "sampler": sampler}
-    methods = FAMILY_METHODS[gen.family]  # the published DiT / SiT models sample with their own conventions
-    if sampler not in methods:
-        raise UserError(f"unknown sampler {sampler!r}; valid: {', '.join(methods)}")
+    gen.sampler_settings(args["cfg_scale"], args["steps"], sampler)  # the sampler of the model's family
     if decoder is not None or decoder_steps is not None:
         if not isinstance(decoder, str):
             raise UserError(f"decoder must be one of: {', '.join(gen.decoder_names)}")
@@ -244,12 +243,13 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, bl
 
 
 def warm_up(gen: Generator) -> None:
-    """One tiny generation through every decoder, so that the first request's timings hold no one-off set-up."""
-    gen.compare([0], num=1, seed=0, steps=1)
+    """One tiny generation through every decoder, so that the first request's timings hold no one-off set-up
+    (2 steps: the fewest every family's default sampler takes; SiT's SDE needs 2 time points)."""
+    gen.compare([0], num=1, seed=0, steps=2)
 
 
 def serve(args) -> None:
-    gen = load_generator(args.ckpt, device=args.device, decoder=args.decoder)
+    gen = load_generator(args.ckpt, device=check_device(args.device), decoder=args.decoder)
     print(f"loaded {gen.name} ({gen.source}) with the decoders {', '.join(gen.decoder_names)} on {gen.device}; "
           f"warming up", flush=True)
     warm_up(gen)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.flow import cfg_combine
+from dit.flow import cfg_combine, step_randn
 from tokenizer.errors import UserError
 
 __all__ = ["linear_betas", "space_timesteps", "DiscreteSchedule", "sample", "METHODS", "NUM_TIMESTEPS"]
@@ -188,18 +188,12 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps=250, m
                 x = mean
             else:
                 log_var = schedule.model_log_variance(var_values, i, x)
-                x = mean + torch.exp(0.5 * log_var) * _randn(x, generator, step_noise)
+                x = mean + torch.exp(0.5 * log_var) * step_randn(x, generator, step_noise)
         else:
             eps = schedule.predict_eps(x, x0, i)  # equals the model's eps unless x0 was clipped
             ab, ab_prev = schedule.alpha_bar[i], schedule.alpha_bar_prev[i]
             sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
             x = _f32(np.sqrt(ab_prev)) * x0 + _f32(np.sqrt(1 - ab_prev - sigma ** 2)) * eps
             if sigma > 0 and not last:
-                x = x + _f32(sigma) * _randn(x, generator, step_noise)
+                x = x + _f32(sigma) * step_randn(x, generator, step_noise)
     return x
-
-
-def _randn(x: torch.Tensor, generator: Optional[torch.Generator], step_noise=None) -> torch.Tensor:
-    if step_noise is not None:
-        return step_noise(x)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -118,6 +118,14 @@ def guided_velocity(
     return cfg_combine(v_c, v_u, cfg_scale, cfg_channels)
 
 
+def step_randn(x: torch.Tensor, generator: Optional[torch.Generator], step_noise=None) -> torch.Tensor:
+    """A stochastic sampler's per-step noise shaped like x: `step_noise(x)` when given (per-sample CPU streams,
+    `Generator.step_noise`), else from the device `generator`. Shared by the flow, DiT and SiT samplers."""
+    if step_noise is not None:
+        return step_noise(x)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 @torch.no_grad()
 def sample(
     model_fn: ModelFn,
@@ -179,7 +187,6 @@ def sample(
                 x = x + h * v
             else:
                 eps_hat = x - (1 - t_cur) * v
-                z = (step_noise(x) if step_noise is not None
-                     else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+                z = step_randn(x, generator, step_noise)
                 x = x + h * (v - sde_scale * eps_hat) + (2 * sde_scale * t_cur * h) ** 0.5 * z
     return x

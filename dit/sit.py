@@ -33,7 +33,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from dit.flow import guided_velocity
+from dit.flow import guided_velocity, step_randn
 from tokenizer.errors import UserError
 
 __all__ = ["sample", "METHODS", "dopri5"]
@@ -86,8 +86,7 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps: int =
             return v + (1 - s) * score_from_velocity(v, x, s)  # diffusion form "sigma": w(s) = 1 - s
 
         for s in tqdm(grid[:-1], desc="sde", leave=False, disable=not progress):
-            z = (step_noise(x) if step_noise is not None
-                 else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+            z = step_randn(x, generator, step_noise)
             x = x + drift(x, s) * dt + math.sqrt(2 * (1 - s)) * math.sqrt(dt) * z
         x = x + drift(x, grid[-1]) * LAST_STEP_SIZE
     else:
