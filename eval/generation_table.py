@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from dit.pipeline import BUNDLE_DIR, load_generator
-from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
+from eval.report import command_line, load_average, machine_info, markdown_table, run_script, today, write_report
 from tokenizer.config import CONFIG_DIR
 from tokenizer.errors import UserError, WeightsUnavailableError
 from tokenizer.metrics import quantize, to_uint8
@@ -277,7 +277,7 @@ def evaluate(args) -> dict:
               "batch_size": b, "real": judge.real, "inception_reference": getattr(judge, "ref", None),
               "rows": rows, "speedups": lines, "plot_metric": metric, "plot": args.out + ".png",
               "notes": judge.notes + sorted({n for r in rows for n in r.get("inception_notes", [])}),
-              "machine": machine, "load_average_end": machine_info(device)["load_average"],
+              "machine": machine, "load_average_end": load_average(),
               "date": today(), "command": command_line("eval/generation_table.py", args.argv)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plot(args.out + ".png", rows, metric, f"{gen.name}: quality vs whole-pipeline speed ({n} samples per point)")

@@ -125,7 +125,7 @@ def outputs(run: str, trainer: str, eval_steps: list, grid_steps: list) -> dict:
     for s in grid_steps:
         promised[f"samples/step{s:07d}.png"] = os.path.join(run, "samples", f"step{s:07d}.png")
     left = [os.path.relpath(os.path.join(d, n), run) for d, dirs, files in os.walk(run) for n in dirs + files
-            if n.startswith(".tmp-") or ".tmp-" in n or n.endswith(".old")]
+            if ".tmp-" in n or n.endswith(".old")]
     return {"missing": [k for k, p in promised.items() if not os.path.isfile(p)], "promised": len(promised),
             "temporaries_left": left}
 
@@ -184,8 +184,9 @@ def campaign(trainer: str, args: list, work: str, kills: int, rng: random.Random
                 if len(attempts) == 1:  # a whole run, uninterrupted: the scale of the next random kill times
                     full_run_s = time.time() - t0
                 break
-        done += sum(a["returncode"] != 0 for a in attempts)
-        result = {"run": name, "kills": sum(a["returncode"] != 0 for a in attempts), "attempts": attempts,
+        kills = sum(a["returncode"] != 0 for a in attempts)
+        done += kills
+        result = {"run": name, "kills": kills, "attempts": attempts,
                   **compare(straight, run), **outputs(run, trainer, eval_steps, grid_steps)}
         result["identical"] = (result["losses_equal"] and result["tensors_equal"] and result["evaluations_equal"]
                                and not result["missing"] and not result["temporaries_left"])

@@ -21,6 +21,7 @@ from PIL import Image
 from tokenizer import SSDD, UserError
 from tokenizer.data import load_rgb
 from tokenizer.errors import run_cli
+from tokenizer.metrics import to_uint8
 from tokenizer.validation import MAX_STEPS, check_memory, check_output_dir, in_range
 
 BUNDLED = ("astronaut", "chelsea", "coffee", "rocket")
@@ -99,7 +100,7 @@ def reconstruct(args) -> None:
                   f"PSNR {10 * np.log10(1 / max(mse, 1e-12)):.2f} dB")
             rows.append(rec)
     strip = torch.cat([r[0].clamp(-1, 1) for r in rows], dim=2)  # left to right: input, then each step count
-    arr = ((strip.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+    arr = to_uint8(strip)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         Image.fromarray(arr).save(args.out)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.downloads import cache_path
 from tokenizer.errors import UserError, WeightsUnavailableError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,7 +93,7 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | P
                 model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=False, verbose=False)
             except Exception as err:  # no network and no cached file, or a broken cached file
                 name = _torchvision_weights_file(net)
-                where = Path(torch.hub.get_dir()) / "checkpoints" / name
+                where = cache_path(name)
                 raise WeightsUnavailableError(
                     f"LPIPS ({net}) needs the torchvision ImageNet weights {name}, which could not be loaded or "
                     f"downloaded ({one_line(err, with_type=True)[:120]}); put the file at {where}, give a full LPIPS state dict "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokenizer.downloads import cache_path
 from tokenizer.errors import UserError, WeightsUnavailableError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's InceptionV3 (TF port)
@@ -77,7 +78,7 @@ def load_inception(weights_path: str | Path | None = None, device="cpu", feature
         net = FeatureExtractorInceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=
                                           None if weights_path is None else str(weights_path), verbose=False)
     except Exception as err:
-        what = weights_path or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        what = weights_path or cache_path(INCEPTION_FILE)
         first = (str(err).strip().splitlines() or [""])[0][:120]
         raise WeightsUnavailableError(
             f"Inception weights for {purpose} unavailable ({type(err).__name__}: {first}); put {INCEPTION_FILE} at "
