@@ -29,14 +29,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 
 from dit.pipeline import BUNDLE_DIR, FAMILY_METHODS, Generator, load_generator  # noqa: E402
+from tokenizer.common.devices import check_device  # noqa: E402
+from tokenizer.common.errors import UserError, one_line, run_cli  # noqa: E402
+from tokenizer.common.validation import SAMPLING_LIMITS, real_number, whole_number  # noqa: E402
 from tokenizer.metrics import to_uint8  # noqa: E402
-from tokenizer.errors import UserError, one_line, run_cli  # noqa: E402
-from tokenizer.validation import check_device  # noqa: E402
 
 log = logging.getLogger("ssdd.app")
 
 # What one request may ask for (the sliders show the same ranges; `validate` enforces them for API calls too).
-LIMITS = {"classes": 8, "num": 8, "seed": 2**32 - 1, "cfg_scale": (1.0, 20.0), "steps": 250, "decoder_steps": 64}
+# Sampling arguments obey the limits of every entry point (tokenizer.common.validation.SAMPLING_LIMITS).
+LIMITS = {"classes": 8, "num": 8, "seed": SAMPLING_LIMITS["seed"][1], "cfg_scale": SAMPLING_LIMITS["cfg_scale"],
+          "steps": SAMPLING_LIMITS["steps"][1], "decoder_steps": SAMPLING_LIMITS["decoder_steps"][1]}
 
 # System fonts: the page loads no font file at all (Gradio 6 serves its theme fonts itself, older releases and some
 # themes fetch Google Fonts); the browser test fails on any request that leaves 127.0.0.1.
@@ -48,21 +51,6 @@ CSS = ".pixelated img { image-rendering: pixelated; }"
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _whole(value, what: str, lo: int, hi: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise UserError(f"{what} must be a whole number in {lo}..{hi}, got {value!r}")
-    return value
-
-
-def _real(value, what: str, lo: float, hi: float) -> float:
-    # `lo <= value <= hi` is False for NaN, so NaN is refused here too
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise UserError(f"{what} must be a number in {lo:g}..{hi:g}, got {value!r}")
-    return float(value)
 
 
 def validate(gen: Generator, classes, num, seed, cfg_scale, steps, sampler, decoder=None,
@@ -78,17 +66,17 @@ def validate(gen: Generator, classes, num, seed, cfg_scale, steps, sampler, deco
     if not 1 <= len(classes) <= LIMITS["classes"]:
         raise UserError(f"choose 1 to {LIMITS['classes']} classes (names or ids), got {len(classes)}")
     args = {"class_ids": gen.resolve_classes(list(classes)),
-            "num": _whole(num, "the number of images per class", 1, LIMITS["num"]),
-            "seed": _whole(seed, "the seed", 0, LIMITS["seed"]),
-            "cfg_scale": _real(cfg_scale, "the CFG scale", *LIMITS["cfg_scale"]),
-            "steps": _whole(steps, "the DiT steps", 1, LIMITS["steps"]),
+            "num": whole_number("the number of images per class", num, 1, LIMITS["num"]),
+            "seed": whole_number("the seed", seed, 0, LIMITS["seed"]),
+            "cfg_scale": real_number("the CFG scale", cfg_scale, *LIMITS["cfg_scale"]),
+            "steps": whole_number("the DiT steps", steps, 1, LIMITS["steps"]),
             "sampler": sampler}
     gen.sampler_settings(args["cfg_scale"], args["steps"], sampler)  # the sampler of the model's family
     if decoder is not None or decoder_steps is not None:
         if not isinstance(decoder, str):
             raise UserError(f"decoder must be one of: {', '.join(gen.decoder_names)}")
         args["decoder"] = gen.pick_decoder(decoder)[0]
-        args["decoder_steps"] = _whole(decoder_steps, "the decoder steps", 1, LIMITS["decoder_steps"])
+        args["decoder_steps"] = whole_number("the decoder steps", decoder_steps, 1, LIMITS["decoder_steps"])
     return args
 
 

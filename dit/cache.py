@@ -41,16 +41,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dit.config_checks import CACHE_DTYPES, DIT_CHECKS
-from tokenizer.atomic import atomic_file, atomic_json, remove_stale_temporaries, swap_in
-from tokenizer.config import load_config
+from tokenizer.common.atomic import atomic_file, atomic_json, remove_stale_temporaries, swap_in
+from tokenizer.common.config import load_config
+from tokenizer.common.errors import UserError, one_line, run_cli
+from tokenizer.common.runs import find_result, resolve_checkpoint
+from tokenizer.common.training import make_accelerator
+from tokenizer.common.validation import check_config
 from tokenizer.data import build_dataset
-from tokenizer.errors import UserError, one_line, run_cli
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
 from tokenizer.latent_stats import read_z_stats as read_z_stats_file
-from tokenizer.runs import find_result, resolve_checkpoint
 from tokenizer.ssdd import SSDD
-from tokenizer.training import make_accelerator
-from tokenizer.validation import check_config
 
 FORMAT = 2  # 2: shard k holds exactly images [k * shard_size, ...); format-1 caches read the same way
 DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
@@ -61,7 +61,7 @@ BUILD_FILE = "build.json"
 
 
 def read_z_stats(cfg, checkpoint: str) -> dict:
-    """The z_stats.json named by tokenizer.z_stats, or the checkpoint's (tokenizer.runs.find_result: in its run's
+    """The z_stats.json named by tokenizer.z_stats, or the checkpoint's (tokenizer.common.runs.find_result: in its run's
     results/step<N>/, or beside it)."""
     path = cfg.tokenizer.z_stats or find_result(checkpoint, Z_STATS_FILE)
     return read_z_stats_file(path, f"write them with: python -m tokenizer.train task=z_stats config=<the tokenizer's "
@@ -69,10 +69,10 @@ def read_z_stats(cfg, checkpoint: str) -> dict:
 
 
 def load_tokenizer(cfg) -> tuple[SSDD, str]:
-    """(eval-mode SSDD, resolved checkpoint path) for tokenizer.checkpoint."""
-    if not cfg.tokenizer.checkpoint:
-        raise UserError("set tokenizer.checkpoint=<SSDD file or tokenizer run_name>: its encoder makes the latents")
-    path = resolve_checkpoint(cfg.ckpt_dir, cfg.tokenizer.checkpoint)
+    """(eval-mode SSDD, resolved checkpoint path) for tokenizer.common.checkpoint."""
+    if not cfg.tokenizer.common.checkpoint:
+        raise UserError("set tokenizer.common.checkpoint=<SSDD file or tokenizer run_name>: its encoder makes the latents")
+    path = resolve_checkpoint(cfg.ckpt_dir, cfg.tokenizer.common.checkpoint)
     model = SSDD.from_checkpoint(path).eval().requires_grad_(False)
     if not model.has_encoder:
         raise UserError(f"{path} is a decoder-only file; the latent cache needs the whole tokenizer (encoder too)")
@@ -205,7 +205,7 @@ class LatentCache(Dataset):
         m = cache.meta
         if m["encoder_sha256"] != enc_hash:
             raise UserError(f"latent cache {directory} was made by another encoder ({m['encoder_checkpoint']}, "
-                            f"sha256 {m['encoder_sha256'][:12]}) than tokenizer.checkpoint={ckpt} (sha256 "
+                            f"sha256 {m['encoder_sha256'][:12]}) than tokenizer.common.checkpoint={ckpt} (sha256 "
                             f"{enc_hash[:12]}); rebuild it with python -m dit.cache or point cache.dir elsewhere")
         if m["im_size"] != cfg.dataset.im_size:
             raise UserError(f"latent cache {directory} holds {m['im_size']}-px images but dataset.im_size="

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dit.flow import cfg_combine, step_randn
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 
 __all__ = ["linear_betas", "space_timesteps", "DiscreteSchedule", "sample", "METHODS", "NUM_TIMESTEPS"]
 

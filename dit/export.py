@@ -31,16 +31,23 @@ import time
 
 import torch
 
-from dit.config_checks import check_sampling_args
 from dit.flow import METHODS
-from dit.pipeline import (DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, decoder_label,
-                          default_decoder_steps, load_dit)
-from tokenizer.atomic import atomic_json, remove_stale_temporaries
-from tokenizer.checkpoint import file_record, read_metadata, save_weights
-from tokenizer.errors import UserError, run_cli
-from tokenizer.runs import resolve_checkpoint
+from dit.pipeline import (
+    DECODER_FILE,
+    DIT_FILE,
+    INFO_FILE,
+    SAMPLE_DEFAULTS,
+    _json_field,
+    decoder_label,
+    default_decoder_steps,
+    load_dit,
+)
+from tokenizer.common.atomic import atomic_json, remove_stale_temporaries
+from tokenizer.common.checkpoint import file_record, read_metadata, save_weights
+from tokenizer.common.errors import UserError, run_cli
+from tokenizer.common.runs import resolve_checkpoint
+from tokenizer.common.validation import check_output_dir, check_sampling_args
 from tokenizer.ssdd import SSDD
-from tokenizer.validation import check_output_dir
 
 BUNDLE_LIMIT_MB = 25.0  # the DiT plus the default decoder; extra decoders are optional files beside them
 

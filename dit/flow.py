@@ -27,7 +27,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 from tokenizer.flow import flow_matching_loss, noisy_input, sample_t, time_grid
 
 __all__ = ["training_loss", "cfg_combine", "guided_velocity", "sample", "METHODS"]

@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp, PatchEmbed
 
+from tokenizer.common.errors import UserError
 from tokenizer.decoder import timestep_embedding  # the one sinusoidal embedding: [cos, sin], as DiT's
-from tokenizer.errors import UserError
 
 __all__ = ["DiT", "DiT_models", "build_dit", "sincos_pos_embed_2d"]
 

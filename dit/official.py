@@ -21,12 +21,11 @@ import argparse
 import os
 import re
 
-import torch
-
-from dit.models import DiT, _SIZES, build_dit
-from tokenizer.checkpoint import check_state_dict
-from tokenizer.downloads import fetch_weights
-from tokenizer.errors import UserError, one_line
+from dit.models import _SIZES, DiT, build_dit
+from tokenizer.common.checkpoint import check_state_dict
+from tokenizer.common.downloads import fetch_weights
+from tokenizer.common.errors import UserError
+from tokenizer.common.weights import read_weight_file
 
 FAMILIES = ("dit", "sit")
 # Known published files: family, image size, download address (DiT: its download.py; SiT: its README's link).
@@ -62,21 +61,9 @@ def split_spec(spec) -> tuple[str | None, str]:
 
 def read_pickle(path: str) -> tuple[dict, dict]:
     """(state dict, training args as a dict or {}) of a DiT/SiT torch pickle; the EMA weights where present."""
-    if not os.path.isfile(path):
-        raise UserError(f"generator checkpoint not found: {path} (known names: {', '.join(KNOWN)})")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read {path} as a torch checkpoint: {one_line(err, with_type=True)[:200]}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a DiT/SiT state dict")
-    args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else {}
-    for entry in ("ema", "model"):  # a training checkpoint: its EMA weights, as the released files are
-        if isinstance(obj.get(entry), dict):
-            obj = obj[entry]
-            break
-    state = {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}
+    state, top = read_weight_file(path, "generator checkpoint", entries=("ema", "model"),
+                                  safe_globals=(argparse.Namespace,), hint=f"known names: {', '.join(KNOWN)}")
+    args = vars(top["args"]) if isinstance(top.get("args"), argparse.Namespace) else {}
     return state, args
 
 

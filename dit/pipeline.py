@@ -45,8 +45,8 @@ from dit import diffusion, sit
 from dit.flow import METHODS, sample
 from dit.models import DiT, build_dit
 from dit.official import FAMILY_DEFAULTS, is_official_spec, load_official
-from tokenizer.checkpoint import check_state_dict, read_header, read_weights, verify_file
-from tokenizer.errors import UserError
+from tokenizer.common.checkpoint import check_state_dict, read_header, read_weights, verify_file
+from tokenizer.common.errors import UserError
 from tokenizer.latent_stats import fixed_z_stats
 from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout, read_state_file
 from tokenizer.ssdd import SSDD

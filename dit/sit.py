@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dit.flow import guided_velocity, step_randn
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 
 __all__ = ["sample", "METHODS", "dopri5"]
 

@@ -9,9 +9,9 @@ decoded by the tokenizer's decoder), losses.jsonl. Re-running the same run_name 
 (EpochSampler), timesteps, noise and label dropout are functions of (seed, step, rank), and the model, EMA,
 optimiser and RNG states come back from checkpoints/last.
 
-The loop is built from the same pieces as the tokenizer's (tokenizer.training: accelerator, optimiser, per-step
-RNG, resumable batches, finite-loss guard, checkpoints; tokenizer.runs: run directory, loss log, grids;
-tokenizer.ema: the EMA), so a fix to resume, logging or checkpointing is made once.
+The loop is built from the same pieces as the tokenizer's (tokenizer.common.training: accelerator, optimiser, per-step
+RNG, resumable batches, finite-loss guard, checkpoints; tokenizer.common.runs: run directory, loss log, grids;
+tokenizer.common.ema: the EMA), so a fix to resume, logging or checkpointing is made once.
 """
 
 import json
@@ -23,16 +23,26 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from dit.cache import LatentCache, load_tokenizer, read_z_stats
+from dit.config_checks import DIT_CHECKS
 from dit.flow import sample, training_loss
 from dit.models import build_dit
-from tokenizer.config import load_config
-from tokenizer.ema import EMA
-from tokenizer.errors import UserError, run_cli
-from dit.config_checks import DIT_CHECKS
-from tokenizer.runs import LossLog, default_run_name, save_grid, start_run
-from tokenizer.training import (build_optimizer, check_finite, complete_finished_run, epoch_batches, plan_steps,
-                                resume_run, save_checkpoint, step_generator, train_loader)
-from tokenizer.validation import check_config
+from tokenizer.common.config import load_config
+from tokenizer.common.ema import EMA
+from tokenizer.common.errors import UserError, run_cli
+from tokenizer.common.runs import LossLog, default_run_name, save_grid
+from tokenizer.common.training import (
+    build_optimizer,
+    check_finite,
+    complete_finished_run,
+    epoch_batches,
+    plan_steps,
+    resume_run,
+    save_checkpoint,
+    start_run,
+    step_generator,
+    train_loader,
+)
+from tokenizer.common.validation import check_config
 
 
 def dit_architecture(cfg, cache: LatentCache) -> dict:

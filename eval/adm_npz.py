@@ -19,8 +19,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from tokenizer.atomic import atomic_file
-from tokenizer.errors import UserError, one_line
+from tokenizer.common.atomic import atomic_file
+from tokenizer.common.errors import UserError, one_line
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 

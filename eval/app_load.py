@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,8 +17,8 @@ import time
 import torch
 
 from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
+from tokenizer.common.errors import UserError
 from tokenizer.decoder import DENSE_MAX_TOKENS, Attention, RelativePositionBias, attention_plan
-from tokenizer.errors import UserError
 
 
 def time_paths(width: int, grid: int, repeats: int, heads: int = 4) -> dict:

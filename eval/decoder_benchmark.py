@@ -37,13 +37,19 @@ import torch
 from tqdm import tqdm
 
 from eval.report import cpu_model, load_average, run_script
-from tokenizer.decoder import (ATTENTION_MODES, DECODER_SIZES, TOKEN_STRIDE, attention_memory_bytes,
-                               clear_attention_cache, resolve_attention)
+from tokenizer.common.errors import UserError
+from tokenizer.common.training import enable_tf32
+from tokenizer.decoder import (
+    ATTENTION_MODES,
+    DECODER_SIZES,
+    TOKEN_STRIDE,
+    attention_memory_bytes,
+    clear_attention_cache,
+    resolve_attention,
+)
 from tokenizer.encoder import build_encoder, parse_encoder_name
-from tokenizer.errors import UserError
 from tokenizer.kl_decoder import build_kl_decoder
 from tokenizer.ssdd import SSDD
-from tokenizer.training import enable_tf32
 
 DECODERS = ["kl", *DECODER_SIZES]  # "kl" = KL-VAE decoder; the rest are SSDD sizes
 METRICS = {"fd_classifier": "lower", "psnr": "higher", "ssim": "higher", "lpips": "lower", "rfid": "lower"}

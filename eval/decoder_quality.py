@@ -25,15 +25,16 @@ from safetensors.torch import load_file, save_file
 
 from eval.fmnist_classifier import FeatureStats, frechet_distance, load_classifier
 from eval.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
-from tokenizer.config import load_config
+from tokenizer.common.config import load_config
+from tokenizer.common.errors import UserError
+from tokenizer.common.runs import resolve_checkpoint, save_grid
+from tokenizer.common.training import make_accelerator
+from tokenizer.common.validation import check_config
+from tokenizer.config_checks import SSDD_CHECKS
 from tokenizer.data import build_dataset
-from tokenizer.errors import UserError
 from tokenizer.evaluation import reconstruct_split
 from tokenizer.metrics import quantize
-from tokenizer.runs import resolve_checkpoint, save_grid
 from tokenizer.ssdd import SSDD
-from tokenizer.training import make_accelerator
-from tokenizer.validation import SSDD_CHECKS, check_config
 
 COLUMNS = [("psnr", "PSNR (dB) ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.4f}"), ("lpips", "LPIPS ↓", "{:.4f}"),
            ("fd_classifier", "FD (classifier) ↓", "{:.3f}"), ("rfid", "rFID ↓", "{:.2f}"),

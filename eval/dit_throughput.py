@@ -24,9 +24,9 @@ import torch
 from dit.flow import training_loss
 from dit.models import DiT_models, build_dit
 from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
-from tokenizer.ema import EMA
-from tokenizer.errors import UserError
-from tokenizer.training import build_optimizer, enable_tf32
+from tokenizer.common.ema import EMA
+from tokenizer.common.errors import UserError
+from tokenizer.common.training import build_optimizer, enable_tf32
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; the first name found in
 # torch.cuda.get_device_name() wins, so the specific variants come first.

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenizer.checkpoint import load_weights
-from tokenizer.errors import UserError
+from tokenizer.common.checkpoint import load_weights
+from tokenizer.common.errors import UserError
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "fmnist_classifier.safetensors"
 IM_SIZE = 32

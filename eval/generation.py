@@ -22,8 +22,8 @@ import time
 import torch
 
 from dit.pipeline import BUNDLE_DIR, load_generator
+from tokenizer.common.errors import UserError, run_cli
 from tokenizer.data import FashionMNIST
-from tokenizer.errors import UserError, run_cli
 
 
 def real_images(split: str, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

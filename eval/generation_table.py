@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from dit.pipeline import BUNDLE_DIR, load_generator
 from eval.report import command_line, load_average, machine_info, markdown_table, run_script, today, write_report
-from tokenizer.config import CONFIG_DIR
-from tokenizer.errors import UserError, WeightsUnavailableError
+from tokenizer.common.config import CONFIG_DIR
+from tokenizer.common.errors import UserError, WeightsUnavailableError
 from tokenizer.metrics import quantize, to_uint8
 
 FMNIST_REF = os.path.join(CONFIG_DIR, "fmnist.yaml") + ":test"  # the real test split, 8-bit

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from eval.adm_npz import NpzImages
 from eval.report import command_line, machine_info, run_script, today
-from tokenizer.atomic import atomic_json
-from tokenizer.errors import UserError, one_line
+from tokenizer.common.atomic import atomic_json
+from tokenizer.common.errors import UserError, one_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPATIAL_LAYER = "Mixed_6d.branch1x1"  # ADM's mixed_6/conv in torch-fidelity's names
@@ -95,7 +95,7 @@ class ImageSource:
             self.kind, self.npz = "npz", NpzImages(spec)
             self.count, self.stats, self.labels = len(self.npz), self.npz.stats, self.npz.labels
         elif path.endswith((".yaml", ".yml")):
-            from tokenizer.config import load_config
+            from tokenizer.common.config import load_config
             from tokenizer.data import build_dataset
 
             cfg = load_config("ssdd.yaml", [f"config={path}"])

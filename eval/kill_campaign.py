@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report  # noqa: E402
-from tokenizer.runs import read_loss_log  # noqa: E402
+from tokenizer.common.runs import read_loss_log  # noqa: E402
 
 # 32 images at batch 8: 4 steps per epoch, an evaluation (and so a best/ candidate) at every epoch end
 TOKENIZER = ["config=configs/fmnist.yaml", "ssdd.encoder_base_channels=32", "dataset.batch_size=8", "dataset.limit=32",
@@ -58,7 +58,7 @@ def prepare_dit(work: str) -> list:
     import torch
 
     from tokenizer import SSDD
-    from tokenizer.checkpoint import save_weights
+    from tokenizer.common.checkpoint import save_weights
 
     torch.manual_seed(0)
     model = SSDD(encoder="f8c4", decoder="XS", encoder_base_channels=32)
@@ -67,7 +67,7 @@ def prepare_dit(work: str) -> list:
     save_weights(model, tok, model.architecture())
     with open(os.path.join(os.path.dirname(tok), "z_stats.json"), "w") as f:
         json.dump({"z_mean": 0.1, "z_std": 0.5}, f)
-    args = [*DIT, f"tokenizer.checkpoint={tok}", f"ckpt_dir={work}"]
+    args = [*DIT, f"tokenizer.common.checkpoint={tok}", f"ckpt_dir={work}"]
     proc = launch("dit.cache", args, os.path.join(work, "cache.log"))
     if proc.wait() != 0:
         raise RuntimeError(f"dit.cache failed; see {work}/cache.log")

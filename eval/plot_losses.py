@@ -12,8 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tokenizer.errors import run_cli  # noqa: E402
-from tokenizer.runs import read_loss_log  # noqa: E402
+from tokenizer.common.errors import run_cli  # noqa: E402
+from tokenizer.common.runs import read_loss_log  # noqa: E402
 
 
 def smooth(values: list, window: int) -> list:

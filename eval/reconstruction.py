@@ -17,10 +17,11 @@ import time
 import torch
 
 from eval.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
-from tokenizer.config import load_config
+from tokenizer.common.config import load_config
+from tokenizer.common.runs import results_dir, save_grid
+from tokenizer.common.validation import check_config
+from tokenizer.config_checks import SSDD_CHECKS
 from tokenizer.evaluation import load_for_eval, reconstruct_split
-from tokenizer.runs import results_dir, save_grid
-from tokenizer.validation import SSDD_CHECKS, check_config
 
 COLUMNS = [("psnr", "PSNR (dB) ↑", "{:.2f}"), ("ssim", "SSIM ↑", "{:.4f}"), ("lpips", "LPIPS ↓", "{:.4f}"),
            ("rfid", "rFID ↓", "{:.2f}"), ("mse", "MSE ↓", "{:.5f}")]

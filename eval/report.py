@@ -48,7 +48,7 @@ def command_line(script: str, argv=None) -> str:
 
 def run_script(parser, fn, argv=None) -> int:
     """Parse the command line, keep it in `args.argv` (reports record it), and run `fn(args)` with one-line errors."""
-    from tokenizer.errors import run_cli
+    from tokenizer.common.errors import run_cli
 
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

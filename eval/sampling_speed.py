@@ -34,8 +34,8 @@ from dit.flow import guided_velocity
 from dit.models import build_dit
 from eval.decoder_benchmark import build_decode_fn, pick_device, pick_dtype, timed_call
 from eval.report import command_line, load_average, machine_info, run_script, today, write_report
+from tokenizer.common.errors import UserError
 from tokenizer.encoder import parse_encoder_name
-from tokenizer.errors import UserError
 
 PAPER_SPEEDUP = 3.8
 DEFAULT_DITS = ["f8c4:DiT-XL/2", "f16c16:DiT-XL/1", "f16c16:DiT-XL/2"]

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.fmnist_classifier import DEFAULT_WEIGHTS, FMNISTClassifier
-from tokenizer.checkpoint import save_weights
+from tokenizer.common.checkpoint import save_weights
+from tokenizer.common.errors import run_cli
 from tokenizer.data import load_fashion_mnist
-from tokenizer.errors import run_cli
 
 MAX_SHIFT = 2  # px; the 2-px padding of the 32-px canvas leaves room for this without cutting the garment much
 

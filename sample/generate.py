@@ -29,11 +29,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dit.config_checks import check_sampling_args
 from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator
+from tokenizer.common.devices import check_device, check_memory
+from tokenizer.common.errors import UserError, run_cli
+from tokenizer.common.validation import check_output_dir, check_sampling_args, in_range
 from tokenizer.metrics import to_uint8
-from tokenizer.errors import UserError, run_cli
-from tokenizer.validation import check_device, check_memory, check_output_dir, in_range
 
 
 def slug(name: str) -> str:

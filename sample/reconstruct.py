@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from tokenizer import SSDD, UserError
+from tokenizer.common.devices import check_memory
+from tokenizer.common.errors import run_cli
+from tokenizer.common.validation import MAX_STEPS, check_output_dir, in_range
 from tokenizer.data import load_rgb
-from tokenizer.errors import run_cli
 from tokenizer.metrics import to_uint8
-from tokenizer.validation import MAX_STEPS, check_memory, check_output_dir, in_range
 
 BUNDLED = ("astronaut", "chelsea", "coffee", "rocket")
 

@@ -39,14 +39,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dit.config_checks import check_sampling_args
 from dit.pipeline import ALL_METHODS, load_generator
 from eval.adm_npz import write_sample_batch
-from tokenizer.atomic import atomic_file, atomic_json, remove_stale_temporaries
-from tokenizer.errors import UserError, run_cli
+from tokenizer.common.atomic import atomic_file, atomic_json, remove_stale_temporaries
+from tokenizer.common.errors import UserError, run_cli
+from tokenizer.common.training import make_accelerator
+from tokenizer.common.validation import check_output_dir, check_sampling_args, in_range
 from tokenizer.metrics import to_uint8
-from tokenizer.training import make_accelerator
-from tokenizer.validation import check_output_dir, in_range
 
 SETTINGS_FILE, NONFINITE_FILE = "sampling.json", "nonfinite.json"
 SAME_RUN_KEYS = ("checkpoint", "decoder", "decoder_steps", "num_samples", "seed", "cfg_scale", "steps", "sampler",

@@ -5,7 +5,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from tokenizer.config import load_config
+from tokenizer.common.config import load_config
 from tokenizer.train import train
 
 cfg = load_config("ssdd.yaml", sys.argv[1:])

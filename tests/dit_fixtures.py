@@ -7,7 +7,7 @@ import os
 import torch
 
 from tokenizer import SSDD
-from tokenizer.checkpoint import save_weights
+from tokenizer.common.checkpoint import save_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def make_kl_decoder(directory, seed=1, encoder_from: str | None = None) -> str:
 
 def tiny_args(tokenizer: str, ckpt_dir, images: int = 24) -> list:
     """dit_fmnist overlay on a few dozen images, small batches, 2-step sampling and a 1-step decoder."""
-    return ["config=configs/dit_fmnist.yaml", f"tokenizer.checkpoint={tokenizer}", f"ckpt_dir={ckpt_dir}",
+    return ["config=configs/dit_fmnist.yaml", f"tokenizer.common.checkpoint={tokenizer}", f"ckpt_dir={ckpt_dir}",
             f"dataset.limit={images}", "cache.batch_size=8", "cache.shard_size=16", "training.batch_size=8",
             "training.log_freq=2", "training.sample_every=1000", "training.ckpt_every=1000", "sample.steps=2",
             "sample.per_class=1", "sample.grid_classes=[0,7]", "sample.decoder_steps=1"]
@@ -72,7 +72,7 @@ def make_bundle(directory, steps: int = 2) -> str:
     it: a "distilled" XS decoder (the tokenizer's, marked single-step) as the default, the same tokenizer as a 2-step
     "teacher", and a KL-VAE decoder on the same encoder. Returns the bundle directory."""
     from dit.export import main as export_main
-    from tokenizer.checkpoint import read_weights
+    from tokenizer.common.checkpoint import read_weights
 
     directory = str(directory)
     tok = make_tokenizer(os.path.join(directory, "tok"))

@@ -19,11 +19,11 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+from dit_fixtures import ROOT, make_dit, make_kl_decoder, make_tokenizer
 from PIL import Image
 
 from app.app import LIMITS, build_app, launch, validate
 from dit.pipeline import load_generator
-from dit_fixtures import ROOT, make_dit, make_kl_decoder, make_tokenizer
 from tokenizer import UserError
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -152,7 +152,7 @@ def test_api_refuses_bad_input_with_one_line_and_keeps_serving(served):
     bad = [({"classes": [10]}, "class 10 is outside this model's classes 0..9"),
            ({"classes": ["snekaer"]}, "did you mean 'sneaker'"),
            ({"num": 10_000}, "the number of images per class must be a whole number in 1..8, got 10000"),
-           ({"steps": -1}, "the DiT steps must be a whole number in 1..250, got -1"),
+           ({"steps": -1}, "the DiT steps must be a whole number in 1..1000, got -1"),
            ({"decoder_steps": -3}, "the decoder steps must be a whole number"),
            ({"sampler": "ddim"}, "unknown sampler 'ddim'"),
            ({"seed": "abc"}, "the seed must be a whole number")]
@@ -164,7 +164,7 @@ def test_api_refuses_bad_input_with_one_line_and_keeps_serving(served):
     row = '[[7], 1, 0, {cfg}, 2, "euler", "KL-VAE", 1]'
     for cfg in ("NaN", "Infinity", "-1"):
         event, data = forged_call(served, '{"data": ' + row.format(cfg=cfg) + "}")
-        assert event == "error" and data["error"].startswith("the CFG scale must be a number in 1..20"), data
+        assert event == "error" and data["error"].startswith("the CFG scale must be a number in 0..20"), data
     event, data = forged_call(served, '{"data": [[7]]}')  # too few values: Gradio's own check, one message
     assert event == "error" and "didn't receive enough input values" in data["error"]
     gallery, _, t = client.predict(**good, api_name="/generate")  # still serving

@@ -14,17 +14,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from dit_fixtures import ROOT, make_tokenizer, tiny_args
 from PIL import Image
+from test_train import TINY
 
-import tokenizer.validation as validation
+import tokenizer.common.devices as devices
 from dit.cache import main as cache_main
 from dit.export import main as export_main
-from dit.pipeline import BUNDLE_DIR, DIT_FILE, DECODER_FILE, INFO_FILE
+from dit.pipeline import BUNDLE_DIR, DECODER_FILE, DIT_FILE, INFO_FILE
 from dit.train import main as dit_main
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
-from test_train import TINY
 from tokenizer import SSDD
-from tokenizer.checkpoint import file_record, read_weights, save_weights
+from tokenizer.common.checkpoint import file_record, read_weights, save_weights
 from tokenizer.train import main as tok_main
 
 
@@ -155,7 +155,7 @@ CASES = [
     ("dit-sample-steps", lambda c: dit(c, "sample.steps=100000"), "sample.steps"),
     ("dit-max-steps", lambda c: dit(c, "training.max_steps=-5"), "training.max_steps"),
     ("dit-grid-classes", lambda c: dit(c, "sample.grid_classes=[-1]"), "sample.grid_classes"),
-    ("dit-missing-tokenizer", lambda c: dit(c, "tokenizer.checkpoint=no_such_run"), "no_such_run"),
+    ("dit-missing-tokenizer", lambda c: dit(c, "tokenizer.common.checkpoint=no_such_run"), "no_such_run"),
     ("dit-resume-other-architecture", lambda c: dit(c, "model.name=DiT-Ti/2"), "nothing was changed"),
     ("dit-resume-damaged-weights", lambda c: dit(c, "run_name=damaged"), "model_dit.safetensors is damaged"),
     ("cache-dtype", lambda c: dit(c, "cache.dtype=int8", entry="dit.cache"), "unknown cache.dtype"),
@@ -234,7 +234,7 @@ def run_case(c, entry, args, capsys) -> tuple[int, str]:
 def test_bad_input_is_refused_in_one_line_and_changes_nothing(ctx, case, capsys, monkeypatch):
     name, make, needle = case
     # memory limits depend on the machine: pretend every machine has 16 GiB free, so each case is decided alike
-    monkeypatch.setattr(validation, "available_memory", lambda device="cpu": 16 * 2**30)
+    monkeypatch.setattr(devices, "available_memory", lambda device="cpu": 16 * 2**30)
     entry, args = make(ctx)
     kept = [ctx.root / "tok", ctx.root / "dit", ctx.root / "garbled_dit", ctx.root / "nan", ctx.root / "other", BUNDLE_DIR]
     before = snapshot(*kept)
@@ -290,7 +290,7 @@ def test_every_config_key_has_a_rule():
     from omegaconf import OmegaConf
 
     from dit.config_checks import DIT_CHECKS
-    from tokenizer.validation import SSDD_CHECKS
+    from tokenizer.config_checks import SSDD_CHECKS
 
     def leaves(node, prefix=""):
         for k, v in node.items():

@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from tokenizer import SSDD, CheckpointMismatchError, UserError
-from tokenizer.checkpoint import (load_training_state, load_weights, resolve_state_dir, save_training_state,
-                                  save_weights)
+from tokenizer.common.checkpoint import (
+    load_training_state,
+    load_weights,
+    resolve_state_dir,
+    save_training_state,
+    save_weights,
+)
 
 
 def small(decoder="XS", encoder="f8c4"):
@@ -106,7 +111,7 @@ def test_failed_write_leaves_previous_state(tmp_path, monkeypatch):
     net, opt = _state(tmp_path, 0)
     d = str(tmp_path / "last")
     save_training_state(d, {"net": net}, opt, {"step": 1})
-    import tokenizer.checkpoint as ck
+    import tokenizer.common.checkpoint as ck
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")

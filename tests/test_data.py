@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from tokenizer import data
-from tokenizer.data import (FMNIST_CLASSES, EpochSampler, FashionMNIST, ImageFolderDataset, build_dataset,
-                            load_fashion_mnist)
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
+from tokenizer.common.training import EpochSampler
+from tokenizer.data import FMNIST_CLASSES, FashionMNIST, ImageFolderDataset, build_dataset, load_fashion_mnist
 
 PKG_ROOT = Path(data.FMNIST_DEFAULT_ROOT)
 HAVE_PKG = all((PKG_ROOT / f).is_file() for pair in data._FMNIST_FILES.values() for f in pair)

@@ -6,7 +6,7 @@ import torch
 
 from eval.decoder_quality import main
 from tokenizer import SSDD
-from tokenizer.checkpoint import save_weights
+from tokenizer.common.checkpoint import save_weights
 
 
 def stand_in(path, **kw):

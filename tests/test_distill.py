@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-
 from test_train import TINY
+
 from tokenizer import SSDD
-from tokenizer.checkpoint import read_weights, save_weights
+from tokenizer.common.checkpoint import read_weights, save_weights
 from tokenizer.data import FashionMNIST
 from tokenizer.train import distillation_targets, main
 

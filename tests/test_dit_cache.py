@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
+from dit_fixtures import ROOT, make_tokenizer, tiny_args
 from PIL import Image
 
 from dit.cache import LatentCache
 from dit.cache import main as cache_main
 from dit.train import main as train_main
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
 from tokenizer import SSDD
 from tokenizer.data import FMNIST_CLASSES, FashionMNIST
 

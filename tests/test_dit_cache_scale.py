@@ -11,13 +11,13 @@ import time
 
 import pytest
 import torch
+from dit_fixtures import ROOT, make_tokenizer, tiny_args
 from safetensors.torch import load_file
 
 from dit.cache import BUILD_FILE, LatentCache, prepare_partial
 from dit.cache import main as cache_main
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
-from tokenizer.errors import UserError
-from tokenizer.training import train_loader
+from tokenizer.common.errors import UserError
+from tokenizer.common.training import train_loader
 
 IMAGES = 20
 SHARD = ["cache.shard_size=6", "cache.batch_size=4", "dataset.num_workers=0"]  # shards of 6, 6, 6, 2 images

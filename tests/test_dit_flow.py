@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dit.flow import guided_velocity, sample, training_loss
+from tokenizer.common.errors import UserError
 from tokenizer.flow import sample_t, time_grid
-from tokenizer.errors import UserError
 
 SHAPE = (4, 3, 2, 2)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dit.models import DiT, DiT_models, build_dit, sincos_pos_embed_2d
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 
 PUBLISHED_PARAM_COUNTS = {  # input 32x32x4, 1000 classes, learn_sigma, pos_embed counted
     "DiT-S/2": 32_963_360,

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from dit_fixtures import ROOT, make_tokenizer, tiny_args
 from safetensors.torch import load_file
 
 from dit.cache import main as cache_main
 from dit.train import main as train_main
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
-from tokenizer.runs import read_loss_log
+from tokenizer.common.runs import read_loss_log
 
 
 @pytest.fixture(scope="module")

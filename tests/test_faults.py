@@ -10,17 +10,17 @@ import sys
 
 import pytest
 import torch
+from dit_fixtures import ROOT, make_tokenizer, tiny_args
 from safetensors import SafetensorError
+from test_train import TINY
 
-import tokenizer.checkpoint as ck
+import tokenizer.common.checkpoint as ck
 from dit.cache import main as cache_main
 from dit.train import main as dit_main
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
-from test_train import TINY
-from tokenizer.atomic import remove_stale_temporaries
-from tokenizer.checkpoint import load_training_state, save_training_state, verify_file
-from tokenizer.errors import UserError
-from tokenizer.runs import LossLog, read_loss_log, tidy_run
+from tokenizer.common.atomic import remove_stale_temporaries
+from tokenizer.common.checkpoint import load_training_state, save_training_state, verify_file
+from tokenizer.common.errors import UserError
+from tokenizer.common.runs import LossLog, read_loss_log, tidy_run
 from tokenizer.train import main as tok_main
 
 
@@ -42,7 +42,7 @@ def dead_pid() -> int:
 # A tokenizer run killed (SIGKILL, by itself) right after the first file of best/ at its final step is written.
 KILL_IN_BEST = """
 import os, signal, sys
-import tokenizer.checkpoint as ck, tokenizer.training as tr
+import tokenizer.common.checkpoint as ck, tokenizer.common.training as tr
 from tokenizer.train import main
 real_save, real_write = tr.save_training_state, ck.write_weights
 def save(directory, modules, optimizer, state, metadata=None):

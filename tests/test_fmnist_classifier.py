@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from eval.fmnist_classifier import (DEFAULT_WEIGHTS, FEATURE_DIM, FeatureStats, classifier_fd, frechet_distance,
-                                    load_classifier, predict)
+from eval.fmnist_classifier import (
+    DEFAULT_WEIGHTS,
+    FEATURE_DIM,
+    FeatureStats,
+    classifier_fd,
+    frechet_distance,
+    load_classifier,
+    predict,
+)
+from tokenizer.common.errors import UserError
 from tokenizer.data import FMNIST_SUBSET_PATH
-from tokenizer.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
+from dit_fixtures import ROOT, make_dit, make_kl_decoder, make_tokenizer
 from PIL import Image
 
 from dit.export import main as export_main
 from dit.pipeline import BUNDLE_DIR, Generator, load_generator
-from dit_fixtures import ROOT, make_dit, make_kl_decoder, make_tokenizer
 from tokenizer import UserError
 
 spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "sample", "generate.py"))
@@ -27,7 +27,7 @@ def bundle(tmp_path_factory):
     out = tmp / "bundle"
     # the DiT must come from this tokenizer's encoder: give it the real hash
     from tokenizer import SSDD
-    from tokenizer.checkpoint import read_weights, save_weights
+    from tokenizer.common.checkpoint import read_weights, save_weights
 
     state, meta = read_weights(dit)
     meta["encoder_sha256"] = SSDD.from_checkpoint(tok).encoder_sha256()
@@ -62,8 +62,9 @@ def test_export_extra_decoders(bundle, tmp_path, capsys):
     assert listed == [("SSDD-XS 1-step", "decoder.safetensors", 1),
                       ("SSDD-XS 4-step (teacher)", "decoder_ssdd_xs_4_step_teacher.safetensors", 4),
                       ("KL-VAE", "decoder_kl_vae.safetensors", 1)]
-    from tokenizer.checkpoint import sha256_file
     from safetensors.torch import load_file
+
+    from tokenizer.common.checkpoint import sha256_file
 
     for d in info["decoders"]:
         assert d["sha256"] == sha256_file(str(dest / d["file"])) == info["files"][d["file"]]["sha256"]
@@ -158,7 +159,7 @@ def test_errors_are_one_line_with_choices(bundle, tmp_path, capsys):
 
 
 def test_unknown_imagenet_name_lists_a_short_list_and_count(tmp_path):
-    from tokenizer.errors import UserError
+    from tokenizer.common.errors import UserError
 
     tok = make_tokenizer(tmp_path / "tok")
     gen = load_generator(make_dit(tmp_path / "d.safetensors", tok, num_classes=1000, class_names=[]), device="cpu")
@@ -171,7 +172,7 @@ def test_unknown_imagenet_name_lists_a_short_list_and_count(tmp_path):
 def test_generation_eval_writes_report(bundle, tmp_path):
     """eval/generation.py end to end with a random classifier (the numbers are meaningless, the plumbing is not)."""
     fc = pytest.importorskip("eval.fmnist_classifier")
-    from tokenizer.checkpoint import save_weights
+    from tokenizer.common.checkpoint import save_weights
 
     torch.manual_seed(0)
     clf = tmp_path / "clf.safetensors"
@@ -200,7 +201,7 @@ def test_embedded_bundle_works_out_of_the_box(tmp_path, capsys):
     default = sum(os.path.getsize(BUNDLE_DIR / name) for name in ("dit_ema.safetensors", "decoder.safetensors"))
     assert default <= 25 * 10**6, default  # the repository's size limit for the embedded default
     assert sorted(os.listdir(BUNDLE_DIR)) == sorted(["bundle.json", *info["files"]])  # extra decoders are listed
-    from tokenizer.checkpoint import sha256_file
+    from tokenizer.common.checkpoint import sha256_file
 
     for name, entry in info["files"].items():  # the committed files are the ones bundle.json describes
         assert sha256_file(str(BUNDLE_DIR / name)) == entry["sha256"], name

@@ -8,9 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from dit_fixtures import ROOT, make_bundle
+from PIL import Image
 
 
 def _load(name):
@@ -33,7 +32,7 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     from eval.fmnist_classifier import FMNISTClassifier
-    from tokenizer.checkpoint import save_weights
+    from tokenizer.common.checkpoint import save_weights
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clf") / "clf.safetensors"

@@ -11,9 +11,18 @@ import torch
 from PIL import Image
 
 from eval.adm_npz import NpzImages, write_sample_batch
-from eval.gfid import (ImageSource, InceptionFeatures, compare, extract, frechet_distance, gaussian, inception_score,
-                       manifold_radii, precision_recall)
-from tokenizer.errors import UserError
+from eval.gfid import (
+    ImageSource,
+    InceptionFeatures,
+    compare,
+    extract,
+    frechet_distance,
+    gaussian,
+    inception_score,
+    manifold_radii,
+    precision_recall,
+)
+from tokenizer.common.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("gfid_cli", os.path.join(ROOT, "eval", "gfid.py"))

@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dit.models import build_dit
-from tokenizer.config import load_config
-from tokenizer.training import build_optimizer, enable_tf32
+from tokenizer.common.config import load_config
+from tokenizer.common.training import build_optimizer, enable_tf32
 
 
 def test_dit_attention_is_a_flash_eligible_sdpa_call(monkeypatch):

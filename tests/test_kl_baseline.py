@@ -5,7 +5,7 @@ import torch
 from test_train import TINY, losses
 
 from tokenizer import SSDD, UserError
-from tokenizer.checkpoint import save_weights
+from tokenizer.common.checkpoint import save_weights
 from tokenizer.train import main
 
 KL = [*TINY, "ssdd.decoder=kl", "ssdd.kl_base_channels=32", "training.optimizer=adamw", "training.lr=1e-3"]

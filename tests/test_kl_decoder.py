@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 from tokenizer.kl_decoder import KLDecoder, build_kl_decoder
 from tokenizer.losses import PatchDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
 

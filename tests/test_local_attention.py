@@ -9,9 +9,17 @@ import pytest
 import torch
 
 from tokenizer import SSDD
-from tokenizer.decoder import (DENSE_MAX_TOKENS, LOCAL_BLOCK, SSDDDecoder, TransformerBlock, attention_plan,
-                               dense_index, local_index, resolve_attention)
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
+from tokenizer.decoder import (
+    DENSE_MAX_TOKENS,
+    LOCAL_BLOCK,
+    SSDDDecoder,
+    TransformerBlock,
+    attention_plan,
+    dense_index,
+    local_index,
+    resolve_attention,
+)
 
 # Grids of tokens: smaller than the window, one tile, not divisible by the 8-token tile, wider than tall, larger
 # than the window in both directions.
@@ -132,7 +140,7 @@ def test_windowed_work_grows_linearly():
 def test_attention_from_config():
     cfg = {"ssdd": {"encoder": "f8c4", "encoder_base_channels": 32, "decoder": "XS", "attention": "local"}}
     assert SSDD.build(cfg).decoder.mid_block.attention == "local"
-    from tokenizer.config import load_config
+    from tokenizer.common.config import load_config
     from tokenizer.evaluation import model_from_config
 
     model = model_from_config(load_config("ssdd.yaml", ["ssdd.decoder=XS", "ssdd.encoder_base_channels=32",

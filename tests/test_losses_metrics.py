@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer.errors import WeightsUnavailableError
+from tokenizer.common.errors import WeightsUnavailableError
 from tokenizer.losses import DinoV2Teacher, LPIPSLoss, REPALoss, kl_loss
 from tokenizer.metrics import ReconstructionMetrics, pad_to_pow2, quantize
 

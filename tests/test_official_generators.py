@@ -9,13 +9,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from dit_fixtures import ROOT
 from PIL import Image
 from safetensors.torch import save_file
 
 from dit.models import build_dit
 from dit.official import architecture, load_official
 from dit.pipeline import Generator, load_generator
-from dit_fixtures import ROOT
 from tokenizer import SSDD, UserError, WeightsUnavailableError
 
 spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "sample", "generate.py"))

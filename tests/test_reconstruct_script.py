@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tokenizer import SSDD
-from tokenizer.checkpoint import save_weights
+from tokenizer.common.checkpoint import save_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("reconstruct", os.path.join(ROOT, "sample", "reconstruct.py"))

@@ -15,10 +15,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from dit_fixtures import ROOT, make_bundle
 from PIL import Image
 
 from dit.pipeline import load_generator
-from dit_fixtures import ROOT, make_bundle
 from tokenizer import SSDD
 
 spec = importlib.util.spec_from_file_location("sample_ddp", os.path.join(ROOT, "sample", "sample_ddp.py"))

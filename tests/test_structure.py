@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from tokenizer.atomic import atomic_directory, existing_version
-from tokenizer.errors import UserError, one_line
+from tokenizer.common.atomic import atomic_directory, existing_version
+from tokenizer.common.errors import UserError, one_line
+from tokenizer.common.training import plan_steps
 from tokenizer.flow import time_grid
-from tokenizer.training import plan_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("tokenizer", "dit", "eval", "sample", "app")
@@ -48,6 +48,37 @@ def test_dependencies_run_one_way_and_no_command_line_module_is_imported():
                 if name in COMMAND_LINE_MODULES and not path.endswith(name.replace(".", "/") + ".py"):
                     offenders.append(f"{path}: imports the command-line module {name}")
     assert not offenders, offenders
+
+
+MACHINERY = os.path.join(ROOT, "tokenizer", "common")
+
+
+def test_the_run_machinery_imports_nothing_outside_itself_and_has_no_cycle():
+    graph, offenders = {}, []
+    for path in source_files("tokenizer/common"):
+        module = "tokenizer.common." + os.path.basename(path)[:-3]
+        ours = {name for name in imports_of(path) if name.split(".")[0] in PACKAGES}
+        offenders += [f"{module} imports {name}" for name in ours if not name.startswith("tokenizer.common")]
+        graph[module] = {name for name in ours if name in graph or name.startswith("tokenizer.common.")}
+    assert not offenders, offenders
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    cycles = [m for m in graph if reaches(m, m)]
+    assert not cycles, f"import cycle through {cycles}"
+
+
+def test_importing_the_machinery_loads_no_model_code():
+    modules = sorted("tokenizer.common." + f[:-3] for f in os.listdir(MACHINERY) if f.endswith(".py"))
+    code = (f"import sys; import {', '.join(modules)}; "
+            "print(sorted(m for m in sys.modules if m.startswith('tokenizer.') and not m.startswith('tokenizer.common')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    # the package's public names still work, loaded on first use
+    code = "import tokenizer, sys; a = 'tokenizer.ssdd' in sys.modules; tokenizer.SSDD; print(a, 'tokenizer.ssdd' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False True"
 
 
 def test_importing_the_cache_loads_neither_trainer_nor_gan():

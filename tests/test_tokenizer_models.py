@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokenizer.common.errors import UserError
 from tokenizer.decoder import DECODER_SIZES, RelativePositionBias, SSDDDecoder, TransformerBlock, timestep_embedding
 from tokenizer.encoder import DiagonalGaussian, Encoder, build_encoder, parse_encoder_name
-from tokenizer.errors import UserError
 
 
 def n_params(module: torch.nn.Module) -> int:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenizer.runs import read_loss_log
+from tokenizer.common.runs import read_loss_log
 from tokenizer.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # and training moved them (the test would pass trivially on untouched weights)
-    from tokenizer.config import load_config
+    from tokenizer.common.config import load_config
     from tokenizer.evaluation import model_from_config
 
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_corrupt_image_in_dataset_is_reported_by_name(tmp_path, capsys):
 
 def test_checkpoint_of_another_architecture_exits_with_key_list(tmp_path):
     from tokenizer import SSDD
-    from tokenizer.checkpoint import save_weights
+    from tokenizer.common.checkpoint import save_weights
 
     path = tmp_path / "s.safetensors"
     save_weights(SSDD(encoder="f8c4", decoder="S", encoder_base_channels=32), str(path))

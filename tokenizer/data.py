@@ -8,10 +8,9 @@
   shorter-side resize in [S, aug_scale*S) (Lanczos) or plain resize to S (bilinear), random S crop and random
   horizontal flip; eval = shorter-side resize to S (bilinear) + centre crop.
 * Per-item randomness comes from an RNG seeded with (seed, epoch, index), so it does not depend on which
-  worker loads which item. Call `dataset.set_epoch(e)` before each epoch, or let `EpochSampler(with_epoch=True)`
-  hand `(index, epoch)` pairs to the dataset (robust with `persistent_workers=True`).
-* `EpochSampler` is a deterministic per-epoch shuffle, sharded like `DistributedSampler(drop_last=True)`, that can
-  skip the first `start_index` items of the rank's shard for exact mid-epoch resume.
+  worker loads which item. Call `dataset.set_epoch(e)` before each epoch, or let
+  `tokenizer.common.training.EpochSampler(with_epoch=True)` hand `(index, epoch)` pairs to the dataset (robust
+  with `persistent_workers=True`).
 """
 
 from __future__ import annotations
@@ -24,14 +23,14 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from tokenizer.errors import UserError, one_line
+from tokenizer.common.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -381,55 +380,3 @@ def build_dataset(cfg_dataset: Any, split: str, train: bool) -> Dataset:
         return ImageFolderDataset(root, split, im_size, train, aug_scale=_cfg_get(cfg_dataset, "aug_scale"),
                                   limit=limit, seed=int(_cfg_get(cfg_dataset, "seed", 0)))
     raise UserError(f"unknown dataset.name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Sampler
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class EpochSampler(Sampler):
-    """Deterministic per-epoch shuffle sharded across ranks, with exact mid-epoch resume.
-
-    Order for an epoch = `torch.randperm(n, generator seeded with seed + epoch)` (the DistributedSampler
-    convention), truncated to a multiple of `num_replicas` (tail dropped, so every rank gets the same count);
-    rank r takes positions r, r + num_replicas, ... . `start_index` skips that many items of this rank's shard
-    (e.g. samples already consumed this epoch / num_replicas); `set_epoch(epoch)` resets it to 0 unless given.
-    With `with_epoch=True` the sampler yields `(index, epoch)` pairs, which the datasets here accept, so per-item
-    augmentation follows the sampler's epoch even in persistent workers.
-    """
-
-    def __init__(self, data_source: Sequence | int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True, start_index: int = 0, with_epoch: bool = False):
-        self.n = int(data_source) if isinstance(data_source, int) else len(data_source)
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise UserError(f"invalid rank {rank} for num_replicas {num_replicas}")
-        self.num_replicas, self.rank = int(num_replicas), int(rank)
-        self.seed, self.shuffle, self.with_epoch = int(seed), bool(shuffle), bool(with_epoch)
-        self.epoch = 0
-        self.start_index = int(start_index)
-        self.num_samples = self.n // self.num_replicas  # per rank, before skipping
-        self.total_size = self.num_samples * self.num_replicas
-
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        self.epoch = int(epoch)
-        self.start_index = int(start_index)
-
-    def shard(self) -> list[int]:
-        """This rank's full index list for the current epoch (ignoring start_index)."""
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        return order[: self.total_size][self.rank:: self.num_replicas].tolist()
-
-    def __iter__(self) -> Iterator:
-        indices = self.shard()[max(self.start_index, 0):]
-        if self.with_epoch:
-            return iter([(i, self.epoch) for i in indices])
-        return iter(indices)
-
-    def __len__(self) -> int:
-        return max(self.num_samples - max(self.start_index, 0), 0)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 
 # One table for all sizes (docs/ARCHITECTURE.md §3). Level width = ceil(channels * mult / 32) * 32; the transformer runs at
 # the last width. heads = 4 for S (explicit in the original), else min(16, max(4, width_mid // 64)).

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 
 VALID_FACTORS = (4, 8, 16, 32)
 _NAME_RE = re.compile(r"f(\d+)c(\d+)")

@@ -10,11 +10,11 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tokenizer.common.errors import UserError
+from tokenizer.common.runs import resolve_checkpoint, save_grid
+from tokenizer.common.training import make_accelerator
 from tokenizer.data import build_dataset
-from tokenizer.errors import UserError
-from tokenizer.runs import resolve_checkpoint, save_grid
 from tokenizer.ssdd import SSDD
-from tokenizer.training import make_accelerator
 
 
 def model_from_config(cfg) -> SSDD:

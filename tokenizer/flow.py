@@ -12,7 +12,7 @@ t_i = (1 - i/N)^2 (`power=2`); the DiT a uniform grid, optionally with the SD3 t
 
 import torch
 
-from tokenizer.errors import UserError
+from tokenizer.common.errors import UserError
 
 T_KINDS = ("logit_normal", "uniform", "shifted")
 

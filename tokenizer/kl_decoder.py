@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.common.errors import UserError
 from tokenizer.decoder import Upsample
 from tokenizer.encoder import VALID_FACTORS, Encoder, MidBlock, ResnetBlock, _norm, parse_encoder_name
-from tokenizer.errors import UserError
 
 
 class UpLevel(nn.Module):

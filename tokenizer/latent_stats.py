@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tokenizer.errors import UserError, one_line
+from tokenizer.common.errors import UserError, one_line
 from tokenizer.sdvae import SDVAE_SCALE
 
 FILE_NAME = "z_stats.json"

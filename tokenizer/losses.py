@@ -21,26 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.downloads import cache_path
-from tokenizer.errors import UserError, WeightsUnavailableError, one_line
+from tokenizer.common.downloads import cache_path
+from tokenizer.common.errors import UserError, WeightsUnavailableError, one_line
+from tokenizer.common.weights import read_weight_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _load_state_dict_file(path: str | Path, what: str) -> dict:
-    """A state dict from a .safetensors file or a torch file (weights_only); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsUnavailableError(f"{what} weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt / foreign file
-        raise WeightsUnavailableError(f"cannot read {what} weights file {path} ({one_line(err, with_type=True)})") from None
 
 
 class _HoldsFrozen(nn.Module):
@@ -81,7 +67,7 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | P
         warnings.simplefilter("ignore")
         if weights_path is not None:
             model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
-            state = _load_state_dict_file(weights_path, f"LPIPS ({net})")
+            state = read_weight_file(weights_path, f"LPIPS ({net}) weights file", entries=())[0]
             try:
                 model.load_state_dict(state, strict=True)
             except RuntimeError as err:
@@ -161,7 +147,7 @@ class DinoV2Teacher(nn.Module):
             model = timm.create_model(self.MODEL_NAME, pretrained=False, **kwargs)
             from timm.models.vision_transformer import checkpoint_filter_fn
 
-            state = _load_state_dict_file(weights_path, "DINOv2")
+            state = read_weight_file(weights_path, "DINOv2 weights file", entries=())[0]
             try:
                 model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
             except Exception as err:

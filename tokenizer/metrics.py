@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenizer.downloads import cache_path
-from tokenizer.errors import UserError, WeightsUnavailableError
+from tokenizer.common.downloads import cache_path
+from tokenizer.common.errors import UserError, WeightsUnavailableError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's InceptionV3 (TF port)
 HIGHER_IS_BETTER = {"psnr", "ssim"}  # for the other metrics (rfid, lpips, mse, mae) lower is better

@@ -25,8 +25,9 @@ import re
 
 import torch
 
-from tokenizer.downloads import fetch_weights
-from tokenizer.errors import UserError, one_line
+from tokenizer.common.downloads import fetch_weights
+from tokenizer.common.errors import UserError, one_line
+from tokenizer.common.weights import read_weight_file
 
 SDVAE_SCALE = 0.18215  # generators' view: tokenizer.latent_stats.FIXED_Z_STATS (z_std = 1 / 0.18215)
 # Known names -> Hugging Face repository; each holds the diffusers-layout file below.
@@ -50,22 +51,8 @@ def sdvae_file(spec: str = DEFAULT_SDVAE) -> str:
 
 
 def read_state_file(path: str) -> dict:
-    """All tensors of a safetensors file or a torch pickle (read with weights_only=True; a `state_dict` entry unwrapped)."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read {path}: {one_line(err, with_type=True)[:200]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return {k: v for k, v in state.items() if torch.is_tensor(v)}
+    """All tensors of a safetensors file or a torch pickle (weights_only; a `state_dict` entry unwrapped)."""
+    return read_weight_file(path, "checkpoint")[0]
 
 
 def detect_layout(state) -> str | None:
@@ -136,7 +123,7 @@ def from_layout(state: dict, our_keys) -> dict:
     """The tensors of `our_keys` (this project's names) taken from a file's state dict in either published layout.
 
     Keys the file lacks are left out and keys it has beyond them are ignored here: the strict load that follows
-    (`tokenizer.checkpoint.check_state_dict`) names both in one line.
+    (`tokenizer.common.checkpoint.check_state_dict`) names both in one line.
     """
     state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
     layout = detect_layout(state)

@@ -25,14 +25,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenizer.checkpoint import check_state_dict, load_weights, read_metadata, read_weights, save_weights
+from tokenizer.common.checkpoint import check_state_dict, load_weights, read_metadata, read_weights, save_weights
+from tokenizer.common.errors import UserError
 from tokenizer.decoder import DECODER_SIZES, SSDDDecoder
 from tokenizer.encoder import SDVAE_ENCODER, DiagonalGaussian, build_encoder, parse_encoder_name
-from tokenizer.errors import UserError
 from tokenizer.flow import clean_estimate, euler_sample, flow_matching_loss, noisy_input, sample_t
 from tokenizer.kl_decoder import KLDecoder
 from tokenizer.latent_stats import fixed_z_stats
-from tokenizer.sdvae import DEFAULT_SDVAE, SDVAE_WEIGHTS, detect_layout, from_layout, read_state_file, sdvae_file, sdvae_state
+from tokenizer.sdvae import (
+    DEFAULT_SDVAE,
+    SDVAE_WEIGHTS,
+    detect_layout,
+    from_layout,
+    read_state_file,
+    sdvae_file,
+    sdvae_state,
+)
 
 
 def infer_decoder_size(state: dict, z_channels: int, source: str = "the file") -> str:

@@ -5,7 +5,7 @@
     accelerate launch -m tokenizer.train distill_teacher=true ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=7  # 1-step student
     python -m tokenizer.train task=z_stats ssdd.checkpoint=fmnist
 
-Every knob is in configs/ssdd.yaml (checked before any work: tokenizer.validation). A run lives in
+Every knob is in configs/ssdd.yaml (checked before any work: tokenizer.common.validation). A run lives in
 <ckpt_dir>/jobs/<run_name>/: checkpoints/{last,best}/, TensorBoard logs, samples/*.png, losses.jsonl, and
 results/step<N>/ (each evaluation's metrics; task=eval and task=z_stats of a run's checkpoint write there too).
 Re-running with the same run_name resumes exactly: data order, noise and timesteps are functions of
@@ -21,22 +21,40 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from tokenizer.atomic import atomic_json
-from tokenizer.checkpoint import resolve_state_dir
-from tokenizer.config import load_config
+from tokenizer.common.atomic import atomic_json
+from tokenizer.common.checkpoint import resolve_state_dir
+from tokenizer.common.config import load_config
+from tokenizer.common.ema import EMA
+from tokenizer.common.errors import UserError, run_cli
+from tokenizer.common.runs import (
+    LossLog,
+    default_run_name,
+    resolve_checkpoint,
+    results_dir,
+    save_grid,
+    step_results_dir,
+)
+from tokenizer.common.training import (
+    build_optimizer,
+    check_finite,
+    complete_finished_run,
+    epoch_batches,
+    plan_steps,
+    resume_run,
+    save_checkpoint,
+    start_run,
+    step_generator,
+    train_loader,
+)
+from tokenizer.common.validation import check_config
+from tokenizer.config_checks import SSDD_CHECKS
 from tokenizer.data import build_dataset
-from tokenizer.ema import EMA
-from tokenizer.errors import UserError, run_cli
 from tokenizer.evaluation import load_for_eval, model_from_config, reconstruct_split
+from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
+from tokenizer.latent_stats import compute_z_stats
 from tokenizer.losses import PatchDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
-from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE, compute_z_stats
 from tokenizer.metrics import selection_score
-from tokenizer.runs import (LossLog, default_run_name, resolve_checkpoint, results_dir, save_grid,
-                            start_run, step_results_dir)
 from tokenizer.ssdd import SSDD
-from tokenizer.training import (build_optimizer, check_finite, complete_finished_run, epoch_batches, plan_steps,
-                                resume_run, save_checkpoint, step_generator, train_loader)
-from tokenizer.validation import SSDD_CHECKS, check_config
 
 EVAL_FILE = "eval_training.json"  # the in-training evaluation of a step, in <run>/results/step<N>/
 
@@ -276,7 +294,7 @@ def train(cfg):
 
 def task_eval(cfg):
     """Reconstruct the eval split with `ssdd.fm_sampler.steps` (or eval.steps) and write eval_<N>steps.json (and a
-    grid) into the checkpoint's results folder (`tokenizer.runs.results_dir`)."""
+    grid) into the checkpoint's results folder (`tokenizer.common.runs.results_dir`)."""
     accelerator, model, dataset, checkpoint = load_for_eval(cfg)
     steps = cfg.eval.steps or cfg.ssdd.fm_sampler.steps
     out_dir = results_dir(checkpoint)

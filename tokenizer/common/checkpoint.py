@@ -4,7 +4,7 @@ A training state is a directory (e.g. `runs/jobs/<run>/checkpoints/last/`) holdi
     model_<name>.safetensors   one file per module (model_ae, model_ae_ema, model_aux_losses, ...)
     optimizer.safetensors      optimiser tensors; its non-tensor structure sits in the file's metadata
     training_state.json        step, epoch, best metric, RNG states, anything JSON-able
-It is written with `tokenizer.atomic.atomic_directory`: into a temporary sibling first, then swapped in by
+It is written with `tokenizer.common.atomic.atomic_directory`: into a temporary sibling first, then swapped in by
 renames, so a run killed while saving leaves the previous state intact (`resolve_state_dir` finds it).
 training_state.json also records the size and sha256 of every other file of the state (`files`); loading checks
 them once per process (`verify_file`), so garbled bytes are a one-line error naming the file, not silent garbage.
@@ -21,9 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tokenizer.atomic import atomic_directory, atomic_file, existing_version
-from tokenizer.errors import CheckpointMismatchError, UserError, one_line
-
+from tokenizer.common.atomic import atomic_directory, atomic_file, existing_version
+from tokenizer.common.errors import CheckpointMismatchError, UserError, one_line
 
 STATE_FILE = "training_state.json"
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 from safetensors import SafetensorError
 
-from tokenizer.errors import UserError, one_line
+from tokenizer.common.errors import UserError, one_line
 
 # What a failed write raises: the OS's errors, and safetensors' (it reports a full disk as a SafetensorError).
 WRITE_ERRORS = (OSError, SafetensorError)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizer.errors import WeightsUnavailableError, one_line
+from tokenizer.common.errors import WeightsUnavailableError, one_line
 
 
 def offline() -> bool:

@@ -13,13 +13,15 @@ makes the re-run do that step again, and a re-run of a finished run makes what i
 
 import os
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Sampler
 
-from tokenizer.checkpoint import load_training_state, resolve_state_dir, save_training_state
-from tokenizer.data import EpochSampler
-from tokenizer.errors import CheckpointMismatchError, UserError, one_line
+from tokenizer.common.checkpoint import load_training_state, resolve_state_dir, save_training_state
+from tokenizer.common.errors import CheckpointMismatchError, UserError, one_line
+from tokenizer.common.runs import record_start, run_dir
 
 OPTIMIZERS = ("radam_schedulefree", "adamw")
 
@@ -41,6 +43,20 @@ def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_
     mp = mixed_precision if torch.cuda.is_available() else "no"
     enable_tf32()
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accumulate, **kw)
+
+
+def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
+    """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
+    and create the directory. The accelerator logs to TensorBoard there. Nothing of an existing run is changed
+    yet: `record_start` writes config.yaml once the trainer knows the run can go on (tokenizer.common.training.resume_run)."""
+    out_dir = run_dir(cfg.ckpt_dir, cfg.run_name)
+    accelerator = make_accelerator(mixed_precision, grad_accumulate, log_dir=out_dir)
+    if accelerator.is_main_process:
+        print(OmegaConf.to_yaml(cfg))
+        print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+              f"mixed precision: {accelerator.mixed_precision}")
+        os.makedirs(out_dir, exist_ok=True)
+    return accelerator, out_dir
 
 
 def build_optimizer(named_params, name: str, lr: float, weight_decay: float):
@@ -82,6 +98,53 @@ def plan_steps(num_items: int, batch_size: int, world: int, epochs: int, max_ste
         raise UserError(f"{what} ({num_items} items) is smaller than one batch ({batch_size})")
     total = max_steps if max_steps is not None else epochs * steps_per_epoch
     return StepPlan(per_rank, steps_per_epoch, total)
+
+
+class EpochSampler(Sampler):
+    """Deterministic per-epoch shuffle sharded across ranks, with exact mid-epoch resume.
+
+    Order for an epoch = `torch.randperm(n, generator seeded with seed + epoch)` (the DistributedSampler
+    convention), truncated to a multiple of `num_replicas` (tail dropped, so every rank gets the same count);
+    rank r takes positions r, r + num_replicas, ... . `start_index` skips that many items of this rank's shard
+    (e.g. samples already consumed this epoch / num_replicas); `set_epoch(epoch)` resets it to 0 unless given.
+    With `with_epoch=True` the sampler yields `(index, epoch)` pairs, which the datasets here accept, so per-item
+    augmentation follows the sampler's epoch even in persistent workers.
+    """
+
+    def __init__(self, data_source: Sequence | int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, start_index: int = 0, with_epoch: bool = False):
+        self.n = int(data_source) if isinstance(data_source, int) else len(data_source)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise UserError(f"invalid rank {rank} for num_replicas {num_replicas}")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.seed, self.shuffle, self.with_epoch = int(seed), bool(shuffle), bool(with_epoch)
+        self.epoch = 0
+        self.start_index = int(start_index)
+        self.num_samples = self.n // self.num_replicas  # per rank, before skipping
+        self.total_size = self.num_samples * self.num_replicas
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.start_index = int(start_index)
+
+    def shard(self) -> list[int]:
+        """This rank's full index list for the current epoch (ignoring start_index)."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        return order[: self.total_size][self.rank:: self.num_replicas].tolist()
+
+    def __iter__(self) -> Iterator:
+        indices = self.shard()[max(self.start_index, 0):]
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in indices])
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return max(self.num_samples - max(self.start_index, 0), 0)
 
 
 def train_loader(dataset, batch_size: int, world: int, rank: int, seed: int, num_workers: int):
@@ -129,9 +192,8 @@ def resume_run(accelerator, cfg, out_dir: str, modules: dict, optimizers) -> dic
 
     A state that does not fit this config (another architecture or optimiser) is refused before anything of the
     run is changed; only then does the main process tidy what killed processes left and write config.yaml
-    (`tokenizer.runs.record_start`).
+    (`tokenizer.common.runs.record_start`).
     """
-    from tokenizer.runs import record_start
 
     try:
         state = resume(os.path.join(out_dir, "checkpoints", "last"), modules, optimizers)

@@ -3,7 +3,7 @@
 A run lives in `<ckpt_dir>/jobs/<run_name>/`:
 
     config.yaml                  the resolved config of the latest start (written once a resume is known to fit)
-    checkpoints/{last,best}/     training states (tokenizer.checkpoint; written atomically)
+    checkpoints/{last,best}/     training states (tokenizer.common.checkpoint; written atomically)
     results/step<N>/             what was computed from the weights of step N (evaluations, z_stats.json): outside
                                  checkpoints/, so a later save, which replaces checkpoints/last, never deletes it
     losses.jsonl                 one JSON record per optimiser step (a resumed run appends; the last record wins)
@@ -22,9 +22,9 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from tokenizer.atomic import atomic_file, remove_stale_temporaries, settle
-from tokenizer.checkpoint import STATE_FILE, read_state_json, resolve_state_dir
-from tokenizer.errors import UserError
+from tokenizer.common.atomic import atomic_file, remove_stale_temporaries, settle
+from tokenizer.common.checkpoint import STATE_FILE, read_state_json, resolve_state_dir
+from tokenizer.common.errors import UserError
 
 
 def run_dir(ckpt_dir: str, run_name: str) -> str:
@@ -72,22 +72,6 @@ def find_result(checkpoint: str, name: str) -> str:
         if os.path.isfile(candidate):
             return candidate
     return os.path.join(results_dir(checkpoint), name)
-
-
-def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
-    """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
-    and create the directory. The accelerator logs to TensorBoard there. Nothing of an existing run is changed
-    yet: `record_start` writes config.yaml once the trainer knows the run can go on (tokenizer.training.resume_run)."""
-    from tokenizer.training import make_accelerator
-
-    out_dir = run_dir(cfg.ckpt_dir, cfg.run_name)
-    accelerator = make_accelerator(mixed_precision, grad_accumulate, log_dir=out_dir)
-    if accelerator.is_main_process:
-        print(OmegaConf.to_yaml(cfg))
-        print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-              f"mixed precision: {accelerator.mixed_precision}")
-        os.makedirs(out_dir, exist_ok=True)
-    return accelerator, out_dir
 
 
 def tidy_run(out_dir: str) -> list:
