@@ -1,0 +1,235 @@
+"""Honest progress for the app: a bar that moves per DiT step and per decoder, an ETA from time measured on this
+machine, and the stop checks (time limit, client gone) that end a job between two layers of a network.
+
+`Generator.generate/compare` report progress per batch only, so the app watches the networks themselves: forward
+hooks, installed once per generator, count the DiT's evaluations (one or two per sampler step, see `dit_evaluations`)
+and note which decoder runs. The hooks act only for the thread running a `Job` (`with job:`), so concurrent
+requests on one shared model each see their own.
+
+The ETA: during the DiT, the remaining evaluations at this run's own pace so far; for the decoders, their measured
+seconds per image-step (`Rates`, from the warm-up and every finished request) times this request's images and steps.
+"""
+
+import threading
+import time
+import weakref
+
+from torch import nn
+
+# Model evaluations per sampler call, by family and sampler (dit/flow.py, dit/diffusion.py, dit/sit.py); None: an
+# adaptive solver whose count is only known at the end. tests/test_app.py checks this table against the samplers.
+EVALS_PER_RUN = {
+    ("flow", "euler"): lambda s: s, ("flow", "heun"): lambda s: 2 * s, ("flow", "sde"): lambda s: s,
+    ("dit", "ddpm"): lambda s: s, ("dit", "ddim"): lambda s: s,
+    ("sit", "euler"): lambda s: s - 1, ("sit", "heun"): lambda s: 2 * (s - 1), ("sit", "sde"): lambda s: s,
+    ("sit", "ode"): lambda s: None,
+}
+REPORT_EVERY = 0.1  # seconds between two progress messages (Gradio sends the latest one on its own clock anyway)
+POLL_EVERY = 0.25  # seconds between two calls of a job's `gone` check (it takes a lock)
+
+
+def dit_evaluations(family: str, sampler: str, steps: int) -> int | None:
+    """How often the DiT is called for one batch: `steps` for Euler-type samplers, twice that for Heun."""
+    count = EVALS_PER_RUN.get((family, sampler))
+    return count(steps) if count else None
+
+
+class Stopped(Exception):
+    """A job ended early: past its time limit, or its client went away. The message is one line."""
+
+
+class Rates:
+    """Seconds per unit of work measured on this machine: the DiT per image-evaluation and each decoder per
+    image-step (the KL decoders take one step). Starts from the warm-up; each finished request updates it (a
+    running mean that favours the latest runs, which reflect the batch sizes users ask for)."""
+
+    def __init__(self):
+        self.dit = None
+        self.decoders = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _mix(old, new):
+        return new if old is None else 0.5 * old + 0.5 * new
+
+    def record(self, timings: dict, evals: int | None) -> None:
+        """Learn from the timings of a finished generate (one decoder) or compare (several) call."""
+        images = timings["images"]
+        with self.lock:
+            if evals:
+                self.dit = self._mix(self.dit, timings["dit_s"] / (images * evals))
+            per = timings.get("decoders") or {timings["decoder"]: timings}
+            for name, d in per.items():
+                self.decoders[name] = self._mix(self.decoders.get(name),
+                                                d["decoder_s"] / (images * max(1, d["decoder_steps"])))
+
+    def decoder_seconds(self, name: str, images: int, steps: int) -> float | None:
+        rate = self.decoders.get(name)
+        return None if rate is None else rate * images * steps
+
+    def estimate(self, images: int, evals: int | None, decoders: list) -> float | None:
+        """Seconds a request should take: DiT evaluations and [(decoder name, steps)]; None if not yet measured."""
+        parts = [None if self.dit is None or evals is None else self.dit * images * evals]
+        parts += [self.decoder_seconds(name, images, steps) for name, steps in decoders]
+        return None if None in parts else sum(parts)
+
+
+class Job:
+    """One request's progress and stop checks. `with job:` makes it the current job of this thread.
+
+    images: how many images; evals: DiT evaluations (None: adaptive); decoders: [(name, steps)] in run order;
+    report(fraction, text): the page's progress bar; gone(): True once the client has left;
+    time_limit: seconds after which the job stops."""
+
+    def __init__(self, rates: Rates, images: int, steps: int, evals: int | None, decoders: list, report=None,
+                 gone=None, time_limit: float | None = None):
+        self.rates, self.images, self.steps, self.evals, self.decoders = rates, images, steps, evals, decoders
+        self.report, self.gone, self.time_limit = report, gone, time_limit
+        self.start = time.perf_counter()
+        self.evals_done, self.dit_start, self.dit_last = 0, None, None
+        self.decoder_index, self.decoder_start = -1, None
+        self.last_report, self.last_poll = 0.0, 0.0
+
+    # ------------------------------------------------------------------ the hooks' side
+
+    def check(self) -> None:
+        """Raise Stopped if the job is past its time limit or its client has gone (polled every POLL_EVERY s)."""
+        now = time.perf_counter()
+        if self.time_limit is not None and now - self.start > self.time_limit:
+            raise Stopped(f"stopped after {self.time_limit:g} s: the time limit of one request on this server")
+        if self.gone is not None and now - self.last_poll > POLL_EVERY:
+            self.last_poll = now
+            if self.gone():
+                raise Stopped("stopped: the client went away")
+
+    def dit_evaluation(self) -> None:
+        now = time.perf_counter()
+        if self.dit_start is None:
+            self.dit_start = now  # measured from the end of the first evaluation, so warm caches do not skew it
+        else:
+            self.evals_done += 1
+            self.dit_last = now
+        self.show(now)
+
+    def decoder_started(self, name: str) -> None:
+        names = [n for n, _ in self.decoders]
+        if name in names and names.index(name) != self.decoder_index:
+            self.decoder_index, self.decoder_start = names.index(name), time.perf_counter()
+            self.show(force=True)
+
+    # ------------------------------------------------------------------ what the page shows
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left, or None while there is nothing to estimate from."""
+        left = 0.0
+        if self.decoder_index < 0:  # still in the DiT
+            if self.evals is None:
+                return None
+            done = self.evals_done + (self.dit_start is not None)
+            if self.evals_done > 0:
+                pace = (self.dit_last - self.dit_start) / self.evals_done
+            elif self.rates.dit is not None:
+                pace = self.rates.dit * self.images
+            else:
+                return None
+            left += max(0, self.evals - done) * pace
+        for i, (name, steps) in enumerate(self.decoders):
+            if i < self.decoder_index:
+                continue
+            seconds = self.rates.decoder_seconds(name, self.images, steps)
+            if seconds is None:
+                return None
+            if i == self.decoder_index:
+                seconds = max(0.0, seconds - (now - self.decoder_start))
+            left += seconds
+        return left
+
+    def stage(self) -> str:
+        if self.decoder_index < 0:
+            if self.evals is None:
+                return f"DiT evaluation {self.evals_done + (self.dit_start is not None)} (adaptive steps)"
+            per_step = self.evals / self.steps
+            step = min(self.steps, int((self.evals_done + (self.dit_start is not None)) / per_step))
+            return f"DiT step {step}/{self.steps}"
+        name = self.decoders[self.decoder_index][0]
+        if len(self.decoders) == 1:
+            return f"decoding with {name}"
+        return f"decoder {self.decoder_index + 1}/{len(self.decoders)}: {name}"
+
+    def show(self, now: float | None = None, force: bool = False) -> None:
+        now = time.perf_counter() if now is None else now
+        if self.report is None or (not force and now - self.last_report < REPORT_EVERY):
+            return
+        self.last_report = now
+        elapsed = now - self.start
+        eta = self.eta(now)
+        if eta is None:
+            fraction = self._unit_fraction()
+            text = f"{self.stage()} · {elapsed:.0f} s so far"
+        else:
+            fraction = elapsed / max(elapsed + eta, 1e-9)
+            text = f"{self.stage()} · about {eta:.0f} s left" if eta >= 1 else f"{self.stage()} · under 1 s left"
+        self.report(min(max(fraction, 0.0), 0.999), text)
+
+    def _unit_fraction(self) -> float:
+        parts = 1 + len(self.decoders)
+        if self.decoder_index >= 0:
+            return (1 + self.decoder_index) / parts
+        return (self.evals_done / self.evals) / parts if self.evals else 0.0
+
+    # ------------------------------------------------------------------ current job of this thread
+
+    def __enter__(self):
+        _current.job = self
+        self.show(force=True)
+        return self
+
+    def __exit__(self, *exc):
+        _current.job = None
+        return False
+
+
+_current = threading.local()
+_installed = weakref.WeakSet()
+
+
+def _job() -> Job | None:
+    return getattr(_current, "job", None)
+
+
+def _leaves(module: nn.Module):
+    """The modules that hold weights themselves: between two of them a job can stop."""
+    return [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+
+
+def install_hooks(gen) -> None:
+    """Hooks on the generator's networks (once per network): the DiT counts its evaluations, each decoder says when
+    it starts, and every weighted layer lets the current job stop. Without a current job they do nothing."""
+    def check(*_):
+        job = _job()
+        if job is not None:
+            job.check()
+
+    def evaluated(*_):
+        job = _job()
+        if job is not None:
+            job.dit_evaluation()
+
+    def decoder_hook(name):
+        def started(*_):
+            job = _job()
+            if job is not None:
+                job.decoder_started(name)
+                job.check()
+        return started
+
+    if gen.model not in _installed:
+        _installed.add(gen.model)
+        gen.model.register_forward_hook(evaluated)
+        for layer in _leaves(gen.model):
+            layer.register_forward_pre_hook(check)
+    for name, (decoder, _) in gen.decoders.items():
+        if decoder not in _installed:
+            _installed.add(decoder)
+            for layer in _leaves(decoder):
+                layer.register_forward_pre_hook(decoder_hook(name))
