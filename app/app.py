@@ -163,21 +163,22 @@ def validator(gen: Generator, state: ServerState, inputs: tuple):
 
 
 def page_defaults(gen: Generator, rates: Rates) -> dict:
-    """The request the page starts with: the model's sampler defaults, unless on a CPU one image would take over
-    CPU_BUDGET s at the rates measured by the warm-up; then a few-step sampler, fewer steps and one image."""
+    """The request the page starts with: the model's sampler defaults, unless on a CPU one image through the default
+    decoder (Generate) would take over CPU_BUDGET s at the rates the warm-up measured; then a few-step sampler, as
+    many steps as fit, and one image per class. (Compare adds each other decoder's time per image.)"""
     s = gen.sampler_settings()
     defaults = {"classes": [207] if gen.num_classes == 1000 else [0], "num": 4, "seed": 0,
                 "cfg_scale": s["cfg_scale"], "sampler": s["sampler"], "steps": s["steps"]}
     if gen.device.type != "cpu":
         return defaults
-    decoders = [(name, decoder_steps_of(gen, name, None)) for name in gen.decoder_names]
-    per_image = rates.estimate(1, dit_evaluations(gen.family, s["sampler"], s["steps"]), decoders)
+    name = gen.decoder_names[0]
+    decoding = [(name, decoder_steps_of(gen, name, gen.defaults.get("decoder_steps")))]
+    per_image = rates.estimate(1, dit_evaluations(gen.family, s["sampler"], s["steps"]), decoding)
     if per_image is None or per_image <= CPU_BUDGET:
         return defaults
     sampler = CPU_SAMPLERS.get(gen.family, s["sampler"])
-    decoding = rates.estimate(1, 0, decoders) or 0.0
-    per_step = rates.dit * dit_evaluations(gen.family, sampler, 2) / 2  # evaluations per step of that sampler
-    steps = int((CPU_BUDGET - decoding) / max(per_step, 1e-9))
+    per_step = rates.dit * dit_evaluations(gen.family, sampler, 3) / 3  # evaluations per step of that sampler
+    steps = int((CPU_BUDGET - rates.estimate(1, 0, decoding)) / max(per_step, 1e-9))
     return {**defaults, "num": 1, "sampler": sampler, "steps": max(5, min(s["steps"], steps // 5 * 5))}
 
 
@@ -263,8 +264,8 @@ def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16, client_
             job = Job(state.rates, images, args["steps"], evals, decoders,
                       report=lambda fraction, text: progress(fraction, desc=text),
                       gone=lambda: state.gone(getattr(request, "session_hash", None)), time_limit=state.time_limit)
-            with job:
-                result, t = call(batch_size=LIMITS["classes"] * LIMITS["num"])  # one batch: as generate.py's
+            with job:  # one batch, as sample/generate.py's (stochastic samplers draw per batch)
+                result, t = call(batch_size=LIMITS["classes"] * LIMITS["num"], progress=job.stage_done)
             state.rates.record(t, evals)
             return result, t
 
@@ -341,7 +342,7 @@ def bind_address(host: str) -> tuple[str, bool]:
     text = (host or "").strip()
     if not text:
         raise UserError("--host is empty: give the address to bind (127.0.0.1 or ::1: this machine only; "
-                        "0.0.0.0 or ::: every interface)")
+                        "0.0.0.0: every IPv4 interface; ::: every IPv6 one)")
     bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     try:
         ip = ipaddress.ip_address(bare)
@@ -399,7 +400,8 @@ def main(argv=None) -> int:
                     help="decoders (SSDD or KL-VAE checkpoints, sdvae[:file], ssdd:file) replacing the generator's; "
                          "repeat the flag or list several; Compare decodes with each")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; :: or 0.0.0.0: all)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: loopback only; 0.0.0.0: every IPv4 interface, ::: every IPv6 one)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--concurrency", type=int, default=1, help="generations running at the same time")
     ap.add_argument("--max-queue", type=int, default=16, help="waiting requests beyond which new ones are refused")

@@ -50,13 +50,13 @@ def echo(value, limit: int = ECHO) -> str:
     return f"{text[:limit]}... ({len(value):,} characters)" if len(text) > limit else text
 
 
-def check(field: str, read, *args):
-    """`read(what, value, ...)` (whole_number / real_number) with its error tied to `field` and cut short."""
-    try:
-        return read(*args)
+def check(field: str, read, what: str, value, lo, hi):
+    """`read(what, value, lo, hi)` (whole_number / real_number) with its error tied to `field` and cut short."""
+    huge = isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18
+    try:  # a huge int is checked as the nearest out-of-range one: printing it is slow, and refused past 4,300 digits
+        return read(what, (hi + 1 if value > 0 else lo - 1) if huge else value, lo, hi)
     except UserError as e:
         message = str(e)
-        value = args[1]
         if "got" in message:  # the shared checkers echo the whole value: echo it short instead
             message = message.rsplit("got", 1)[0] + f"got {echo(value)}"
         raise InputError(field, message) from None

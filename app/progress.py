@@ -3,8 +3,9 @@ machine, and the stop checks (time limit, client gone) that end a job between tw
 
 `Generator.generate/compare` report progress per batch only, so the app watches the networks themselves: forward
 hooks, installed once per generator, count the DiT's evaluations (one or two per sampler step, see `dit_evaluations`)
-and note which decoder runs. The hooks act only for the thread running a `Job` (`with job:`), so concurrent
-requests on one shared model each see their own.
+and let a job stop between two layers; the generator's per-batch callback (`Job.stage_done`) says when the DiT
+and each decoder are done. The hooks act only for the thread running a `Job` (`with job:`), so concurrent requests
+on one shared model each see their own.
 
 The ETA: during the DiT, the remaining evaluations at this run's own pace so far; for the decoders, their measured
 seconds per image-step (`Rates`, from the warm-up and every finished request) times this request's images and steps.
@@ -111,38 +112,49 @@ class Job:
             self.dit_last = now
         self.show(now)
 
-    def decoder_started(self, name: str) -> None:
+    def stage_done(self, stage: str, done: int, total: int) -> None:
+        """Generator.generate/compare's `progress` callback: a batch of the DiT ("dit") or of a decoder is done.
+        When a stage's last batch is, the next decoder starts."""
+        if done < total:
+            return
         names = [n for n, _ in self.decoders]
-        if name in names and names.index(name) != self.decoder_index:
-            self.decoder_index, self.decoder_start = names.index(name), time.perf_counter()
-            self.show(force=True)
+        following = 0 if stage == "dit" else names.index(stage) + 1 if stage in names else None
+        if following is not None and following > self.decoder_index:
+            self.decoder_index, self.decoder_start = following, time.perf_counter()
+            if following < len(self.decoders):
+                self.show(force=True)
 
     # ------------------------------------------------------------------ what the page shows
 
     def eta(self, now: float) -> float | None:
         """Seconds left, or None while there is nothing to estimate from."""
-        left = 0.0
+        dit, decoders = self._left(now)
+        return None if dit is None or decoders is None else dit + decoders
+
+    def _left(self, now: float) -> tuple:
+        """(seconds left in the DiT, seconds left in the decoders); None where not known yet."""
+        dit = 0.0
         if self.decoder_index < 0:  # still in the DiT
-            if self.evals is None:
-                return None
             done = self.evals_done + (self.dit_start is not None)
-            if self.evals_done > 0:
-                pace = (self.dit_last - self.dit_start) / self.evals_done
+            if self.evals is None:
+                dit = None
+            elif self.evals_done > 0:
+                dit = max(0, self.evals - done) * (self.dit_last - self.dit_start) / self.evals_done
             elif self.rates.dit is not None:
-                pace = self.rates.dit * self.images
+                dit = max(0, self.evals - done) * self.rates.dit * self.images
             else:
-                return None
-            left += max(0, self.evals - done) * pace
+                dit = None
+        decoders = 0.0
         for i, (name, steps) in enumerate(self.decoders):
             if i < self.decoder_index:
                 continue
             seconds = self.rates.decoder_seconds(name, self.images, steps)
             if seconds is None:
-                return None
+                return dit, None
             if i == self.decoder_index:
                 seconds = max(0.0, seconds - (now - self.decoder_start))
-            left += seconds
-        return left
+            decoders += seconds
+        return dit, decoders
 
     def stage(self) -> str:
         if self.decoder_index < 0:
@@ -151,6 +163,8 @@ class Job:
             per_step = self.evals / self.steps
             step = min(self.steps, int((self.evals_done + (self.dit_start is not None)) / per_step))
             return f"DiT step {step}/{self.steps}"
+        if self.decoder_index >= len(self.decoders):
+            return "done"
         name = self.decoders[self.decoder_index][0]
         if len(self.decoders) == 1:
             return f"decoding with {name}"
@@ -162,13 +176,17 @@ class Job:
             return
         self.last_report = now
         elapsed = now - self.start
-        eta = self.eta(now)
-        if eta is None:
+        dit, decoders = self._left(now)
+        if dit is not None and decoders is not None:
+            left = dit + decoders
+            fraction = elapsed / max(elapsed + left, 1e-9)
+            text = f"{self.stage()} · about {left:.0f} s left" if left >= 1 else f"{self.stage()} · under 1 s left"
+        elif dit is not None and self.decoder_index < 0:  # the decoders not timed yet on this machine
+            fraction = self._unit_fraction()
+            text = f"{self.stage()} · about {dit:.0f} s left in the DiT"
+        else:
             fraction = self._unit_fraction()
             text = f"{self.stage()} · {elapsed:.0f} s so far"
-        else:
-            fraction = elapsed / max(elapsed + eta, 1e-9)
-            text = f"{self.stage()} · about {eta:.0f} s left" if eta >= 1 else f"{self.stage()} · under 1 s left"
         self.report(min(max(fraction, 0.0), 0.999), text)
 
     def _unit_fraction(self) -> float:
@@ -203,8 +221,8 @@ def _leaves(module: nn.Module):
 
 
 def install_hooks(gen) -> None:
-    """Hooks on the generator's networks (once per network): the DiT counts its evaluations, each decoder says when
-    it starts, and every weighted layer lets the current job stop. Without a current job they do nothing."""
+    """Hooks on the generator's networks (once per network): the DiT counts its evaluations, and every weighted
+    layer of the DiT and the decoders lets the current job stop. Without a current job they do nothing."""
     def check(*_):
         job = _job()
         if job is not None:
@@ -215,21 +233,13 @@ def install_hooks(gen) -> None:
         if job is not None:
             job.dit_evaluation()
 
-    def decoder_hook(name):
-        def started(*_):
-            job = _job()
-            if job is not None:
-                job.decoder_started(name)
-                job.check()
-        return started
-
     if gen.model not in _installed:
         _installed.add(gen.model)
         gen.model.register_forward_hook(evaluated)
         for layer in _leaves(gen.model):
             layer.register_forward_pre_hook(check)
-    for name, (decoder, _) in gen.decoders.items():
+    for decoder, _ in gen.decoders.values():
         if decoder not in _installed:
             _installed.add(decoder)
             for layer in _leaves(decoder):
-                layer.register_forward_pre_hook(decoder_hook(name))
+                layer.register_forward_pre_hook(check)
