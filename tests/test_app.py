@@ -568,32 +568,33 @@ def wait_for_images(page, elem_id, n):
 VISIBILITY_JS = """(id) => {
   const view = document.querySelector('#' + id + ' .ssdd-view');
   if (!view) return ['no result view'];
-  const problems = [], box = view.getBoundingClientRect(), width = document.documentElement.clientWidth;
-  const images = [...view.querySelectorAll('img')];
-  const rects = images.map(i => i.getBoundingClientRect());
-  const inside = (r, b) => r.left >= b.left - 1 && r.right <= b.right + 1 && r.top >= b.top - 1 &&
-                           r.bottom <= b.bottom + 1;
+  const problems = [], width = document.documentElement.clientWidth;
+  const page = (el) => { const r = el.getBoundingClientRect();  // in page coordinates: scrolling moves nothing
+                         return {left: r.left + scrollX, right: r.right + scrollX, top: r.top + scrollY,
+                                 bottom: r.bottom + scrollY, width: r.width, height: r.height}; };
+  const box = page(view);
+  const inside = (r) => r.left >= box.left - 1 && r.right <= box.right + 1 && r.top >= box.top - 1 &&
+                        r.bottom <= box.bottom + 1 && r.left >= -1 && r.right <= width + 1;
   const overlap = (a, b) => a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 &&
                             b.top < a.bottom - 1;
-  const seen = (el) => { el.scrollIntoView({block: 'center'}); const r = el.getBoundingClientRect();
-                         const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
-                         return hit === el || el.contains(hit); };
-  images.forEach((img, k) => {
-    const r = rects[k];
-    if (r.width < 40 || r.height < 40) problems.push(`image ${k} is ${r.width.toFixed(0)} px wide`);
-    if (!inside(r, box)) problems.push(`image ${k} leaves the view`);
-    if (r.left < 0 || r.right > width + 1) problems.push(`image ${k} leaves the window`);
-    if (!seen(img)) problems.push(`image ${k} is covered`);
-  });
+  const images = [...view.querySelectorAll('img')];
   const texts = [...view.querySelectorAll('.ssdd-label, .ssdd-head, .ssdd-tag')];
+  const boxes = images.map(page);
+  boxes.forEach((r, k) => {
+    if (r.width < 40 || r.height < 40) problems.push(`image ${k} is ${r.width.toFixed(0)} px wide`);
+    if (!inside(r)) problems.push(`image ${k} leaves the view or the window`);
+  });
   texts.forEach((el) => {
+    const r = page(el), name = JSON.stringify(el.innerText);
+    if (el.scrollWidth > el.clientWidth + 1) problems.push(`${name} is cut`);
+    if (!inside(r)) problems.push(`${name} leaves the view or the window`);
+    boxes.forEach((b, k) => { if (overlap(r, b)) problems.push(`${name} overlaps image ${k}`); });
+  });
+  [...images, ...texts].forEach((el, k) => {  // nothing on top: the element at its centre is itself
+    el.scrollIntoView({block: 'center'});
     const r = el.getBoundingClientRect();
-    if (el.scrollWidth > el.clientWidth + 1) problems.push(`"${el.innerText}" is cut`);
-    if (!inside(r, box) || r.right > width + 1) problems.push(`"${el.innerText}" leaves the view`);
-    if (!seen(el)) problems.push(`"${el.innerText}" is covered`);
-    const rr = el.getBoundingClientRect();
-    images.forEach((img, k) => { if (overlap(rr, img.getBoundingClientRect()))
-                                   problems.push(`"${el.innerText}" overlaps image ${k}`); });
+    const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+    if (!(hit === el || el.contains(hit))) problems.push(`element ${k} (${el.tagName}) is covered`);
   });
   return problems;
 }"""
