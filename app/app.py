@@ -27,6 +27,8 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+if __name__ == "__main__" and not __package__:  # `python app/app.py`: import the package app/, not this file
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -34,7 +34,7 @@ CSS = """
    2 on a narrow one */
 .ssdd-images { display: grid; gap: 3px;
                grid-template-columns: repeat(auto-fit, minmax(max(56px, calc(100% / var(--n) - 3px)), 1fr)); }
-.ssdd-images a { display: block; min-width: 0; }
+.ssdd-images a { display: block; min-width: 0; padding: 0; margin: 0; }  /* Gradio pads links */
 .ssdd-images img { display: block; width: 100%; height: auto; aspect-ratio: 1 / 1; object-fit: contain;
                    image-rendering: pixelated; border-radius: 3px; background: var(--background-fill-secondary); }
 /* Gradio's own timer shows an ETA from earlier requests; while the app's progress bar (with its own ETA) is up,
