@@ -35,8 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
-from app import page  # noqa: E402
-from app.guard import LOOPBACK_HOSTS, Endpoint, Guard, Policy, Readers, requests_by_host, validation  # noqa: E402
+from app import guard, page  # noqa: E402
 from app.images import DEFAULT_MAX_MB, PREFIX, ImageStore  # noqa: E402
 from app.limits import COMPARE_INPUTS, DEFAULT_MAX_COST, GENERATE_INPUTS, LIMITS, InputError, validate  # noqa: E402
 from app.progress import Job, Rates, Stopped, dit_evaluations, install_hooks  # noqa: E402
@@ -48,6 +47,9 @@ from tokenizer.metrics import to_uint8  # noqa: E402
 log = logging.getLogger("ssdd.app")
 
 DEFAULT_TIME_LIMIT = 300.0  # seconds one request may run
+# Rates measured on small batches (the warm-up's single image) overstate the per-image time of large ones, so a
+# request is refused in advance only when its estimate is well over the time limit.
+ESTIMATE_MARGIN = 2.0
 CPU_BUDGET = 45.0  # seconds per image the page's default request may take on a CPU (a minute with some margin)
 CPU_SAMPLERS = {"dit": "ddim", "sit": "heun"}  # few-step samplers of each family, for the CPU defaults
 
@@ -55,20 +57,20 @@ CPU_SAMPLERS = {"dit": "ddim", "sit": "heun"}  # few-step samplers of each famil
 @dataclass
 class ServerState:
     """What the endpoints and the Guard middleware share."""
-    policy: Policy
+    policy: guard.Policy
     store: ImageStore
     rates: Rates
     max_cost: int = DEFAULT_MAX_COST
     time_limit: float = DEFAULT_TIME_LIMIT
     results_prefix: str = PREFIX
-    endpoints: dict = field(default_factory=dict)  # fn_index -> Endpoint
+    endpoints: dict = field(default_factory=dict)  # fn_index -> guard.Endpoint
     api_names: dict = field(default_factory=dict)  # api name -> fn_index
-    readers: Readers = field(default_factory=Readers)
+    readers: guard.Readers = field(default_factory=guard.Readers)
     joining: Counter = field(default_factory=Counter)  # client address -> requests being admitted right now
     demo: gr.Blocks | None = None
 
     def requests_of(self, host: str) -> int:
-        return requests_by_host(self.demo._queue)[host] if self.demo is not None else 0
+        return guard.requests_by_host(self.demo._queue)[host] if self.demo is not None else 0
 
     def gone(self, session: str | None) -> bool:
         return self.readers.gone(session, self.policy.reader_grace)
@@ -140,7 +142,8 @@ def errors_in_page(handler):
 
 def validator(gen: Generator, state: ServerState, inputs: tuple):
     """A Gradio validator of one endpoint: the request's values checked before it is queued (limits.validate,
-    then the time it would take at the rates measured here against the time limit)."""
+    then the time it would take at the rates measured here: over ESTIMATE_MARGIN x the time limit, it is refused;
+    below that the time limit itself decides)."""
     def check(*values):
         try:
             args = validate(gen, *values, max_cost=state.max_cost)
@@ -149,11 +152,11 @@ def validator(gen: Generator, state: ServerState, inputs: tuple):
             names = [args["decoder"]] if "decoder" in args else gen.decoder_names
             decoders = [(name, decoder_steps_of(gen, name, args.get("decoder_steps"))) for name in names]
             seconds = state.rates.estimate(images, evals, decoders)
-            if seconds is not None and seconds > state.time_limit:
-                raise InputError("steps", f"this request would take about {seconds:,.0f} s here, over the limit of "
-                                          f"{state.time_limit:g} s per request (fewer images or steps)")
+            if seconds is not None and seconds > ESTIMATE_MARGIN * state.time_limit:
+                raise InputError("steps", f"this request would take about {seconds:,.0f} s here, far over the limit "
+                                          f"of {state.time_limit:g} s per request (fewer images or steps)")
         except InputError as e:
-            return [gr.validate(d["is_valid"], d["message"]) for d in validation(inputs, e.field, one_line(e))]
+            return [gr.validate(d["is_valid"], d["message"]) for d in guard.validation(inputs, e.field, one_line(e))]
         except Exception:  # noqa: BLE001 - a bug in a check must not pass the request on unchecked
             log.exception("checking a request failed")
             return [gr.validate(i > 0, "" if i else "this request could not be checked") for i in range(len(inputs))]
@@ -200,12 +203,13 @@ def presets(gen: Generator) -> list:
 # ----------------------------------------------------------------------------- the app
 
 
-def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16, client_slots: int = 4,
-              max_cost: int = DEFAULT_MAX_COST, time_limit: float = DEFAULT_TIME_LIMIT,
-              results_mb: float = DEFAULT_MAX_MB, rates: Rates | None = None) -> gr.Blocks:
+def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16,
+              client_slots: int = guard.DEFAULT_CLIENT_SLOTS, max_cost: int = DEFAULT_MAX_COST,
+              time_limit: float = DEFAULT_TIME_LIMIT, results_mb: float = DEFAULT_MAX_MB,
+              rates: Rates | None = None) -> gr.Blocks:
     """The Blocks app on a loaded generator (shared by every request), with its queue configured; its
     `server_state` holds what `launch` puts in front of it."""
-    state = ServerState(policy=Policy(client_slots=client_slots), store=ImageStore(int(results_mb * 2**20)),
+    state = ServerState(policy=guard.Policy(client_slots=client_slots), store=ImageStore(int(results_mb * 2**20)),
                         rates=rates or Rates(), max_cost=max_cost, time_limit=time_limit)
     install_hooks(gen)
     names = gen.display_names()
@@ -332,7 +336,7 @@ def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16, client_
         decoder.change(None, decoder, decoder_steps, js=f"(name) => ({json.dumps(steps_of)})[name] ?? 1")
 
     handlers = {on_generate: GENERATE_INPUTS, on_compare: COMPARE_INPUTS}
-    state.endpoints = {i: Endpoint(i, handlers[f.fn]) for i, f in demo.fns.items() if f.fn in handlers}
+    state.endpoints = {i: guard.Endpoint(i, handlers[f.fn]) for i, f in demo.fns.items() if f.fn in handlers}
     state.api_names = {f.api_name: i for i, f in demo.fns.items() if f.fn in handlers and f.api_visibility == "public"}
     state.demo = demo
     demo.server_state = state
@@ -359,13 +363,13 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, bl
     Bound to a loopback address, the app answers only Host headers naming loopback (no DNS rebinding)."""
     server_name, loopback = bind_address(host)
     state = demo.server_state
-    state.policy.allowed_hosts = (LOOPBACK_HOSTS | {server_name.lower()}) if loopback else None
+    state.policy.allowed_hosts = (guard.LOOPBACK_HOSTS | {server_name.lower()}) if loopback else None
     try:
         return demo.launch(server_name=server_name, server_port=port, share=False, theme=page.THEME, css=page.CSS,
                            ssr_mode=False, mcp_server=False, pwa=False, run_history=False,
                            show_error=False,  # only the app's own one-line errors reach clients, never Gradio's text
                            enable_monitoring=monitoring, max_file_size=1,
-                           app_kwargs={"middleware": [Middleware(Guard, state=state)]},
+                           app_kwargs={"middleware": [Middleware(guard.Guard, state=state)]},
                            prevent_thread_lock=not block, quiet=not block)
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {one_line(e)}") from None
@@ -407,8 +411,9 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--concurrency", type=int, default=1, help="generations running at the same time")
     ap.add_argument("--max-queue", type=int, default=16, help="waiting requests beyond which new ones are refused")
-    ap.add_argument("--client-slots", type=int, default=4,
-                    help="requests one client address may have queued or running (default 4)")
+    ap.add_argument("--client-slots", type=int, default=guard.DEFAULT_CLIENT_SLOTS,
+                    help=f"requests one client address may have queued or running (default "
+                         f"{guard.DEFAULT_CLIENT_SLOTS})")
     ap.add_argument("--max-cost", type=int, default=DEFAULT_MAX_COST,
                     help=f"image-steps (classes x images x DiT steps) one request may ask for (default "
                          f"{DEFAULT_MAX_COST:,})")

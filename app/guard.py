@@ -31,6 +31,7 @@ FILE = f"{API}/file="
 CLOSED = ("/upload", "/upload_progress", "/component_server", "/process_recording", "/stream/", "/vibe-",
           "/run-history", "/runs")
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
+DEFAULT_CLIENT_SLOTS = 2  # requests one client address may have queued or running
 MAX_BODY = 64 * 1024  # bytes: the largest request of this app is a few hundred bytes
 KEEP_SEEN = 4096  # sessions whose reading we remember
 
@@ -63,7 +64,7 @@ class Endpoint:
 @dataclass
 class Policy:
     allowed_hosts: set | None = None  # None: any Host header (the app is not bound to loopback)
-    client_slots: int = 4  # requests one client address may have queued or running
+    client_slots: int = DEFAULT_CLIENT_SLOTS
     reader_grace: float = 10.0  # seconds a job's results may go unread before it counts as abandoned
     max_body: int = MAX_BODY
 
