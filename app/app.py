@@ -325,6 +325,7 @@ def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16,
             button.click(**clear(mode))
             wire(button.click, mode, api_name=mode)
         for button, mode, (classes_, num_, seed_) in preset_buttons:
+            num_ = max(1, min(num_, max_cost // (len(classes_) * start["steps"])))  # within the cost cap
             values = [classes_, num_, seed_, start["cfg_scale"], start["sampler"], start["steps"]]
             button.click(**clear(mode))
             wire(button.click(None, None, [classes, num, seed, cfg_scale, sampler, steps],
