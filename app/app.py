@@ -26,6 +26,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 if __name__ == "__main__" and not __package__:  # `python app/app.py`: import the package app/, not this file
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +204,18 @@ def presets(gen: Generator) -> list:
 # ----------------------------------------------------------------------------- the app
 
 
+class Mode(NamedTuple):
+    """One endpoint of the page: its handler and inputs (components and names), its outputs (hidden galleries for
+    the API, the summary), the view the browser draws from them, and its tab."""
+    handler: object
+    inputs: list
+    names: tuple
+    galleries: list
+    summary: object
+    view: object
+    tab: str
+
+
 def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16,
               client_slots: int = guard.DEFAULT_CLIENT_SLOTS, max_cost: int = DEFAULT_MAX_COST,
               time_limit: float = DEFAULT_TIME_LIMIT, results_mb: float = DEFAULT_MAX_MB,
@@ -297,28 +310,27 @@ def build_app(gen: Generator, concurrency: int = 1, max_queue: int = 16,
                          for name in gen.decoder_names]
             return *galleries, compare_summary(gen, t), t
 
-        generate_outputs = [gallery, timings, details]
-        compare_outputs = [*compared, compare_table, details]
-        modes = {"generate": (on_generate, [*dit_inputs, decoder, decoder_steps], generate_outputs, view,
-                              [gallery], GENERATE_INPUTS, "generate-tab"),
-                 "compare": (on_compare, dit_inputs, compare_outputs, compare_view, compared, COMPARE_INPUTS,
-                             "compare-tab")}
+        modes = {"generate": Mode(on_generate, [*dit_inputs, decoder, decoder_steps], GENERATE_INPUTS, [gallery],
+                                  timings, view, "generate-tab"),
+                 "compare": Mode(on_compare, dit_inputs, COMPARE_INPUTS, compared, compare_table, compare_view,
+                                 "compare-tab")}
 
         def clear(mode):
             """A JS-only event: the results of `mode` cleared (at each new request, and with an error)."""
-            _, _, outputs, shown, galleries, _, _ = modes[mode]
-            empty = [[] for _ in galleries] + ["", None, page.EMPTY_VIEW]
-            return dict(fn=None, inputs=None, outputs=[*galleries, outputs[-2], details, shown],
+            m = modes[mode]
+            empty = [[] for _ in m.galleries] + ["", None, page.EMPTY_VIEW]
+            return dict(fn=None, inputs=None, outputs=[*m.galleries, m.summary, details, m.view],
                         js=page.set_values(empty))
 
         def wire(trigger, mode, api_name=None):
             """`mode`'s endpoint on `trigger` (a click, or a preset's .then), with its view drawn after it."""
-            handler, inputs, outputs, shown, galleries, names, tab = modes[mode]
-            run = trigger(handler, inputs, outputs, api_name=api_name, api_visibility="public" if api_name else
-                          "private", preprocess=False,  # the handlers (and validators) see the raw request values
-                          concurrency_id="model", validator=validator(gen, state, names), js=page.show_tab(tab),
-                          show_progress_on=[shown])
-            run.success(None, [*galleries, details], shown, js=page.VIEW_JS)
+            m = modes[mode]
+            run = trigger(m.handler, m.inputs, [*m.galleries, m.summary, details], api_name=api_name,
+                          api_visibility="public" if api_name else "private",
+                          preprocess=False,  # the handlers (and validators) see the raw request values
+                          concurrency_id="model", validator=validator(gen, state, m.names), js=page.show_tab(m.tab),
+                          show_progress_on=[m.view])
+            run.success(None, [*m.galleries, details], m.view, js=page.VIEW_JS)
             run.failure(**clear(mode))
 
         for button, mode in ((generate_button, "generate"), (compare_button, "compare")):

@@ -671,12 +671,14 @@ def test_browser_progress_seed_and_error_state(browser, served_app):
     set_number(page, "steps", 400)
     page.locator("#generate").click()
     texts = []
-    for _ in range(40):
-        level = page.locator("#view .progress-level")
-        if level.count():
-            texts.append(level.inner_text())
-            timer = page.locator("#view .meta-text")  # Gradio's timer, with its ETA from earlier requests
-            assert not timer.count() or not timer.first.is_visible()
+    for _ in range(40):  # read at once (the bar goes when the job ends): its text, and whether Gradio's timer, with
+        # its ETA from earlier requests, shows
+        text, timer = page.evaluate("""() => { const level = document.querySelector('#view .progress-level');
+            const timer = document.querySelector('#view .progress-text');
+            return [level ? level.innerText : null, !!timer && timer.checkVisibility()]; }""")
+        if text is not None:
+            texts.append(text)
+            assert not timer, text
         page.wait_for_timeout(250)
     steps = [int(t.split("DiT step ")[1].split("/")[0]) for t in texts if "DiT step" in t]
     assert steps and steps == sorted(steps) and len(set(steps)) >= 2, texts
