@@ -17,7 +17,7 @@ from tokenizer.common.downloads import RELEASED_SSDD, SSDD_REPO, SSDD_REVISION
 
 
 def use_hub_cache(monkeypatch, cache_dir) -> str:
-    """Point the Hub cache (and torch's, where files may also be placed by hand) at empty test folders; downloads off."""
+    """Point the Hub cache (and torch's, where files may be placed by hand) at test folders; downloads off."""
     cache_dir = str(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
