@@ -60,6 +60,7 @@ def put_release(cache_dir, name: str, seed: int = 0) -> str:
     state = model.state_dict()
     if encoder == "sdvae":
         state = {k: v for k, v in state.items() if k.startswith("decoder.")}
+    os.makedirs(str(cache_dir), exist_ok=True)
     tmp = os.path.join(str(cache_dir), "tmp-" + os.path.basename(file))
     save_file({k: v.contiguous() for k, v in state.items()}, tmp)
     link = put_in_hub_cache(cache_dir, SSDD_REPO, SSDD_REVISION, file, tmp)
