@@ -141,3 +141,16 @@ def test_a_tokenizer_without_known_scale_is_one_line(tmp_path):
                            scaling_factor=1.0)
     with torch.no_grad():
         assert kl.decode(torch.zeros(1, 4, 4, 4)).sample.shape == (1, 3, 32, 32)  # one deterministic pass
+
+
+def test_a_pipeline_with_the_vae_saves_and_loads_back(tmp_path):
+    vae = SSDDVAE.from_ssdd(SSDD(encoder="sdvae", decoder="XS"), steps=1).manual_seed(0)
+    DiTPipeline(transformer=small_dit(), vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["vae"] == ["tokenizer.diffusers_vae", "SSDDVAE"]
+    back = DiTPipeline.from_pretrained(tmp_path)  # imports this module for its vae, as for any custom component
+    assert isinstance(back.vae, SSDDVAE) and back.vae.default_steps == 1
+    z = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(back.vae.decode(z, generator=torch.Generator().manual_seed(1)).sample,
+                           vae.decode(z, generator=torch.Generator().manual_seed(1)).sample)
