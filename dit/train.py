@@ -30,6 +30,7 @@ from tokenizer.common.config import load_config
 from tokenizer.common.ema import EMA
 from tokenizer.common.errors import UserError, run_cli
 from tokenizer.common.runs import LossLog, default_run_name, save_grid
+from tokenizer.common.tracking import ImageLog
 from tokenizer.common.training import (
     build_optimizer,
     check_finite,
@@ -109,7 +110,7 @@ def sample_grid(tb, model, decoder, grid, cfg, arch: dict, shown: list, step: in
 def train(cfg):
     """The training loop. Returns the trained (unwrapped) model."""
     training = cfg.training
-    accelerator, out_dir = start_run(cfg, training.mixed_precision, training.grad_accumulate)
+    accelerator, out_dir = start_run(cfg, training.mixed_precision, training.grad_accumulate, project="dit")
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     # The tokenizer: its encoder hash picks (and checks) the cache, its decoder draws the sample grids.
@@ -149,7 +150,7 @@ def train(cfg):
     raw_model = accelerator.unwrap_model(model)
     modules = {"dit": raw_model, "dit_ema": ema.model}  # the files of a training state
     accelerator.init_trackers("tensorboard")
-    tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
+    tb = ImageLog(accelerator) if accelerator.is_main_process else None  # grids to every tracker of log_with
     loss_log = LossLog(out_dir, accelerator, training.log_freq) if accelerator.is_main_process else None
 
     # Sample grids: fixed classes and fixed noise (drawn on the CPU), so grids of different steps compare.

@@ -1,6 +1,11 @@
 """The checks of configs/ssdd.yaml (used by tokenizer.train and the evaluation scripts before any work): the rules
 both trainers share (tokenizer.common.validation.SHARED_RULES) plus the tokenizer's own keys."""
 
+import os
+
+from omegaconf import OmegaConf
+
+from tokenizer.common.downloads import released_architecture
 from tokenizer.common.errors import UserError
 from tokenizer.common.validation import (
     MAX_STEPS,
@@ -24,6 +29,20 @@ def _image_size_fits_encoder(cfg) -> None:
     if cfg.dataset.im_size % factor:
         raise UserError(f"dataset.im_size={cfg.dataset.im_size} must be a multiple of {factor} for encoder "
                         f"{cfg.ssdd.encoder} and the decoder")
+
+
+def _released_architecture(cfg) -> None:
+    """A released name in ssdd.checkpoint (F8C4_M_256, SDVAE_M_256, ...) sets ssdd.encoder, ssdd.decoder and the
+    released encoder width from the name; one in ssdd.encoder_checkpoint sets the encoder. (A run of that name in
+    ckpt_dir would win in resolve_checkpoint, so it is left alone.)"""
+    for key, parts in (("ssdd.encoder_checkpoint", ("encoder",)), ("ssdd.checkpoint", ("encoder", "decoder"))):
+        spec = OmegaConf.select(cfg, key)
+        arch = released_architecture(spec) if spec and not os.path.exists(str(spec)) else None
+        if arch is None or os.path.isdir(os.path.join(cfg.ckpt_dir, "jobs", str(spec).partition("@")[0])):
+            continue
+        for part in parts:
+            cfg.ssdd[part] = arch[part]
+        cfg.ssdd.encoder_base_channels = 128  # every released encoder (and SD-VAE's) is 128 wide
 
 
 def _encoder_name(v):
@@ -74,4 +93,5 @@ SSDD_CHECKS = trainer_checks({
     "eval.inception_weights": optional(existing_file),
     "eval.batch_size": integer(1),
     "show_samples": integer(1, 256),
-}, checkpoint_keys=("ssdd.checkpoint", "ssdd.encoder_checkpoint"), cross=(_image_size_fits_encoder,))
+}, checkpoint_keys=("ssdd.checkpoint", "ssdd.encoder_checkpoint"),
+   cross=(_released_architecture, _image_size_fits_encoder))

@@ -34,6 +34,7 @@ from tokenizer.common.runs import (
     save_grid,
     step_results_dir,
 )
+from tokenizer.common.tracking import ImageLog
 from tokenizer.common.training import (
     build_optimizer,
     check_finite,
@@ -180,7 +181,7 @@ def train(cfg):
     raw_model = accelerator.unwrap_model(model)
     modules = state_modules(raw_model, ema, aux, disc)
     accelerator.init_trackers("tensorboard")
-    tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
+    tb = ImageLog(accelerator) if accelerator.is_main_process else None  # grids to every tracker of log_with
     loss_log = LossLog(out_dir, accelerator, training.log_freq) if accelerator.is_main_process else None
     fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
     # Samples and evals show 1-step next to N-step decodes; a distilled student is judged at one step only.
