@@ -190,7 +190,8 @@ class LatentCache(Dataset):
         if self.starts[-1] != self.meta["images"]:
             raise UserError(f"latent cache {directory} is inconsistent: its shards hold {self.starts[-1]} images, "
                             f"cache.json says {self.meta['images']}")
-        self.labels = torch.cat([r.read("labels") for r in self.shards]) if self.shards else torch.zeros(0, dtype=torch.int64)
+        self.labels = (torch.cat([r.read("labels") for r in self.shards]) if self.shards
+                       else torch.zeros(0, dtype=torch.int64))
         self.flip = bool(self.meta["flip"])
         self.epoch = 0
 

@@ -39,18 +39,10 @@ import time
 
 import torch
 
+from dit.decoder_files import decoder_label, default_decoder_steps
 from dit.flow import METHODS
 from dit.hub import push_to_hub, read_results, write_hub_files
-from dit.pipeline import (
-    DECODER_FILE,
-    DIT_FILE,
-    INFO_FILE,
-    SAMPLE_DEFAULTS,
-    _json_field,
-    decoder_label,
-    default_decoder_steps,
-    load_dit,
-)
+from dit.pipeline import DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, load_dit
 from tokenizer.common.atomic import atomic_json, remove_stale_temporaries
 from tokenizer.common.checkpoint import file_record, read_metadata, save_weights
 from tokenizer.common.downloads import hub_repo_id

@@ -14,6 +14,7 @@ RNG, resumable batches, finite-loss guard, checkpoints; tokenizer.common.runs: r
 tokenizer.common.ema: the EMA), so a fix to resume, logging or checkpointing is made once.
 """
 
+import functools
 import json
 import os
 import sys
@@ -78,7 +79,8 @@ def build_model(cfg, num_classes: int, latent_shape) -> torch.nn.Module:
 
 
 def grid_classes(cfg, num_classes: int) -> list:
-    classes = list(cfg.sample.grid_classes) if cfg.sample.grid_classes is not None else list(range(min(num_classes, 10)))
+    classes = (list(cfg.sample.grid_classes) if cfg.sample.grid_classes is not None
+               else list(range(min(num_classes, 10))))
     bad = [c for c in classes if not 0 <= int(c) < num_classes]
     if bad:
         raise UserError(f"sample.grid_classes {bad} outside the model's classes 0..{num_classes - 1}")
@@ -182,9 +184,9 @@ def train(cfg):
                 # Label dropout for CFG from the step's generator (not the global RNG): resume stays exact.
                 drop = (torch.rand(x.shape[0], generator=gen, device=device) < cfg.model.class_dropout_prob).long()
                 with accelerator.autocast():
-                    loss = training_loss(lambda xt, tt, yy: model(xt, tt, yy, force_drop_ids=drop), x, y,
-                                         generator=gen, t_kind=cfg.flow.t_kind, t_mean=cfg.flow.t_mean,
-                                         t_std=cfg.flow.t_std, t_shift=cfg.flow.t_shift)
+                    loss = training_loss(functools.partial(model, force_drop_ids=drop), x, y, generator=gen,
+                                         t_kind=cfg.flow.t_kind, t_mean=cfg.flow.t_mean, t_std=cfg.flow.t_std,
+                                         t_shift=cfg.flow.t_shift)
                 total = accelerator.reduce(loss.detach(), "sum")
                 check_finite(total, step)
                 accelerator.backward(loss)

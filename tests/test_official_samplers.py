@@ -9,7 +9,7 @@ import torch
 
 from dit import diffusion, sit
 from dit.diffusion import DiscreteSchedule, linear_betas, space_timesteps
-from dit.flow import cfg_combine
+from dit.guidance import cfg_combine
 from tokenizer import UserError
 
 # ---------------------------------------------------------------------------------------------- DiT: schedule
