@@ -29,13 +29,13 @@ Schedules are computed in float64 and applied to float32 latents, as DiT does.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.guidance import guided_output
+from dit.guidance import ModelFn, guided_output
 from dit.noise import step_randn
 from tokenizer.common.errors import UserError
 
@@ -134,9 +134,6 @@ class DiscreteSchedule:
 def _f32(value) -> float:
     """A float64 schedule entry rounded to float32, as DiT extracts its coefficients into float32 tensors."""
     return float(np.float32(value))
-
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()

@@ -27,15 +27,13 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from dit.guidance import guided_velocity
+from dit.guidance import ModelFn, guided_velocity
 from dit.noise import step_randn
 from dit.solvers import ode_step
 from tokenizer.common.errors import UserError
 from tokenizer.flow import flow_matching_loss, noisy_input, sample_t, time_grid
 
 __all__ = ["training_loss", "guided_velocity", "sample", "METHODS"]
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 METHODS = ("euler", "heun", "sde")
 

@@ -31,12 +31,12 @@ t = 1 - s (t = 1 pure noise), so it means the same for every model family.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from dit.guidance import guided_velocity
+from dit.guidance import ModelFn, guided_velocity
 from dit.noise import step_randn
 from dit.solvers import dopri5, ode_step
 from tokenizer.common.errors import UserError
@@ -46,8 +46,6 @@ __all__ = ["sample", "METHODS", "dopri5"]
 METHODS = ("sde", "ode", "euler", "heun")
 LAST_STEP_SIZE = 0.04  # SiT's default "Mean" last step
 ATOL, RTOL = 1e-6, 1e-3  # SiT's ODE defaults
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
