@@ -16,6 +16,7 @@ import os
 
 from tokenizer.common.checkpoint import read_header
 from tokenizer.common.errors import UserError
+from tokenizer.pretrained import resolve_pretrained
 from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout, read_state_file
 from tokenizer.ssdd import SSDD
 
@@ -87,6 +88,7 @@ def load_decoder_spec(spec, latent_channels: int, what: str, sdvae_latents: bool
         if not sdvae_latents:
             raise UserError(f"{what} does not make SD-VAE latents, so the SD-VAE decoder cannot decode them")
         return load_sdvae_decoder(text.partition(":")[2] or DEFAULT_SDVAE)
+    text = resolve_pretrained(text) or text  # a released facebook/SSDD name -> its file in the Hugging Face cache
     return load_decoder(text.removeprefix("ssdd:"), latent_channels, what, sdvae_latents, encoder_sha256)
 
 

@@ -333,6 +333,10 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
         decoder = [decoder]
     if path is not None and is_official_spec(path):
         return load_official_generator(path, device, decoder)
+    if path is not None:
+        from dit.hub import resolve_generator  # imported here: dit.hub builds on this module
+
+        path = resolve_generator(path) or path  # a Hugging Face repository id -> its folder in the cache
     path = Path(path) if path is not None else BUNDLE_DIR
     info, entries = {}, None
     if path.is_dir():

@@ -86,7 +86,8 @@ def test_a_hub_repository_id_loads_through_the_cache_offline(exported, tmp_path,
     folder = resolve_generator("tester/dit-tiny")
     assert folder.endswith(os.path.join("snapshots", REVISION))
     assert resolve_generator(f"hf:tester/dit-tiny@{REVISION}") == folder
-    from_hub, local = load_generator(folder, device="cpu"), load_generator(str(exported), device="cpu")
+    # load_generator (and so generate.py --ckpt and the app) takes the repository id itself
+    from_hub, local = load_generator("tester/dit-tiny", device="cpu"), load_generator(str(exported), device="cpu")
     a, _ = from_hub.generate([7, 9], num=2, seed=3)
     b, _ = local.generate([7, 9], num=2, seed=3)
     assert torch.equal(a, b) and from_hub.decoder_names == local.decoder_names
