@@ -321,7 +321,8 @@ class ImageFolderDataset(Dataset):
         limit = _check_limit(limit)
         keep = select([t for _, t in samples], limit, subset)
         self.samples = [samples[i] for i in keep]
-        relative = [os.path.relpath(p, root) for p, _ in self.samples]
+        prefix = len(os.path.join(str(root), ""))  # the listing's paths all start with it
+        relative = [p[prefix:] for p, _ in self.samples]
         fp = fingerprint(self.classes, [(r, sizes[i]) for r, i in zip(relative, keep)])
         unreadable, seconds = [], None
         if check_files:
