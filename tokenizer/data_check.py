@@ -85,10 +85,11 @@ def list_image_folder(root: str, split: str, allow_empty_classes: bool = False):
     if not samples:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir}; {FOLDER_LAYOUT}")
     if empty and not allow_empty_classes:
-        them = "it" if len(empty) == 1 else "them"
-        raise UserError(f"{len(empty)} of the {len(classes)} class folders in {split_dir} "
-                        f"{'holds' if len(empty) == 1 else 'hold'} no images: {_names(empty)}; remove {them}, or set "
-                        f"dataset.allow_empty_classes=true to keep {them} as classes without images")
+        one = len(empty) == 1
+        them, holds, kind = ("it", "holds", "a class") if one else ("them", "hold", "classes")
+        raise UserError(f"{len(empty)} of the {len(classes)} class folders in {split_dir} {holds} no images: "
+                        f"{_names(empty)}; remove {them}, or set dataset.allow_empty_classes=true to keep {them} as "
+                        f"{kind} without images")
     return classes, samples, sizes
 
 
