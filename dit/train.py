@@ -45,6 +45,8 @@ from tokenizer.common.training import (
     train_loader,
 )
 from tokenizer.common.validation import check_config
+from tokenizer.data import identify
+from tokenizer.data_check import banner, check_run_data, write_run_data
 
 
 def dit_architecture(cfg, cache: LatentCache) -> dict:
@@ -118,7 +120,12 @@ def train(cfg):
     # The tokenizer: its encoder hash picks (and checks) the cache, its decoder draws the sample grids.
     tokenizer, tok_ckpt = load_tokenizer(cfg)
     z_stats = read_z_stats(cfg, tok_ckpt)
-    cache = LatentCache.open(cfg, tokenizer.encoder_sha256(), tok_ckpt)
+    # The data the config names (listed, not read) picks the cache: a cache of other data is refused.
+    cache = LatentCache.open(cfg, tokenizer.encoder_sha256(), tok_ckpt, identify(cfg.dataset, cfg.dataset.split))
+    data = {"train": cache.meta["data"], "cache": cache.dir}  # the run's data.json
+    if accelerator.is_main_process:
+        print(banner(cache.meta["data"], f"data (latent cache {cache.dir})"))
+    check_run_data(out_dir, {"train": cache.meta["data"]})
     if abs(cache.meta["z_mean"] - z_stats["z_mean"]) > 1e-6 or abs(cache.meta["z_std"] - z_stats["z_std"]) > 1e-6:
         raise UserError(f"latent cache {cache.dir} was normalised with z_mean={cache.meta['z_mean']:.5f}, "
                         f"z_std={cache.meta['z_std']:.5f} but {z_stats['path']} now says {z_stats['z_mean']:.5f}, "
@@ -147,6 +154,8 @@ def train(cfg):
     ckpt_root = os.path.join(out_dir, "checkpoints")
     state = resume_run(accelerator, cfg, out_dir, {"dit": model, "dit_ema": ema.model}, optimizer)
     step = state["step"] if state is not None else 0
+    if accelerator.is_main_process:
+        write_run_data(out_dir, data)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)

@@ -158,7 +158,8 @@ def test_eval_and_z_stats_tasks(tmp_path):
     from tokenizer.data import FashionMNIST
 
     model = SSDD.from_checkpoint(str(ckpt_dir / "model_ae_ema.safetensors")).eval()
-    x = torch.stack([FashionMNIST("test")[i][0] for i in range(48)])
+    val = FashionMNIST("test", limit=48)  # the class-balanced subset dataset.limit=48 takes
+    x = torch.stack([val[i][0] for i in range(48)])
     with torch.no_grad():
         z = model.encode(x).mode().double()
     assert stats["z_mean"] == pytest.approx(float(z.mean()), rel=1e-6, abs=1e-9)

@@ -20,8 +20,29 @@ from tokenizer.common.validation import (
     text,
     trainer_checks,
 )
+from tokenizer.data import dataset_kind
+from tokenizer.data_check import SUBSETS
 from tokenizer.decoder import ATTENTION_MODES, DECODER_SIZES
 from tokenizer.encoder import parse_encoder_name
+
+# The data keys both trainers add to the shared rules (tokenizer.data, tokenizer.data_check).
+DATASET_RULES = {
+    "dataset.subset": choice(*SUBSETS),
+    "dataset.allow_empty_classes": boolean,
+    "dataset.check_files": boolean,
+    "dataset.skip_unreadable": boolean,
+}
+
+
+def read_given_root(cfg) -> None:
+    """A dataset.root the user gives is read or refused: one holding an image folder is read as one even under
+    dataset.name=fmnist (the name is set to imagefolder, and the config saved with the run says so); one holding
+    neither an image folder nor Fashion-MNIST's files stops the run (tokenizer.data.dataset_kind)."""
+    kind = dataset_kind(cfg.dataset)
+    if kind != cfg.dataset.name:
+        print(f"dataset.root={cfg.dataset.root} holds an image folder: reading it with dataset.name={kind} (the "
+              f"config said {cfg.dataset.name}), at dataset.im_size={cfg.dataset.im_size}")
+        cfg.dataset.name = kind
 
 
 def _image_size_fits_encoder(cfg) -> None:
@@ -59,6 +80,7 @@ SSDD_CHECKS = trainer_checks({
     "dataset.im_size": integer(8, 8192),
     "dataset.batch_size": integer(1),
     "dataset.aug_scale": optional(number(lo=1)),
+    **DATASET_RULES,
     "ssdd.compile": boolean,
     "ssdd.channels_last": boolean,
     "ssdd.attention": choice(*ATTENTION_MODES),
@@ -94,4 +116,4 @@ SSDD_CHECKS = trainer_checks({
     "eval.batch_size": integer(1),
     "show_samples": integer(1, 256),
 }, checkpoint_keys=("ssdd.checkpoint", "ssdd.encoder_checkpoint"),
-   cross=(_released_architecture, _image_size_fits_encoder))
+   cross=(read_given_root, _released_architecture, _image_size_fits_encoder))

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from tokenizer.common.errors import UserError
 from tokenizer.common.runs import resolve_checkpoint, save_grid
 from tokenizer.common.training import make_accelerator
-from tokenizer.data import build_dataset
+from tokenizer.data import build_dataset, take_subset
 from tokenizer.ssdd import SSDD
 
 
@@ -59,8 +59,8 @@ def reconstruct_split(cfg, accelerator, model: SSDD, dataset, steps: int, limit=
     """
     from tokenizer.metrics import ReconstructionMetrics
 
-    if limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    # a class-balanced subset by default (dataset.subset), the same for every process count
+    dataset = take_subset(dataset, limit, OmegaConf.select(cfg, "dataset.subset", default="balanced"))
     # accelerate shards the split and gather_for_metrics drops the padding of the last batch: every image counts once
     loader = accelerator.prepare(DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.dataset.num_workers))
     metrics = ReconstructionMetrics(accelerator.device, lpips=cfg.eval.lpips, lpips_weights_path=cfg.eval.lpips_weights,
