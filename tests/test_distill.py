@@ -1,12 +1,12 @@
-"""Single-step distillation (docs/ARCHITECTURE.md §6): the student learns the teacher's noise -> x_T map, and a distilled
-checkpoint records that it is a one-step decoder."""
+"""Single-step distillation (docs/ARCHITECTURE.md §6): the student learns the teacher's noise -> x_T map, and a
+distilled checkpoint records that it is a one-step decoder."""
 
 import copy
 import os
 
 import pytest
 import torch
-from test_train import TINY
+from helpers import TINY
 
 from tokenizer import SSDD
 from tokenizer.common.checkpoint import read_weights, save_weights

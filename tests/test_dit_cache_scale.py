@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, make_tokenizer, tiny_args
 from safetensors.torch import load_file
 
 from dit.cache import BUILD_FILE, LatentCache, prepare_partial
@@ -103,8 +103,9 @@ def test_half_precision_cache(reference, capsys, one_thread):
     assert cache_main(build_args(tok, tmp, "bf16", "cache.dtype=bfloat16")) == 0
     capsys.readouterr()
     half, full = LatentCache(str(tmp / "bf16")), LatentCache(str(directory))
-    assert half.meta["dtype"] == "bfloat16" and load_file(tmp / "bf16" / "shard_00000.safetensors")["latents"].dtype == torch.bfloat16
-    assert os.path.getsize(tmp / "bf16" / "shard_00000.safetensors") < 0.6 * os.path.getsize(directory / "shard_00000.safetensors")
+    half_shard, full_shard = tmp / "bf16" / "shard_00000.safetensors", directory / "shard_00000.safetensors"
+    assert half.meta["dtype"] == "bfloat16" and load_file(half_shard)["latents"].dtype == torch.bfloat16
+    assert os.path.getsize(half_shard) < 0.6 * os.path.getsize(full_shard)
     for j in (0, 1, 13, 39):
         z, y = half[j]
         assert z.dtype == torch.float32 and torch.equal(z, full[j][0].to(torch.bfloat16).float()) and y == full[j][1]

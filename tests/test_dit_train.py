@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, make_tokenizer, tiny_args
 from safetensors.torch import load_file
 
 from dit.cache import main as cache_main

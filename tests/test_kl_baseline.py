@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train import TINY, losses
+from helpers import TINY, losses
 
 from tokenizer import SSDD, UserError
 from tokenizer.common.checkpoint import save_weights

@@ -1,19 +1,13 @@
 """sample/reconstruct.py: a bundled 256-px photo through a (random, small) tokenizer, and its error paths."""
 
-import importlib.util
-import os
 
 import pytest
 import torch
 from PIL import Image
 
+from sample import reconstruct
 from tokenizer import SSDD
 from tokenizer.common.checkpoint import save_weights
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("reconstruct", os.path.join(ROOT, "sample", "reconstruct.py"))
-reconstruct = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reconstruct)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,8 @@ def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_
 def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
     """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
     and create the directory. The accelerator logs to TensorBoard there. Nothing of an existing run is changed
-    yet: `record_start` writes config.yaml once the trainer knows the run can go on (tokenizer.common.training.resume_run)."""
+    yet: `record_start` writes config.yaml once the trainer knows the run can go on
+    (tokenizer.common.training.resume_run)."""
     out_dir = run_dir(cfg.ckpt_dir, cfg.run_name)
     accelerator = make_accelerator(mixed_precision, grad_accumulate, log_dir=out_dir)
     if accelerator.is_main_process:

@@ -1,5 +1,7 @@
-"""Shared stand-ins for the DiT tests: a tiny randomly initialised tokenizer (with its z_stats.json) and the
-config overrides that make dit.cache / dit.train run in seconds on a CPU."""
+"""Helpers shared by the test files (no test file imports another): the repository root, the tiny tokenizer-training
+overrides, and stand-ins for the DiT tests (a tiny randomly initialised tokenizer with its z_stats.json, a random DiT,
+a KL-VAE decoder, a generator bundle, and the config overrides that make dit.cache / dit.train run in seconds on a
+CPU). Pytest fixtures live in conftest.py."""
 
 import json
 import os
@@ -8,8 +10,17 @@ import torch
 
 from tokenizer import SSDD
 from tokenizer.common.checkpoint import save_weights
+from tokenizer.common.runs import read_loss_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny model so CPU runs take seconds: 32-wide encoder, XS decoder, 32-px Fashion-MNIST.
+TINY = ["config=configs/fmnist.yaml", "ssdd.encoder_base_channels=32", "dataset.batch_size=16",
+        "training.eval_images=32", "training.sample_every=1000", "training.log_freq=5", "eval.batch_size=32"]
+
+
+def losses(run_dir):
+    """Last logged loss per step of a tokenizer run."""
+    return {step: r["loss"] for step, r in read_loss_log(str(run_dir)).items()}
 
 
 def make_tokenizer(directory, seed=0, z_mean=0.1, z_std=0.5) -> str:
