@@ -102,6 +102,7 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_api_generate_and_compare_with_gradio_client(served, standin):
     from gradio_client import Client
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from eval.decoder_quality import main
@@ -16,6 +17,7 @@ def stand_in(path, **kw):
     return str(path)
 
 
+@pytest.mark.slow
 def test_quality_table_end_to_end(tmp_path, capsys):
     ssdd = stand_in(tmp_path / "ssdd.safetensors", decoder="XS")
     kl = stand_in(tmp_path / "kl.safetensors", decoder="kl", kl_base_channels=32)

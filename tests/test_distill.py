@@ -30,6 +30,7 @@ def fixed_batch(n=8):
     return torch.stack([data[i][0] for i in range(n)])
 
 
+@pytest.mark.slow
 def test_distillation_step_moves_student_towards_teacher():
     teacher, x = perturbed_teacher(), fixed_batch()
     z, noise, x_teacher = distillation_targets(teacher, x, steps=7, generator=torch.Generator().manual_seed(0))

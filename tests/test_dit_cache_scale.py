@@ -71,6 +71,7 @@ class InMemoryCache(torch.utils.data.Dataset):
         return (self.latents_flip if flipped else self.latents)[i], int(self.labels[i])
 
 
+@pytest.mark.slow
 def test_reader_gives_the_batches_of_a_full_load(reference):
     tmp, tok, directory = reference
     meta = json.load(open(directory / "cache.json"))
@@ -97,6 +98,7 @@ def test_reader_gives_the_batches_of_a_full_load(reference):
         cache[40]
 
 
+@pytest.mark.slow
 def test_half_precision_cache(reference, capsys, one_thread):
     tmp, tok, directory = reference
     os.chdir(ROOT)
@@ -111,6 +113,7 @@ def test_half_precision_cache(reference, capsys, one_thread):
         assert z.dtype == torch.float32 and torch.equal(z, full[j][0].to(torch.bfloat16).float()) and y == full[j][1]
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_a_one_line_error(reference, tmp_path):
     _, _, directory = reference
     copy = tmp_path / "copy"

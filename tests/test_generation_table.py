@@ -31,6 +31,7 @@ def classifier(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_generation_table_rows_speedups_and_samples(bundle, classifier, tmp_path):
     out = str(tmp_path / "t")
     before = torch.get_num_threads()
@@ -97,6 +98,7 @@ def test_generation_table_errors_are_one_line(bundle, capsys):
     assert err.startswith("error:") and "offers" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_sampling_speed_computes_pipelines_and_both_readings(tmp_path):
     out = str(tmp_path / "s")
     assert sampling_speed.main(["--dits", "f8c4:DiT-S/2", "f16c16:DiT-S/2", "--decoders", "XS:1", "XS:2", "kl",

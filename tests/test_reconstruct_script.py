@@ -19,6 +19,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_bundled_photo_at_256(ckpt, tmp_path, capsys):
     out = str(tmp_path / "rec.png")
     assert reconstruct.main(["--ckpt", ckpt, "--image", "chelsea", "--steps", "1", "2", "--out", out]) == 0

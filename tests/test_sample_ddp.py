@@ -74,6 +74,7 @@ def test_per_sample_noise_does_not_depend_on_batching(bundle):
     assert torch.equal(first[2:], half(x[2:])) and not torch.equal(first, whole(x))  # next draw: next step's noise
 
 
+@pytest.mark.slow
 def test_samples_npz_labels_resume_and_settings(bundle, tmp_path, capsys):
     out = tmp_path / "s"
     assert run("--ckpt", bundle, "--num-fid-samples", 7, "--per-proc-batch-size", 3, "--out", out) == 0

@@ -69,6 +69,7 @@ def test_the_run_machinery_imports_nothing_outside_itself_and_has_no_cycle():
     assert not cycles, f"import cycle through {cycles}"
 
 
+@pytest.mark.slow
 def test_importing_the_machinery_loads_no_model_code():
     modules = sorted("tokenizer.common." + f[:-3] for f in os.listdir(MACHINERY) if f.endswith(".py"))
     code = (f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules "
@@ -82,6 +83,7 @@ def test_importing_the_machinery_loads_no_model_code():
     assert out.stdout.strip() == "False True"
 
 
+@pytest.mark.slow
 def test_importing_the_cache_loads_neither_trainer_nor_gan():
     code = ("import dit.cache, sys; "
             "print(sorted(m for m in ('tokenizer.train', 'tokenizer.losses') if m in sys.modules))")

@@ -110,6 +110,7 @@ def test_corrupt_image_in_dataset_is_reported_by_name(tmp_path, capsys):
     assert rc == 2 and last.startswith("error:") and "broken.png" in last and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_exits_with_key_list(tmp_path):
     from tokenizer import SSDD
     from tokenizer.common.checkpoint import save_weights
