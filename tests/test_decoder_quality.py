@@ -46,6 +46,7 @@ def test_bad_entry_is_a_one_line_error(tmp_path, capsys):
     assert "name=checkpoint:steps" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_append_adds_rows_and_refuses_another_split(tmp_path):
     ssdd = stand_in(tmp_path / "ssdd.safetensors", decoder="XS")
     out = str(tmp_path / "q")
