@@ -6,7 +6,6 @@ Cases cover every config knob kind (types, ranges, choices, paths), resumes that
 the scripts' arguments (counts, steps, sizes, seeds, guidance scales, devices, output places, memory limits).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,29 +13,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, TINY, make_folder, make_tokenizer, tiny_args
 from PIL import Image
-from test_train import TINY
-from test_your_data import make_folder
 
 import tokenizer.common.devices as devices
 from dit.cache import main as cache_main
 from dit.export import main as export_main
 from dit.pipeline import BUNDLE_DIR, DECODER_FILE, DIT_FILE, INFO_FILE
 from dit.train import main as dit_main
+from sample import generate, reconstruct, sample_ddp
 from tokenizer import SSDD
 from tokenizer.common.checkpoint import file_record, read_weights, save_weights
 from tokenizer.train import main as tok_main
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "sample", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate, reconstruct, sample_ddp = load_script("generate"), load_script("reconstruct"), load_script("sample_ddp")
 ENTRIES = {"tokenizer.train": tok_main, "dit.train": dit_main, "dit.cache": cache_main, "dit.export": export_main,
            "generate": generate.main, "reconstruct": reconstruct.main, "sample_ddp": sample_ddp.main}
 
@@ -258,7 +247,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(ctx, case, capsys,
     # memory limits depend on the machine: pretend every machine has 16 GiB free, so each case is decided alike
     monkeypatch.setattr(devices, "available_memory", lambda device="cpu": 16 * 2**30)
     entry, args = make(ctx)
-    kept = [ctx.root / "tok", ctx.root / "dit", ctx.root / "garbled_dit", ctx.root / "nan", ctx.root / "other", BUNDLE_DIR]
+    kept = [*(ctx.root / name for name in ("tok", "dit", "garbled_dit", "nan", "other")), BUNDLE_DIR]
     before = snapshot(*kept)
     rc, err = run_case(ctx, entry, args, capsys)
     lines = [line for line in err.strip().splitlines() if line.strip()]

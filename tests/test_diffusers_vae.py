@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from dit_fixtures import make_tokenizer
+from helpers import make_tokenizer
 from hub_fixtures import put_release, use_hub_cache
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra: pip install '.[diffusers]'")

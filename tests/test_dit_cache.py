@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, make_tokenizer, tiny_args
 from PIL import Image
 
 from dit.cache import LatentCache

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import yaml
-from dit_fixtures import make_dit, make_tokenizer
+from helpers import make_dit, make_tokenizer
 from hub_fixtures import put_in_hub_cache, use_hub_cache
 
 from dit.export import main as export_main

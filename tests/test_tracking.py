@@ -62,7 +62,7 @@ def test_wandb_missing_is_one_line(monkeypatch):
 
 @pytest.mark.slow
 def test_dit_trainer_logs_to_wandb_only(wandb_offline):
-    from dit_fixtures import ROOT, make_tokenizer, tiny_args
+    from helpers import ROOT, make_tokenizer, tiny_args
 
     from dit.cache import main as cache_main
     from dit.train import main as train_main

@@ -10,10 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import CLASSES, ROOT, TINY, make_folder, make_tokenizer, tiny_args
 from omegaconf import OmegaConf
-from PIL import Image
-from test_train import TINY
 
 from dit.cache import main as cache_main
 from dit.config_checks import DIT_CHECKS
@@ -28,30 +26,6 @@ from tokenizer.data import FashionMNIST, ImageFolderDataset, build_dataset, take
 from tokenizer.data_check import select
 from tokenizer.evaluation import reconstruct_split
 from tokenizer.train import main as tok_main
-
-CLASSES = ["cat", "dog", "fox", "owl"]
-
-
-def make_folder(root, classes=CLASSES, train=8, val=16, empty=None, corrupt=None, truncated=None):
-    """root/{train,val}/<class>/NNN.{png,JPEG}: class c is filled with grey level 40 + 50 c (so an image tells its
-    class), alternate files PNG and JPEG of a few sizes; optionally an empty class folder, a file of random bytes
-    named `corrupt` and a JPEG `truncated` to half its bytes (both relative to train/)."""
-    for split, n in (("train", train), ("val", val)):
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                size = (40 + 4 * (i % 3), 36 + 2 * (i % 2))
-                ext = "png" if i % 2 else "JPEG"
-                Image.new("RGB", size, (40 + 50 * c,) * 3).save(folder / f"{i:03d}.{ext}")
-        if empty:
-            (root / split / empty).mkdir(parents=True, exist_ok=True)
-    if corrupt:
-        (root / "train" / corrupt).write_bytes(np.random.default_rng(1).integers(0, 256, 600, np.uint8).tobytes())
-    if truncated:
-        path = root / "train" / truncated
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    return root
 
 
 def snapshot(*roots) -> dict:

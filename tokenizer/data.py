@@ -123,7 +123,7 @@ def _read_package_files(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]
     labels = _parse_idx(lbl_path, _IDX_LABELS_MAGIC, 1)
     if images.shape[1:] != (28, 28):
         raise UserError(f"Fashion-MNIST file {img_path} holds {images.shape[1]}x{images.shape[2]} images, "
-                        f"expected 28x28")
+                        "expected 28x28")
     if len(images) != len(labels):
         raise UserError(f"Fashion-MNIST files disagree: {img_path} has {len(images)} images but {lbl_path} has "
                         f"{len(labels)} labels")

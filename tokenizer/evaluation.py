@@ -1,8 +1,9 @@
 """An SSDD model from a tokenizer config, and the reconstruction of a split with the official protocol.
 
 Used by the trainer's in-training evaluation, `task=eval`, and the evaluation scripts in eval/. The protocol
-(docs/ARCHITECTURE.md §10): fixed noise (a generator seeded with the process index: seed 0 on one process), originals and reconstructions quantised to 8 bits,
-PSNR over the whole set, SSIM per image, AlexNet LPIPS and rFID when their weights exist.
+(docs/ARCHITECTURE.md §10): fixed noise (a generator seeded with the process index: seed 0 on one process),
+originals and reconstructions quantised to 8 bits, PSNR over the whole set, SSIM per image, AlexNet LPIPS and rFID
+when their weights exist.
 """
 
 import torch
@@ -62,7 +63,8 @@ def reconstruct_split(cfg, accelerator, model: SSDD, dataset, steps: int, limit=
     # a class-balanced subset by default (dataset.subset), the same for every process count
     dataset = take_subset(dataset, limit, OmegaConf.select(cfg, "dataset.subset", default="balanced"))
     # accelerate shards the split and gather_for_metrics drops the padding of the last batch: every image counts once
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.dataset.num_workers))
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.dataset.num_workers)
+    loader = accelerator.prepare(loader)
     metrics = ReconstructionMetrics(accelerator.device, lpips=cfg.eval.lpips, lpips_weights_path=cfg.eval.lpips_weights,
                                     fid=cfg.eval.fid, inception_weights_path=cfg.eval.inception_weights)
     g = torch.Generator(accelerator.device).manual_seed(accelerator.process_index)

@@ -5,8 +5,8 @@
     z = model.encode(x).mode()                 # x: (B, 3, H, W) in [-1, 1] -> z: (B, 4, H/8, W/8)
     x_rec = model.decode(z, steps=8)           # Euler on the (1 - i/N)^2 grid, from fixed or fresh noise
 
-The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so those
-load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
+The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so
+those load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
 the same API. Files written by this project also carry the architecture in their safetensors metadata, so
 `SSDD.from_checkpoint(path)` rebuilds the right model without being told.
 
@@ -192,7 +192,8 @@ class SSDD(nn.Module):
         if layout is not None:  # SD-VAE itself: its decoder is the KL-VAE one
             if not self.is_kl or self.encoder_name != SDVAE_ENCODER:
                 raise UserError(f"{path} is an SD-VAE autoencoder ({layout} layout): load it as "
-                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae model")
+                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae "
+                                "model")
             state = from_layout(state, self.state_dict())
             check_state_dict(self, state, path, what)
             self.load_state_dict(state, strict=True)
@@ -266,14 +267,15 @@ class SSDD(nn.Module):
         """Build from the `ssdd:` section of a YAML file (path) or mapping, as the official `SSDD.build`.
 
         Keys used: encoder, decoder, encoder_base_channels, kl_base_channels, encoder_checkpoint, encoder_train,
-        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile, ema) are ignored.
+        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile,
+        ema) are ignored.
         """
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(config) if isinstance(config, str) else OmegaConf.create(config)
         cfg = OmegaConf.to_container(cfg.get("ssdd", cfg), resolve=True)
-        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint", "encoder_train", "fm_trainer",
-                "fm_sampler", "attention", "checkpoint")
+        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint",
+                "encoder_train", "fm_trainer", "fm_sampler", "attention", "checkpoint")
         kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
         if checkpoint is not None:
             kwargs["checkpoint"] = checkpoint
@@ -288,7 +290,8 @@ class SSDD(nn.Module):
         """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder factor -> posterior over (B, C, H/F, W/F)."""
         self._fetch_sdvae_encoder()
         if not self.has_encoder:
-            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not encode images")
+            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not "
+                            "encode images")
         f = self.patch_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] % f or x.shape[-2] % f:
             raise UserError(f"encode expects (B, 3, H, W) with H, W multiples of {f}, got {tuple(x.shape)}")

@@ -2,7 +2,7 @@
 
     accelerate launch -m tokenizer.train config=configs/fmnist.yaml run_name=fmnist     # train (resumes if it exists)
     accelerate launch -m tokenizer.train task=eval ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=1
-    accelerate launch -m tokenizer.train distill_teacher=true ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=7  # 1-step student
+    accelerate launch -m tokenizer.train distill_teacher=true ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=7  # student
     python -m tokenizer.train task=z_stats ssdd.checkpoint=fmnist
 
 Every knob is in configs/ssdd.yaml (checked before any work: tokenizer.common.validation). A run lives in
@@ -64,11 +64,13 @@ EVAL_FILE = "eval_training.json"  # the in-training evaluation of a step, in <ru
 
 
 def build_teacher(cfg) -> SSDD:
-    """The frozen multi-step teacher of distillation: the model of `ssdd.checkpoint`, never checkpointed (docs/ARCHITECTURE.md §6)."""
+    """The frozen multi-step teacher of distillation: the model of `ssdd.checkpoint`, never checkpointed
+    (docs/ARCHITECTURE.md §6)."""
     if not cfg.ssdd.checkpoint:
         raise UserError("distill_teacher=true needs ssdd.checkpoint=<file or run_name> of the multi-step teacher")
     if cfg.ssdd.decoder == "kl":
-        raise UserError("distill_teacher=true distils a diffusion decoder; the KL-VAE (ssdd.decoder=kl) has one step already")
+        raise UserError("distill_teacher=true distils a diffusion decoder; the KL-VAE (ssdd.decoder=kl) has one step "
+                        "already")
     return model_from_config(cfg).eval().requires_grad_(False)
 
 
@@ -278,7 +280,8 @@ def train(cfg):
             bar.update(1)
 
             if accelerator.is_main_process:
-                record = {"step": step, "loss": float(total) / world, **{k: float(v.detach()) for k, v in losses.items()}}
+                record = {"step": step, "loss": float(total) / world,
+                          **{k: float(v.detach()) for k, v in losses.items()}}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 if loss_log.write(record, force=step == plan.total_steps):
@@ -308,7 +311,8 @@ def task_eval(cfg):
         print(banner(dataset.identity))
     steps = cfg.eval.steps or cfg.ssdd.fm_sampler.steps
     out_dir = results_dir(checkpoint)
-    result = reconstruct_split(cfg, accelerator, model, dataset, steps, grid_path=os.path.join(out_dir, f"eval_{steps}steps.png"))
+    grid_path = os.path.join(out_dir, f"eval_{steps}steps.png")
+    result = reconstruct_split(cfg, accelerator, model, dataset, steps, grid_path=grid_path)
     if accelerator.is_main_process:
         result = {"checkpoint": checkpoint, "steps": steps, "split": cfg.eval.split,
                   "im_size": cfg.dataset.im_size, **result, "data": dataset.identity}
@@ -319,7 +323,8 @@ def task_eval(cfg):
 
 
 def task_z_stats(cfg):
-    """Scalar mean and (unbiased) std of `.mode()` latents over the eval split, in float64; saved beside the checkpoint."""
+    """Scalar mean and (unbiased) std of `.mode()` latents over the eval split, in float64; saved beside the
+    checkpoint."""
     spec = cfg.ssdd.checkpoint or cfg.ssdd.encoder_checkpoint
     if not spec:
         raise UserError("task=z_stats needs ssdd.checkpoint= or ssdd.encoder_checkpoint=")

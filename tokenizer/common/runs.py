@@ -139,7 +139,8 @@ def drop_partial_line(path: str) -> None:
 
 
 def read_loss_log(run_directory: str) -> dict:
-    """{step: record} from a run's losses.jsonl, keeping a step's last record (a resumed run logs re-done steps again)."""
+    """{step: record} from a run's losses.jsonl, keeping a step's last record (a resumed run logs re-done steps
+    again)."""
     path = os.path.join(run_directory, "losses.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"no losses.jsonl in {run_directory}")
