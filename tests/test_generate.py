@@ -171,7 +171,7 @@ def test_unknown_imagenet_name_lists_a_short_list_and_count(tmp_path):
 
 def test_generation_eval_writes_report(bundle, tmp_path):
     """eval/generation.py end to end with a random classifier (the numbers are meaningless, the plumbing is not)."""
-    fc = pytest.importorskip("eval.fmnist_classifier")
+    fc = pytest.importorskip("eval.lib.fmnist_classifier")
     from tokenizer.common.checkpoint import save_weights
 
     torch.manual_seed(0)
