@@ -4,8 +4,8 @@
     z = model.encode(x).mode()                 # x: (B, 3, H, W) in [-1, 1] -> z: (B, 4, H/8, W/8)
     x_rec = model.decode(z, steps=8)           # Euler on the (1 - i/N)^2 grid, from fixed or fresh noise
 
-The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so those
-load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
+The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so
+those load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
 the same API. Files written by this project also carry the architecture in their safetensors metadata, so
 `SSDD.from_checkpoint(path)` rebuilds the right model without being told.
 
@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenizer.common.checkpoint import check_state_dict, load_weights, read_metadata, read_weights, save_weights
+from tokenizer.common.checkpoint import (
+    check_state_dict,
+    load_weights,
+    read_header,
+    read_shapes,
+    read_weights,
+    save_weights,
+)
 from tokenizer.common.errors import UserError
 from tokenizer.decoder import DECODER_SIZES, SSDDDecoder
 from tokenizer.encoder import SDVAE_ENCODER, DiagonalGaussian, build_encoder, parse_encoder_name
@@ -57,6 +64,35 @@ def infer_decoder_size(state: dict, z_channels: int, source: str = "the file") -
             return size
     raise UserError(f"{source} holds no SSDD decoder for {z_channels}-channel latents of any size "
                     f"({', '.join(DECODER_SIZES)}); pass decoder='M'-style to see the mismatching keys")
+
+
+ARCHITECTURE_KEYS = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels")
+
+
+def checkpoint_architecture(path: str, encoder: str | None = None) -> dict:
+    """What a checkpoint says of its architecture: the `ARCHITECTURE_KEYS` its safetensors metadata records
+    (integers as integers); {} for a file of another format or without metadata.
+
+    A file that records no decoder (a released `F8C4_M_256`-style file) but holds `decoder.*` weights gets its
+    decoder size from their shapes (`infer_decoder_size`, header only), for the latents of its recorded encoder
+    or else of `encoder`; an SD-VAE autoencoder or an unknown decoder is left without one.
+    """
+    if not str(path).endswith(".safetensors"):
+        return {}
+    keys, meta = read_header(path)
+    arch = {k: meta[k] for k in ARCHITECTURE_KEYS if k in meta}
+    for key in ("encoder_base_channels", "kl_base_channels"):
+        if key in arch:
+            arch[key] = int(arch[key])
+    encoder = arch.get("encoder", encoder)
+    has_decoder = any(k.startswith("decoder.") for k in keys)
+    if "decoder" not in arch and encoder and has_decoder and detect_layout(keys) is None:
+        shapes = {k: torch.empty(shape, device="meta") for k, shape in read_shapes(path).items()}
+        try:
+            arch["decoder"] = infer_decoder_size(shapes, parse_encoder_name(encoder)[1], path)
+        except UserError:  # not an SSDD decoder of any size: the caller's own choice stands
+            pass
+    return arch
 
 
 @dataclass
@@ -187,7 +223,8 @@ class SSDD(nn.Module):
         if layout is not None:  # SD-VAE itself: its decoder is the KL-VAE one
             if not self.is_kl or self.encoder_name != SDVAE_ENCODER:
                 raise UserError(f"{path} is an SD-VAE autoencoder ({layout} layout): load it as "
-                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae model")
+                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae "
+                                f"model")
             state = from_layout(state, self.state_dict())
             check_state_dict(self, state, path, what)
             self.load_state_dict(state, strict=True)
@@ -223,12 +260,9 @@ class SSDD(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
-        """Build from a file this project wrote (architecture in its metadata); official files need `encoder=`/`decoder=`."""
-        meta = read_metadata(path)
-        arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels", "kl_base_channels") if k in meta}
-        arch.update(overrides)
-        if "decoder" not in arch and "encoder" in arch:  # a released decoder-only file: its size from its shapes
-            arch["decoder"] = infer_decoder_size(read_weights(path)[0], parse_encoder_name(arch["encoder"])[1], path)
+        """Build from a file this project wrote (architecture in its metadata); official files need `encoder=`
+        (their decoder size is read from the shapes) or `encoder=`/`decoder=`."""
+        arch = checkpoint_architecture(path, overrides.get("encoder")) | overrides
         if "encoder" not in arch or "decoder" not in arch:
             raise UserError(f"{path} does not say its architecture: pass encoder='f8c4'-style and decoder='M'-style")
         for key in ("encoder_base_channels", "kl_base_channels"):
@@ -240,14 +274,15 @@ class SSDD(nn.Module):
         """Build from the `ssdd:` section of a YAML file (path) or mapping, as the official `SSDD.build`.
 
         Keys used: encoder, decoder, encoder_base_channels, kl_base_channels, encoder_checkpoint, encoder_train,
-        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile, ema) are ignored.
+        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile,
+        ema) are ignored.
         """
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(config) if isinstance(config, str) else OmegaConf.create(config)
         cfg = OmegaConf.to_container(cfg.get("ssdd", cfg), resolve=True)
-        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint", "encoder_train", "fm_trainer",
-                "fm_sampler", "attention", "checkpoint")
+        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint",
+                "encoder_train", "fm_trainer", "fm_sampler", "attention", "checkpoint")
         kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
         if checkpoint is not None:
             kwargs["checkpoint"] = checkpoint
@@ -262,7 +297,8 @@ class SSDD(nn.Module):
         """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder factor -> posterior over (B, C, H/F, W/F)."""
         self._fetch_sdvae_encoder()
         if not self.has_encoder:
-            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not encode images")
+            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not "
+                            "encode images")
         f = self.patch_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] % f or x.shape[-2] % f:
             raise UserError(f"encode expects (B, 3, H, W) with H, W multiples of {f}, got {tuple(x.shape)}")

@@ -1,7 +1,8 @@
 """Published weights fetched by name: a file in the cache, else a download, else one line saying what to place where.
 
     path = fetch_weights("DiT-XL-2-256x256.pt", url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt")
-    path = fetch_weights("sd-vae-ft-mse.safetensors", hf=("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors"))
+    path = fetch_weights("sd-vae-ft-mse.safetensors",
+                         hf=("stabilityai/sd-vae-ft-mse", "diffusion_pytorch_model.safetensors"))
 
 The cache is torch's: `$TORCH_HOME/hub/checkpoints/<name>` (default `~/.cache/torch/hub/checkpoints`), where a user
 without a network can also place the file by hand. Hugging Face files are looked up there first, then in the Hugging

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from tokenizer.common.checkpoint import load_training_state, resolve_state_dir, save_training_state
 from tokenizer.common.errors import CheckpointMismatchError, UserError, one_line
-from tokenizer.common.runs import record_start, run_dir
+from tokenizer.common.runs import lock_run, record_start, run_dir
 
 OPTIMIZERS = ("radam_schedulefree", "adamw")
 
@@ -32,30 +32,65 @@ def enable_tf32() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started for this job (accelerate launch / torchrun set LOCAL_RANK and
+    WORLD_SIZE in each)."""
+    if "LOCAL_RANK" not in os.environ:
+        return 1
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_dir: str | None = None):
-    """An accelerate Accelerator; mixed precision only on GPU (CPU autocast is far slower); TensorBoard in log_dir."""
+    """An accelerate Accelerator; mixed precision only on GPU (CPU autocast is far slower); TensorBoard in log_dir.
+
+    Several processes launched on a machine without GPUs form one CPU job (gloo), as with ACCELERATE_USE_CPU=true:
+    without it accelerate would start each as a job of its own, all writing the same run.
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     kw = {}
     if log_dir is not None:
         kw = dict(log_with="tensorboard", project_config=ProjectConfiguration(project_dir=log_dir, logging_dir=log_dir))
+    if launched_processes() > 1 and not torch.cuda.is_available():
+        kw["cpu"] = True
     mp = mixed_precision if torch.cuda.is_available() else "no"
     enable_tf32()
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accumulate, **kw)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accumulate, **kw)
+    if accelerator.num_processes < launched_processes():
+        raise UserError(f"{launched_processes()} processes were launched but they do not form one job (each would "
+                        f"work alone on {accelerator.device}); on a machine without GPUs set ACCELERATE_USE_CPU=true")
+    return accelerator
 
 
 def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
     """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
-    and create the directory. The accelerator logs to TensorBoard there. Nothing of an existing run is changed
-    yet: `record_start` writes config.yaml once the trainer knows the run can go on (tokenizer.common.training.resume_run)."""
+    create the directory and make this job its one writer (`tokenizer.common.runs.lock_run`: the main process
+    takes the lock, the other ranks learn whether it could). The accelerator logs to TensorBoard there. Nothing of
+    an existing run is changed yet: `record_start` writes config.yaml once the trainer knows the run can go on
+    (tokenizer.common.training.resume_run)."""
     out_dir = run_dir(cfg.ckpt_dir, cfg.run_name)
     accelerator = make_accelerator(mixed_precision, grad_accumulate, log_dir=out_dir)
+    refusal = None
+    if accelerator.is_main_process:
+        os.makedirs(out_dir, exist_ok=True)
+        try:
+            lock_run(out_dir)
+        except UserError as e:
+            refusal = str(e)
+    if accelerator.num_processes > 1:  # every rank stops when the main process may not write the run
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise UserError(refusal)
     if accelerator.is_main_process:
         print(OmegaConf.to_yaml(cfg))
         print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
               f"mixed precision: {accelerator.mixed_precision}")
-        os.makedirs(out_dir, exist_ok=True)
     return accelerator, out_dir
 
 
