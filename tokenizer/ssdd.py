@@ -75,7 +75,8 @@ def checkpoint_architecture(path: str, encoder: str | None = None) -> dict:
 
     A file that records no decoder (a released `F8C4_M_256`-style file) but holds `decoder.*` weights gets its
     decoder size from their shapes (`infer_decoder_size`, header only), for the latents of its recorded encoder
-    or else of `encoder`; an SD-VAE autoencoder or an unknown decoder is left without one.
+    or else of `encoder`; an SD-VAE autoencoder or an unknown decoder is left without one. Likewise the encoder's
+    width is read from its first convolution.
     """
     if not str(path).endswith(".safetensors"):
         return {}
@@ -86,6 +87,8 @@ def checkpoint_architecture(path: str, encoder: str | None = None) -> dict:
             arch[key] = int(arch[key])
     encoder = arch.get("encoder", encoder)
     has_decoder = any(k.startswith("decoder.") for k in keys)
+    if "encoder_base_channels" not in arch and encoder != SDVAE_ENCODER and "encoder.conv_in.weight" in keys:
+        arch["encoder_base_channels"] = read_shapes(path)["encoder.conv_in.weight"][0]  # the encoder's first width
     if "decoder" not in arch and encoder and has_decoder and detect_layout(keys) is None:
         shapes = {k: torch.empty(shape, device="meta") for k, shape in read_shapes(path).items()}
         try:

@@ -125,7 +125,7 @@ def read_weights(path: str) -> tuple[dict, dict]:
         raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
 
 
-def mismatch_summary(missing: list, unexpected: list, misshaped: list, examples: int = 3) -> str:
+def mismatch_summary(missing: list, unexpected: list, misshaped: list, examples: int = 2) -> str:
     """'56 missing, 468 mis-shaped keys (e.g. decoder.a (64,) in the file vs (32,), decoder.b missing)': the counts
     and a few names, never the whole list (a decoder of another size differs in hundreds of keys).
     `misshaped` holds (key, shape in the file, shape in the model)."""
