@@ -69,10 +69,10 @@ def read_z_stats(cfg, checkpoint: str) -> dict:
 
 
 def load_tokenizer(cfg) -> tuple[SSDD, str]:
-    """(eval-mode SSDD, resolved checkpoint path) for tokenizer.common.checkpoint."""
-    if not cfg.tokenizer.common.checkpoint:
-        raise UserError("set tokenizer.common.checkpoint=<SSDD file or tokenizer run_name>: its encoder makes the latents")
-    path = resolve_checkpoint(cfg.ckpt_dir, cfg.tokenizer.common.checkpoint)
+    """(eval-mode SSDD, resolved checkpoint path) for tokenizer.checkpoint."""
+    if not cfg.tokenizer.checkpoint:
+        raise UserError("set tokenizer.checkpoint=<SSDD file or tokenizer run_name>: its encoder makes the latents")
+    path = resolve_checkpoint(cfg.ckpt_dir, cfg.tokenizer.checkpoint)
     model = SSDD.from_checkpoint(path).eval().requires_grad_(False)
     if not model.has_encoder:
         raise UserError(f"{path} is a decoder-only file; the latent cache needs the whole tokenizer (encoder too)")
@@ -205,7 +205,7 @@ class LatentCache(Dataset):
         m = cache.meta
         if m["encoder_sha256"] != enc_hash:
             raise UserError(f"latent cache {directory} was made by another encoder ({m['encoder_checkpoint']}, "
-                            f"sha256 {m['encoder_sha256'][:12]}) than tokenizer.common.checkpoint={ckpt} (sha256 "
+                            f"sha256 {m['encoder_sha256'][:12]}) than tokenizer.checkpoint={ckpt} (sha256 "
                             f"{enc_hash[:12]}); rebuild it with python -m dit.cache or point cache.dir elsewhere")
         if m["im_size"] != cfg.dataset.im_size:
             raise UserError(f"latent cache {directory} holds {m['im_size']}-px images but dataset.im_size="

@@ -50,7 +50,7 @@ def write_tokenizer(directory: str) -> tuple[SSDD, str]:
 
 def train_args(args, tok: str, cache: str) -> list:
     # dit.train reads only the cache; the dataset entry just has to be valid (an image folder that exists)
-    return ([f"tokenizer.common.checkpoint={tok}", f"cache.dir={cache}", f"ckpt_dir={args.dir}/runs", "run_name=memory",
+    return ([f"tokenizer.checkpoint={tok}", f"cache.dir={cache}", f"ckpt_dir={args.dir}/runs", "run_name=memory",
              "dataset.name=imagefolder", f"dataset.root={cache}", f"dataset.im_size={args.latent[1] * 8}", f"dataset.num_workers={args.workers}",
              f"model.name={args.model}", f"training.batch_size={args.batch_size}", f"training.max_steps={args.steps}",
              "training.log_freq=1", "training.ckpt_every=1000000000", "training.sample_every=1000000000",

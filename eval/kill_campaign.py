@@ -67,7 +67,7 @@ def prepare_dit(work: str) -> list:
     save_weights(model, tok, model.architecture())
     with open(os.path.join(os.path.dirname(tok), "z_stats.json"), "w") as f:
         json.dump({"z_mean": 0.1, "z_std": 0.5}, f)
-    args = [*DIT, f"tokenizer.common.checkpoint={tok}", f"ckpt_dir={work}"]
+    args = [*DIT, f"tokenizer.checkpoint={tok}", f"ckpt_dir={work}"]
     proc = launch("dit.cache", args, os.path.join(work, "cache.log"))
     if proc.wait() != 0:
         raise RuntimeError(f"dit.cache failed; see {work}/cache.log")

@@ -40,7 +40,7 @@ def make_kl_decoder(directory, seed=1, encoder_from: str | None = None) -> str:
 
 def tiny_args(tokenizer: str, ckpt_dir, images: int = 24) -> list:
     """dit_fmnist overlay on a few dozen images, small batches, 2-step sampling and a 1-step decoder."""
-    return ["config=configs/dit_fmnist.yaml", f"tokenizer.common.checkpoint={tokenizer}", f"ckpt_dir={ckpt_dir}",
+    return ["config=configs/dit_fmnist.yaml", f"tokenizer.checkpoint={tokenizer}", f"ckpt_dir={ckpt_dir}",
             f"dataset.limit={images}", "cache.batch_size=8", "cache.shard_size=16", "training.batch_size=8",
             "training.log_freq=2", "training.sample_every=1000", "training.ckpt_every=1000", "sample.steps=2",
             "sample.per_class=1", "sample.grid_classes=[0,7]", "sample.decoder_steps=1"]

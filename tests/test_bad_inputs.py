@@ -155,7 +155,7 @@ CASES = [
     ("dit-sample-steps", lambda c: dit(c, "sample.steps=100000"), "sample.steps"),
     ("dit-max-steps", lambda c: dit(c, "training.max_steps=-5"), "training.max_steps"),
     ("dit-grid-classes", lambda c: dit(c, "sample.grid_classes=[-1]"), "sample.grid_classes"),
-    ("dit-missing-tokenizer", lambda c: dit(c, "tokenizer.common.checkpoint=no_such_run"), "no_such_run"),
+    ("dit-missing-tokenizer", lambda c: dit(c, "tokenizer.checkpoint=no_such_run"), "no_such_run"),
     ("dit-resume-other-architecture", lambda c: dit(c, "model.name=DiT-Ti/2"), "nothing was changed"),
     ("dit-resume-damaged-weights", lambda c: dit(c, "run_name=damaged"), "model_dit.safetensors is damaged"),
     ("cache-dtype", lambda c: dit(c, "cache.dtype=int8", entry="dit.cache"), "unknown cache.dtype"),

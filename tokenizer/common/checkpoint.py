@@ -133,7 +133,7 @@ def mismatch_summary(missing: list, unexpected: list, misshaped: list, examples:
                                                          (misshaped, "mis-shaped")) if keys]
     named = [f"{k} {a} in the file vs {b}" for k, a, b in misshaped[:1]] + [f"{k} missing" for k in missing[:1]]
     named += [f"{k} unexpected" for k in unexpected[:1]]
-    named += [f"{k} {a} in the file vs {b}" for k, a, b in misshaped[1:]][: max(examples - len(named), 0)]
+    named += [k for k, _, _ in misshaped[1:]][: max(examples - len(named), 0)]
     return f"{', '.join(counts)} keys (e.g. {', '.join(named[:examples])})"
 
 
