@@ -67,7 +67,8 @@ def adopt_checkpoint_architecture(cfg, explicit=(), resume_state: str | None = N
         if mine == value:
             continue
         if f"ssdd.{key}" in explicit:
-            fix = (f"drop ssdd.{key}= to go on with this run, or use another run_name" if source == "run_name" else
+            fix = (f"drop ssdd.{key}= to go on with this run, or use another run_name (nothing was changed)"
+                   if source == "run_name" else
                    f"drop ssdd.{key}= (the checkpoint decides) or set ssdd.{key}={value}")
             raise UserError(f"ssdd.{key}={mine} contradicts {source}: {path} holds a model with {key} {value}; {fix}")
         cfg.ssdd[key] = value
