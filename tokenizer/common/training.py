@@ -68,30 +68,33 @@ def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_
 
 def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
     """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
-    create the directory and make this job its one writer (`tokenizer.common.runs.lock_run`: the main process
-    takes the lock, the other ranks learn whether it could). The accelerator logs to TensorBoard there. Nothing of
-    an existing run is changed yet: `record_start` writes config.yaml once the trainer knows the run can go on
-    (tokenizer.common.training.resume_run)."""
+    and create the directory. The accelerator logs to TensorBoard there. Nothing of an existing run is changed
+    yet: `resume_run` makes this job the run's one writer and writes config.yaml once it knows the run can go on."""
     out_dir = run_dir(cfg.ckpt_dir, cfg.run_name)
     accelerator = make_accelerator(mixed_precision, grad_accumulate, log_dir=out_dir)
+    if accelerator.is_main_process:
+        print(OmegaConf.to_yaml(cfg))
+        print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+              f"mixed precision: {accelerator.mixed_precision}")
+        os.makedirs(out_dir, exist_ok=True)
+    return accelerator, out_dir
+
+
+def claim_run(accelerator, out_dir: str) -> None:
+    """Make this job the one writer of the run in `out_dir` (`tokenizer.common.runs.lock_run`): the main process
+    takes the lock and the other ranks trust it; when it cannot, every rank stops with its one-line reason."""
     refusal = None
     if accelerator.is_main_process:
-        os.makedirs(out_dir, exist_ok=True)
         try:
             lock_run(out_dir)
         except UserError as e:
             refusal = str(e)
-    if accelerator.num_processes > 1:  # every rank stops when the main process may not write the run
+    if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         refusal = broadcast_object_list([refusal])[0]
     if refusal:
         raise UserError(refusal)
-    if accelerator.is_main_process:
-        print(OmegaConf.to_yaml(cfg))
-        print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-              f"mixed precision: {accelerator.mixed_precision}")
-    return accelerator, out_dir
 
 
 def build_optimizer(named_params, name: str, lr: float, weight_decay: float):
@@ -226,7 +229,8 @@ def resume_run(accelerator, cfg, out_dir: str, modules: dict, optimizers) -> dic
     """Resume the run in `out_dir` from checkpoints/last (None for a new run), then record this start.
 
     A state that does not fit this config (another architecture or optimiser) is refused before anything of the
-    run is changed; only then does the main process tidy what killed processes left and write config.yaml
+    run is changed; only then does this job become the run's one writer (`claim_run`: a second job stops here,
+    also without changing anything) and the main process tidy what killed processes left and write config.yaml
     (`tokenizer.common.runs.record_start`).
     """
 
@@ -235,6 +239,7 @@ def resume_run(accelerator, cfg, out_dir: str, modules: dict, optimizers) -> dic
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"run {out_dir} holds a training state of another model or optimiser than this "
                                       f"config (nothing was changed; use another run_name): {one_line(e)}") from None
+    claim_run(accelerator, out_dir)
     if accelerator.is_main_process:
         record_start(cfg, out_dir)
         if state is not None:
