@@ -69,14 +69,14 @@ def infer_decoder_size(state: dict, z_channels: int, source: str = "the file") -
 ARCHITECTURE_KEYS = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels")
 
 
-def checkpoint_architecture(path: str, encoder: str | None = None) -> dict:
+def checkpoint_architecture(path: str, encoder: str | None = None, strict: bool = False) -> dict:
     """What a checkpoint says of its architecture: the `ARCHITECTURE_KEYS` its safetensors metadata records
     (integers as integers); {} for a file of another format or without metadata.
 
     A file that records no decoder (a released `F8C4_M_256`-style file) but holds `decoder.*` weights gets its
     decoder size from their shapes (`infer_decoder_size`, header only), for the latents of its recorded encoder
-    or else of `encoder`; an SD-VAE autoencoder or an unknown decoder is left without one. Likewise the encoder's
-    width is read from its first convolution.
+    or else of `encoder`; an SD-VAE autoencoder or (unless `strict`) a decoder of no known size is left without
+    one. Likewise the encoder's width is read from its first convolution.
     """
     if not str(path).endswith(".safetensors"):
         return {}
@@ -93,8 +93,9 @@ def checkpoint_architecture(path: str, encoder: str | None = None) -> dict:
         shapes = {k: torch.empty(shape, device="meta") for k, shape in read_shapes(path).items()}
         try:
             arch["decoder"] = infer_decoder_size(shapes, parse_encoder_name(encoder)[1], path)
-        except UserError:  # not an SSDD decoder of any size: the caller's own choice stands
-            pass
+        except UserError:  # not an SSDD decoder of any size: the caller's own choice stands, unless `strict`
+            if strict:
+                raise
     return arch
 
 
@@ -265,7 +266,7 @@ class SSDD(nn.Module):
     def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
         """Build from a file this project wrote (architecture in its metadata); official files need `encoder=`
         (their decoder size is read from the shapes) or `encoder=`/`decoder=`."""
-        arch = checkpoint_architecture(path, overrides.get("encoder")) | overrides
+        arch = checkpoint_architecture(path, overrides.get("encoder"), strict="decoder" not in overrides) | overrides
         if "encoder" not in arch or "decoder" not in arch:
             raise UserError(f"{path} does not say its architecture: pass encoder='f8c4'-style and decoder='M'-style")
         for key in ("encoder_base_channels", "kl_base_channels"):
