@@ -18,24 +18,25 @@ sample as they were trained:
                 x <- mean + exp(log var / 2) z, without noise on the last step
     DDIM step   (eta = 0 by default) x <- sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - s^2) eps + s z,
                 s = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) sqrt(1 - alpha_bar / alpha_bar_prev)
-    guidance    the conditional and null-class passes run in one batch; DiT's default guides only the first
-                `cfg_channels` = 3 of the 4 eps channels (the 4th eps channel and the variance come from the
-                conditional pass); `cfg_channels=None` guides all eps channels; `guidance_interval` limits
-                guidance to steps whose noise level t = (k + 1) / 1000 lies inside it (t = 1: pure noise, as in
-                dit.flow)
+    guidance    (`dit.guidance.guided_output`) the conditional and null-class passes run in one batch; DiT's
+                default guides only the first `cfg_channels` = 3 of the 4 eps channels (the 4th eps channel and the
+                variance come from the conditional pass); `cfg_channels=None` guides all eps channels;
+                `guidance_interval` limits guidance to steps whose noise level t = (k + 1) / 1000 lies inside it
+                (t = 1: pure noise, as in dit.flow)
 
 Schedules are computed in float64 and applied to float32 latents, as DiT does.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.flow import cfg_combine, step_randn
+from dit.guidance import ModelFn, guided_output
+from dit.noise import step_randn
 from tokenizer.common.errors import UserError
 
 __all__ = ["linear_betas", "space_timesteps", "DiscreteSchedule", "sample", "METHODS", "NUM_TIMESTEPS"]
@@ -66,7 +67,8 @@ def space_timesteps(num_timesteps: int, spec) -> list[int]:
     try:
         counts = [int(c) for c in text.split(",")]
     except ValueError:
-        raise UserError(f"bad respacing {spec!r}: expected a step count ('250'), 'ddimN' or counts per section") from None
+        raise UserError(f"bad respacing {spec!r}: expected a step count ('250'), 'ddimN' or counts per "
+                        "section") from None
     size, extra = divmod(num_timesteps, len(counts))
     start, kept = 0, []
     for i, count in enumerate(counts):
@@ -134,23 +136,6 @@ def _f32(value) -> float:
     return float(np.float32(value))
 
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def guided_output(model_fn: ModelFn, x: torch.Tensor, timestep: float, y: torch.Tensor, cfg_scale: float,
-                  cfg_channels: Optional[int], null_class: Optional[int], guide: bool) -> torch.Tensor:
-    """Model output (B, C_out, H, W) at one original step index, guided on the first cfg_channels eps channels."""
-    c = x.shape[1]
-    if not guide or cfg_scale == 1.0:
-        return model_fn(x, torch.full((x.shape[0],), float(timestep), device=x.device), y)
-    if null_class is None:
-        raise UserError("classifier-free guidance (cfg_scale != 1) needs a null class; the model has none")
-    out = model_fn(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(timestep), device=x.device),
-                   torch.cat([y, torch.full_like(y, null_class)]))
-    out_c, out_u = out.chunk(2)
-    return cfg_combine(out_c, out_u, cfg_scale, c if cfg_channels is None else min(cfg_channels, c))
-
-
 @torch.no_grad()
 def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps=250, method: str = "ddpm",
            cfg_scale: float = 1.0, cfg_channels: Optional[int] = 3, guidance_interval: Tuple[float, float] = (0.0, 1.0),
@@ -174,9 +159,10 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps=250, m
     x = noise
     for i in tqdm(range(len(schedule) - 1, -1, -1), desc=method, leave=False, disable=not progress):
         out = guided_output(model_fn, x, schedule.timesteps[i], y, cfg_scale, cfg_channels, null_class,
-                            guide=lo <= schedule.noise_level(i) <= hi).to(x.dtype)
+                            guide=lo <= schedule.noise_level(i) <= hi)
         if out.shape[1] not in (c, 2 * c):
-            raise UserError(f"the model returned {out.shape[1]} channels for {c}-channel latents (expected {c} or {2 * c})")
+            raise UserError(f"the model returned {out.shape[1]} channels for {c}-channel latents "
+                            f"(expected {c} or {2 * c})")
         eps, var_values = (out[:, :c], out[:, c:]) if out.shape[1] == 2 * c else (out, None)
         x0 = schedule.predict_x0(x, eps, i)
         if clip_denoised:

@@ -2,7 +2,8 @@
 
 SiT's time runs the other way from this project's (`tokenizer.flow`): with s in [0, 1],
 
-    x_s = s * x + (1 - s) * eps        s = 0 pure noise, s = 1 data (SiT's linear interpolant, alpha_s = s, sigma_s = 1 - s)
+    x_s = s * x + (1 - s) * eps        s = 0 pure noise, s = 1 data
+                                       (SiT's linear interpolant, alpha_s = s, sigma_s = 1 - s)
     v   = dx_s/ds = x - eps            the network's velocity; the model is fed s itself (no 1000 factor)
 
 so v is the same quantity as this project's velocity and s = 1 - t. From v, eps_hat = x_s - s v and the score is
@@ -14,11 +15,13 @@ Samplers (`steps` counts time points, as SiT's `--num-sampling-steps`):
          form "sigma", w(s) = 1 - s, on `steps` points evenly spaced over [0, 1 - 0.04]; then the "Mean" last
          step x <- x + 0.04 [v + w score] at s = 0.96, without noise. `steps` model evaluations in all.
   ode    SiT's ODE default solver: adaptive Dormand-Prince 5(4) from s = 0 to 1, atol 1e-6, rtol 1e-3, written
-         here (SiT calls torchdiffeq's dopri5): error norm RMS over the whole batch of (err / (atol + rtol max(|x|,
-         |x_new|))), step factor 0.9 err^(-1/5) within [0.2, 10], Hairer's initial step, last step clipped to land
-         on s = 1 (torchdiffeq instead interpolates to its output times); `steps` is ignored.
+         in `dit.solvers.dopri5` (SiT calls torchdiffeq's dopri5): error norm RMS over the whole batch of
+         (err / (atol + rtol max(|x|, |x_new|))), step factor 0.9 err^(-1/5) within [0.2, 10], Hairer's initial
+         step, last step clipped to land on s = 1 (torchdiffeq instead interpolates to its output times); `steps`
+         is ignored.
   euler, heun   fixed steps on `steps` evenly spaced points over [0, 1] (steps - 1 intervals), as torchdiffeq's
-         fixed-grid solvers on SiT's grid; heun is the explicit trapezoid rule (2 evaluations per interval).
+         fixed-grid solvers on SiT's grid; heun is the explicit trapezoid rule (2 evaluations per interval;
+         `dit.solvers.ode_step`, the flow sampler's step).
 
 Guidance: SiT's released sampler guides the first 3 of the 4 velocity channels (`cfg_channels=3`), the 4th from
 the conditional pass; `cfg_channels=None` guides all. `guidance_interval` is given in this project's time
@@ -28,12 +31,14 @@ t = 1 - s (t = 1 pure noise), so it means the same for every model family.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from dit.flow import guided_velocity, step_randn
+from dit.guidance import ModelFn, guided_velocity
+from dit.noise import step_randn
+from dit.solvers import dopri5, ode_step
 from tokenizer.common.errors import UserError
 
 __all__ = ["sample", "METHODS", "dopri5"]
@@ -41,8 +46,6 @@ __all__ = ["sample", "METHODS", "dopri5"]
 METHODS = ("sde", "ode", "euler", "heun")
 LAST_STEP_SIZE = 0.04  # SiT's default "Mean" last step
 ATOL, RTOL = 1e-6, 1e-3  # SiT's ODE defaults
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
@@ -58,7 +61,8 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps: int =
            rtol: float = RTOL, progress: bool = False, stats: Optional[dict] = None, step_noise=None) -> torch.Tensor:
     """Sample data (s = 1) from noise (s = 0) with a SiT-convention model_fn(x, s (B,) in [0, 1], y).
 
-    The SDE's noise comes from `step_noise(x)` when given (per-sample streams), else `generator`. `stats`, if given, receives {"nfe": model evaluations}.
+    The SDE's noise comes from `step_noise(x)` when given (per-sample streams), else `generator`. `stats`, if
+    given, receives {"nfe": model evaluations}.
     """
     if method not in METHODS:
         raise UserError(f"unknown sampler {method!r} for a SiT-convention model; valid: {', '.join(METHODS)}")
@@ -92,65 +96,7 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps: int =
     else:
         grid = torch.linspace(0.0, 1.0, steps).tolist()
         for s, s_next in tqdm(list(zip(grid[:-1], grid[1:])), desc=method, leave=False, disable=not progress):
-            h = s_next - s
-            k1 = vel(x, s)
-            x = x + h * k1 if method == "euler" else x + 0.5 * h * (k1 + vel(x + h * k1, s_next))
+            x = ode_step(vel, x, s, s_next, method)
     if stats is not None:
         stats["nfe"] = nfe[0]
-    return x
-
-
-# Dormand & Prince (1980) RK5(4)7M: nodes, stages, 5th-order weights and the 5th - 4th order error weights.
-_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = ((),
-      (1 / 5,),
-      (3 / 40, 9 / 40),
-      (44 / 45, -56 / 15, 32 / 9),
-      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
-_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
-
-
-def _rms(x: torch.Tensor) -> float:
-    return float(x.double().pow(2).mean().sqrt())
-
-
-def dopri5(f: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, t0: float, t1: float,
-           atol: float = ATOL, rtol: float = RTOL, progress: bool = False, max_steps: int = 10_000) -> torch.Tensor:
-    """Integrate dx/dt = f(x, t) from t0 to t1 > t0 with adaptive Dormand-Prince 5(4); returns x(t1).
-
-    The 7th stage is the next step's first (first same as last), so an accepted step costs 6 evaluations.
-    """
-    def scale(a, b=None):
-        ref = a.abs() if b is None else torch.maximum(a.abs(), b.abs())
-        return atol + rtol * ref
-
-    t, k1 = t0, f(x, t0)
-    # Hairer, Norsett & Wanner's initial step guess (order 5)
-    d0, d1 = _rms(x / scale(x)), _rms(k1 / scale(x))
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    d2 = _rms((f(x + h0 * k1, t0 + h0) - k1) / scale(x)) / h0
-    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 6)
-    h = min(100 * h0, h1, t1 - t0)
-    bar = tqdm(total=t1 - t0, desc="dopri5", leave=False, disable=not progress,
-               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f}")
-    for _ in range(max_steps):
-        if t >= t1:
-            break
-        h = min(h, t1 - t)
-        k = [k1]
-        for i in range(1, 7):
-            xi = x + h * sum(a * kj for a, kj in zip(_A[i], k) if a != 0.0)
-            k.append(f(xi, t + _C[i] * h))
-        x_new = xi  # the 7th stage point is the 5th-order solution
-        err = _rms(h * sum(e * kj for e, kj in zip(_E, k) if e != 0.0) / scale(x, x_new))
-        if err <= 1.0:
-            bar.update(h)
-            t, x, k1 = (t1 if t + h >= t1 - 1e-12 else t + h), x_new, k[6]
-        factor = 10.0 if err == 0 else min(10.0, max(0.2, 0.9 * err ** -0.2))
-        h = h * (max(1.0, factor) if err <= 1.0 else factor)  # never shrink after an accepted step
-    else:
-        raise UserError(f"the adaptive ODE solver did not reach t={t1} in {max_steps} steps (stopped at t={t:.4g})")
-    bar.close()
     return x

@@ -24,12 +24,14 @@ import sys
 import time
 
 import torch
+from PIL import Image
 
 from dit.cache import FORMAT, cache_metadata, shard_name, write_shard
 from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
 from tokenizer.common.checkpoint import save_weights
 from tokenizer.common.config import load_config
 from tokenizer.common.errors import UserError
+from tokenizer.data import identify
 from tokenizer.ssdd import SSDD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +50,19 @@ def write_tokenizer(directory: str) -> tuple[SSDD, str]:
     return model, path
 
 
+def stand_in_data(args) -> str:
+    """dit.train reads only the cache but finds it by the data the config names: a one-image folder stands for the
+    data this synthetic cache records."""
+    root = os.path.join(args.dir, "data")
+    os.makedirs(os.path.join(root, "train", "all"), exist_ok=True)
+    Image.new("RGB", (8, 8)).save(os.path.join(root, "train", "all", "0.png"))
+    return root
+
+
 def train_args(args, tok: str, cache: str) -> list:
-    # dit.train reads only the cache; the dataset entry just has to be valid (an image folder that exists)
     return ([f"tokenizer.checkpoint={tok}", f"cache.dir={cache}", f"ckpt_dir={args.dir}/runs", "run_name=memory",
-             "dataset.name=imagefolder", f"dataset.root={cache}", f"dataset.im_size={args.latent[1] * 8}", f"dataset.num_workers={args.workers}",
+             "dataset.name=imagefolder", f"dataset.root={os.path.join(args.dir, 'data')}",
+             f"dataset.im_size={args.latent[1] * 8}", f"dataset.num_workers={args.workers}",
              f"model.name={args.model}", f"training.batch_size={args.batch_size}", f"training.max_steps={args.steps}",
              "training.log_freq=1", "training.ckpt_every=1000000000", "training.sample_every=1000000000",
              "sample.steps=2", "sample.per_class=1", "sample.grid_classes=[0]", "sample.decoder_steps=1"])
@@ -74,7 +85,8 @@ def write_cache(args, model: SSDD, tok: str, cache: str) -> dict:
             "latents_flip": torch.randn(n, *args.latent, generator=g).to(dtype),
             "labels": torch.randint(0, args.classes, (n,), generator=g)})
     stats = {"z_mean": 0.0, "z_std": 1.0, "path": os.path.join(os.path.dirname(tok), "z_stats.json")}
-    meta = cache_metadata(cfg, model, tok, model.encoder_sha256(), stats, [], cache, counts, time.time() - t0)
+    meta = cache_metadata(cfg, model, tok, model.encoder_sha256(), stats, [], cache, counts, time.time() - t0,
+                          identify(cfg.dataset, cfg.dataset.split))
     assert meta["format"] == FORMAT
     with open(os.path.join(cache, "cache.json"), "w") as f:
         json.dump(meta, f, indent=2)
@@ -157,6 +169,7 @@ def run(args) -> dict:
     code_root = os.path.abspath(args.code_root or ROOT)
     tok_dir, cache = os.path.join(args.dir, "tokenizer"), os.path.join(args.dir, "cache")
     model, tok = write_tokenizer(tok_dir)
+    stand_in_data(args)
     need_gb = args.entries * math.prod(args.latent) * getattr(torch, args.dtype).itemsize / 1e9
     reuse = os.path.isfile(os.path.join(cache, "cache.json")) and \
         json.load(open(os.path.join(cache, "cache.json")))["entries"] == args.entries

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-from dit_fixtures import ROOT, make_dit, make_kl_decoder, make_tokenizer
+from helpers import ROOT, make_dit, make_kl_decoder, make_tokenizer
 from PIL import Image
 
 from app.app import LIMITS, build_app, launch, validate
@@ -102,6 +102,7 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_api_generate_and_compare_with_gradio_client(served, standin):
     from gradio_client import Client
 

@@ -86,6 +86,7 @@ def test_frechet_distance_of_gaussians_matches_closed_form():
     assert frechet_distance(a, b) == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.slow
 def test_frechet_distance_separates_real_from_degraded(model, subset):
     x, y = subset
     # Two disjoint halves with exactly 50 images of each class (the subset has 100 per class).

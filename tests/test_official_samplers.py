@@ -9,7 +9,7 @@ import torch
 
 from dit import diffusion, sit
 from dit.diffusion import DiscreteSchedule, linear_betas, space_timesteps
-from dit.flow import cfg_combine
+from dit.guidance import cfg_combine
 from tokenizer import UserError
 
 # ---------------------------------------------------------------------------------------------- DiT: schedule
@@ -27,7 +27,8 @@ def test_linear_schedule_and_respacing():
     # "ddimN": DDIM's integer stride (so ddim250 ends at 996, not 999)
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
     assert space_timesteps(1000, "ddim250")[-1] == 996
-    assert space_timesteps(1000, "10,20") == sorted(set(space_timesteps(500, 10) + [500 + k for k in space_timesteps(500, 20)]))
+    second_half = [500 + k for k in space_timesteps(500, 20)]
+    assert space_timesteps(1000, "10,20") == sorted(set(space_timesteps(500, 10) + second_half))
     with pytest.raises(UserError, match="integer stride"):
         space_timesteps(1000, "ddim300")
     with pytest.raises(UserError):
@@ -100,7 +101,8 @@ def test_dit_guidance_guides_three_channels_by_default_or_all():
     out_c, out_u = torch.randn(2, 8, 2, 2), torch.randn(2, 8, 2, 2)
 
     def model(x, t, y):  # conditional rows get out_c, null-class rows out_u
-        return torch.where((y == 1000).view(-1, 1, 1, 1), out_u.repeat(2, 1, 1, 1)[: len(y)], out_c.repeat(2, 1, 1, 1)[: len(y)])
+        null = (y == 1000).view(-1, 1, 1, 1)
+        return torch.where(null, out_u.repeat(2, 1, 1, 1)[: len(y)], out_c.repeat(2, 1, 1, 1)[: len(y)])
 
     x, y = torch.zeros(2, 4, 2, 2), torch.tensor([3, 4])
     g3 = diffusion.guided_output(model, x, 999, y, 4.0, 3, 1000, guide=True)

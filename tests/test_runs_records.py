@@ -13,11 +13,11 @@ import time
 
 import pytest
 import torch
-from test_train import TINY
+from helpers import TINY
 
 from tokenizer import SSDD
 from tokenizer.common.atomic import atomic_json
-from tokenizer.common.checkpoint import check_state_dict, read_metadata, save_weights, umask
+from tokenizer.common.checkpoint import check_state_dict, read_metadata, save_training_state, save_weights, umask
 from tokenizer.common.errors import CheckpointMismatchError, UserError
 from tokenizer.common.runs import LOCK_FILE, cut_loss_log, lock_run, read_loss_log, unlock_run
 from tokenizer.train import main
@@ -48,6 +48,10 @@ def raw_steps(run) -> list:
     return [json.loads(line)["step"] for line in open(os.path.join(run, "losses.jsonl"))]
 
 
+def modes(folder) -> dict:
+    return {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+
+
 @pytest.fixture(scope="module")
 def run_s(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
@@ -58,6 +62,7 @@ def run_s(tmp_path_factory):
 # ----------------------------------------------------------------------------- the architecture from the checkpoint
 
 
+@pytest.mark.slow
 def test_eval_and_z_stats_of_an_s_run_with_a_config_that_says_otherwise(run_s, capsys):
     assert main([*PLAIN, f"ckpt_dir={run_s}", "task=eval", "ssdd.checkpoint=s"]) == 0
     out = capsys.readouterr().out
@@ -70,6 +75,7 @@ def test_eval_and_z_stats_of_an_s_run_with_a_config_that_says_otherwise(run_s, c
     assert stats["n_values"] == 16 * 4 * 4 * 4 and stats["z_std"] > 0
 
 
+@pytest.mark.slow
 def test_a_contradicting_key_on_the_command_line_is_one_short_line(run_s, capsys):
     before = snapshot(run_s)
     for key, value in (("ssdd.decoder", "M"), ("ssdd.encoder_base_channels", "128")):
@@ -84,6 +90,7 @@ def test_a_contradicting_key_on_the_command_line_is_one_short_line(run_s, capsys
     assert snapshot(run_s) == before
 
 
+@pytest.mark.slow
 def test_distillation_and_kl_baseline_from_an_s_run(run_s):
     common = [*PLAIN, f"ckpt_dir={run_s}", "dataset.batch_size=4", "training.eval_images=4", "training.max_steps=1"]
     assert main([*common, "run_name=s1", "distill_teacher=true", "ssdd.checkpoint=s", "ssdd.encoder_train=false"]) == 0
@@ -97,6 +104,7 @@ def test_distillation_and_kl_baseline_from_an_s_run(run_s):
     assert meta["decoder"] == "kl" and meta["encoder_base_channels"] == "32"
 
 
+@pytest.mark.slow
 def test_a_file_without_metadata_gets_its_sizes_from_its_shapes(tmp_path):
     from tokenizer.common.config import load_config
     from tokenizer.evaluation import model_from_config
@@ -139,6 +147,7 @@ def hold_lock(folder):
     return proc
 
 
+@pytest.mark.slow
 def test_second_job_is_refused_and_a_dead_holders_lock_is_taken_over(run_s, capsys):
     run = run_s / "jobs" / "s"
     holder = hold_lock(run)
@@ -155,6 +164,8 @@ def test_second_job_is_refused_and_a_dead_holders_lock_is_taken_over(run_s, caps
     assert (run / LOCK_FILE).exists()  # a killed holder leaves its lock file behind ...
     assert main([*TRAIN_S, f"ckpt_dir={run_s}", "run_name=s", "training.max_steps=2"]) == 0  # ... which is taken over
     assert raw_steps(run) == [1, 2] and not (run / LOCK_FILE).exists()  # and given up at the end
+    # the weights the trainer wrote have the permissions of the JSON beside them
+    assert set(modes(run / "checkpoints" / "last").values()) == {0o666 & ~umask()}
 
 
 def test_lock_without_flock_takes_over_only_a_dead_holder(tmp_path, monkeypatch):
@@ -214,6 +225,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_losses_jsonl_holds_each_step_once_after_a_kill_and_resume(tmp_path):
     args = [*TINY, f"ckpt_dir={tmp_path}", "run_name=k", "dataset.limit=64", "dataset.batch_size=8",
             "training.eval_images=8", "ssdd.fm_sampler.steps=2", "training.max_steps=7", "training.ckpt_every=3"]
@@ -242,22 +254,23 @@ def test_cut_loss_log_keeps_one_record_per_step(tmp_path):
     assert list(read_loss_log(str(tmp_path))) == [1, 2, 3, 4, 5]
 
 
-def test_weight_files_get_the_permissions_of_the_json_beside_them(run_s, tmp_path):
-    last = run_s / "jobs" / "s" / "checkpoints" / "last"
-    modes = {p.name: p.stat().st_mode & 0o777 for p in last.iterdir()}
-    assert set(modes.values()) == {0o666 & ~umask()}, modes
-    old = os.umask(0o027)
+def test_weight_files_get_the_permissions_of_the_json_beside_them(tmp_path):
+    old = os.umask(0o027)  # a stricter umask than the usual 022: both follow it
     try:
+        save_training_state(str(tmp_path / "last"), {"ae": torch.nn.Linear(2, 2)}, torch.optim.AdamW(
+            torch.nn.Linear(2, 2).parameters()), {"step": 1})
         save_weights(torch.nn.Linear(2, 2), str(tmp_path / "w.safetensors"))
         atomic_json(str(tmp_path / "w.json"), {})
     finally:
         os.umask(old)
+    assert set(modes(tmp_path / "last").values()) == {0o640}, modes(tmp_path / "last")
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == (tmp_path / "w.json").stat().st_mode & 0o777 == 0o640
 
 
 # ----------------------------------------------------------------------------- offline notes
 
 
+@pytest.mark.slow
 def test_offline_notes_name_the_config_keys(monkeypatch, tmp_path):
     from tokenizer.common.errors import WeightsUnavailableError
     from tokenizer.losses import DinoV2Teacher, LPIPSLoss

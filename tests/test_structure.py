@@ -69,20 +69,24 @@ def test_the_run_machinery_imports_nothing_outside_itself_and_has_no_cycle():
     assert not cycles, f"import cycle through {cycles}"
 
 
+@pytest.mark.slow
 def test_importing_the_machinery_loads_no_model_code():
     modules = sorted("tokenizer.common." + f[:-3] for f in os.listdir(MACHINERY) if f.endswith(".py"))
-    code = (f"import sys; import {', '.join(modules)}; "
-            "print(sorted(m for m in sys.modules if m.startswith('tokenizer.') and not m.startswith('tokenizer.common')))")
+    code = (f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules "
+            "if m.startswith('tokenizer.') and not m.startswith('tokenizer.common')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     # the package's public names still work, loaded on first use
-    code = "import tokenizer, sys; a = 'tokenizer.ssdd' in sys.modules; tokenizer.SSDD; print(a, 'tokenizer.ssdd' in sys.modules)"
+    code = ("import tokenizer, sys; a = 'tokenizer.ssdd' in sys.modules; tokenizer.SSDD; "
+            "print(a, 'tokenizer.ssdd' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False True"
 
 
+@pytest.mark.slow
 def test_importing_the_cache_loads_neither_trainer_nor_gan():
-    code = "import dit.cache, sys; print(sorted(m for m in ('tokenizer.train', 'tokenizer.losses') if m in sys.modules))"
+    code = ("import dit.cache, sys; "
+            "print(sorted(m for m in ('tokenizer.train', 'tokenizer.losses') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -129,3 +133,13 @@ def test_one_time_grid_serves_decoder_and_dit():
     assert time_grid(2, power=2).tolist() == [1.0, 0.25, 0.0]
     shifted = time_grid(4, shift=3.0)
     assert shifted[0] == 1 and shifted[-1] == 0 and bool((shifted[1:-1] > time_grid(4)[1:-1]).all())
+
+
+@pytest.mark.lint
+def test_ruff_check_is_clean():
+    """LINT: `ruff check .` over the whole tree (rules in pyproject.toml; ruff comes with the `test` extra) finds
+    nothing. It fails on the first new long line or unused import: fix the line, or run `ruff check --fix` for the
+    fixable kinds."""
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from tokenizer.common.errors import CheckpointMismatchError, UserError, one_line
 from tokenizer.common.runs import resolve_checkpoint, save_grid
 from tokenizer.common.training import make_accelerator
-from tokenizer.data import build_dataset
+from tokenizer.data import build_dataset, take_subset
 from tokenizer.ssdd import ARCHITECTURE_KEYS, SSDD, checkpoint_architecture
 
 # The config keys of the architecture each kind of checkpoint decides: the whole model, or only its encoder.
@@ -24,9 +24,11 @@ MODEL_KEYS = ARCHITECTURE_KEYS
 ENCODER_KEYS = ("encoder", "encoder_base_channels")
 
 
-def command_line_keys(argv: list) -> set:
-    """The keys a user set explicitly: those of the `key=value` arguments (a `config=` file's are defaults)."""
-    return {arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg and not arg.startswith("config=")}
+def command_line_keys(argv: list) -> dict:
+    """{key: value as given} of the values a user set explicitly: the `key=value` arguments (a `config=` file's
+    values are defaults)."""
+    pairs = (arg.split("=", 1) for arg in argv if "=" in arg and not arg.startswith("config="))
+    return {key.lstrip("+~"): value for key, value in pairs}
 
 
 def checkpoint_sources(cfg, resume_state: str | None = None) -> list:
@@ -42,12 +44,13 @@ def checkpoint_sources(cfg, resume_state: str | None = None) -> list:
     return sources
 
 
-def adopt_checkpoint_architecture(cfg, explicit=(), resume_state: str | None = None):
+def adopt_checkpoint_architecture(cfg, explicit: dict | None = None, resume_state: str | None = None):
     """Set the `ssdd.*` architecture keys of `cfg` (encoder, decoder, widths) to those of the checkpoints it loads
     (`checkpoint_sources`), as dit.cache and dit.export build their tokenizer: a run trained with ssdd.decoder=S
-    is then evaluated, measured or distilled with any config. A key the user set on the command line (`explicit`,
-    e.g. from `command_line_keys`) that contradicts a checkpoint stops here, in one line; keys a file does not
+    is then evaluated, measured or distilled with any config. A value the user gave on the command line
+    (`explicit`: `command_line_keys`) that contradicts a checkpoint stops here, in one line; keys a file does not
     record keep the config's values. Idempotent; returns cfg."""
+    explicit = explicit or {}
     decided = {}  # key -> (value, config key of its source, file)
     for source, path, keys in checkpoint_sources(cfg, resume_state):
         recorded = checkpoint_architecture(path, decided.get("encoder", (cfg.ssdd.encoder,))[0])
@@ -63,14 +66,15 @@ def adopt_checkpoint_architecture(cfg, explicit=(), resume_state: str | None = N
         decided.pop("kl_base_channels", None)  # only the KL-VAE decoder has this width
     adopted = []
     for key, (value, source, path) in decided.items():
-        mine = cfg.ssdd[key]
-        if mine == value:
-            continue
-        if f"ssdd.{key}" in explicit:
+        given = explicit.get(f"ssdd.{key}")
+        if given is not None and str(given).strip().lower() != str(value).lower():
             fix = (f"drop ssdd.{key}= to go on with this run, or use another run_name (nothing was changed)"
                    if source == "run_name" else
                    f"drop ssdd.{key}= (the checkpoint decides) or set ssdd.{key}={value}")
-            raise UserError(f"ssdd.{key}={mine} contradicts {source}: {path} holds a model with {key} {value}; {fix}")
+            raise UserError(f"ssdd.{key}={given} contradicts {source}: {path} holds a model with {key} {value}; {fix}")
+        mine = cfg.ssdd[key]
+        if mine == value:
+            continue
         cfg.ssdd[key] = value
         adopted.append(f"ssdd.{key}={value} (config: {mine})")
     if adopted and os.environ.get("RANK", "0") == "0":  # said once per job
@@ -127,11 +131,11 @@ def reconstruct_split(cfg, accelerator, model: SSDD, dataset, steps: int, limit=
     """
     from tokenizer.metrics import ReconstructionMetrics
 
-    if limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    # a class-balanced subset by default (dataset.subset), the same for every process count
+    dataset = take_subset(dataset, limit, OmegaConf.select(cfg, "dataset.subset", default="balanced"))
     # accelerate shards the split and gather_for_metrics drops the padding of the last batch: every image counts once
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=cfg.eval.batch_size,
-                                            num_workers=cfg.dataset.num_workers))
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.dataset.num_workers)
+    loader = accelerator.prepare(loader)
     metrics = ReconstructionMetrics(accelerator.device, lpips=cfg.eval.lpips, lpips_weights_path=cfg.eval.lpips_weights,
                                     fid=cfg.eval.fid, inception_weights_path=cfg.eval.inception_weights)
     g = torch.Generator(accelerator.device).manual_seed(accelerator.process_index)

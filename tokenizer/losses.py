@@ -1,5 +1,5 @@
-"""Auxiliary training losses of the tokenizer: LPIPS (VGG), REPA against DINOv2-base, the KL term, and the PatchGAN
-of the KL-VAE baseline (docs/ARCHITECTURE.md §4).
+"""Auxiliary training losses of the tokenizer: LPIPS (VGG), REPA against DINOv2-base, and the PatchGAN of the KL-VAE
+baseline (docs/ARCHITECTURE.md §4; the KL term is the posterior's own, `tokenizer.encoder`).
 
 Frozen networks (the LPIPS trunk and heads, the DINOv2 teacher) are *held outside* the module tree: they live in a
 one-element Python list, so they never appear in ``state_dict()``, ``parameters()`` or ``modules()`` (training
@@ -220,12 +220,6 @@ class REPALoss(_HoldsFrozen):
         target = self.teacher.features(images, grid)
         pred = self.projector(student_feats)
         return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
-
-
-# ------------------------------------------------------------------------------------------------------------ KL
-def kl_loss(posterior) -> torch.Tensor:
-    """Mean over the batch of the posterior's per-sample KL divergence (``posterior.kl()`` → (B,))."""
-    return posterior.kl().mean()
 
 
 # ----------------------------------------------------------------------------------------------------------

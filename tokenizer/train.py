@@ -42,6 +42,7 @@ from tokenizer.common.runs import (
     step_results_dir,
     unlock_runs,
 )
+from tokenizer.common.tracking import ImageLog
 from tokenizer.common.training import (
     build_optimizer,
     check_finite,
@@ -57,6 +58,7 @@ from tokenizer.common.training import (
 from tokenizer.common.validation import check_config
 from tokenizer.config_checks import SSDD_CHECKS
 from tokenizer.data import build_dataset
+from tokenizer.data_check import banner, check_run_data, write_run_data
 from tokenizer.evaluation import (
     adopt_checkpoint_architecture,
     command_line_keys,
@@ -180,6 +182,10 @@ def train(cfg):
 
     train_set = build_dataset(cfg.dataset, "train", train=True)
     val_set = build_dataset(cfg.dataset, "val", train=False)
+    data = {"train": train_set.identity, "val": val_set.identity}  # what the run reads, saved as its data.json
+    if accelerator.is_main_process:
+        print("\n".join(banner(identity, f"data ({split})") for split, identity in data.items()))
+    check_run_data(out_dir, data)  # a resume on other data is refused before anything of the run changes
     plan = plan_steps(len(train_set), cfg.dataset.batch_size, world, training.epochs, training.max_steps)
     loader, sampler = train_loader(train_set, plan.per_rank_batch, world, rank, cfg.seed, cfg.dataset.num_workers)
 
@@ -189,6 +195,8 @@ def train(cfg):
     state = resume_run(accelerator, cfg, out_dir, state_modules(model, ema, aux, disc), optimizers)
     if state is not None:
         step, best, best_step = state["step"], state.get("best"), state.get("best_step")
+    if accelerator.is_main_process:
+        write_run_data(out_dir, data)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     if disc is not None:
@@ -196,7 +204,7 @@ def train(cfg):
     raw_model = accelerator.unwrap_model(model)
     modules = state_modules(raw_model, ema, aux, disc)
     accelerator.init_trackers("tensorboard")
-    tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
+    tb = ImageLog(accelerator) if accelerator.is_main_process else None  # grids to every tracker of log_with
     loss_log = LossLog(out_dir, accelerator, training.log_freq, step) if accelerator.is_main_process else None
     fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
     # Samples and evals show 1-step next to N-step decodes; a distilled student is judged at one step only.
@@ -211,7 +219,7 @@ def train(cfg):
         saves = ["last"]
         if accelerator.is_main_process:
             atomic_json(os.path.join(step_results_dir(out_dir, step), EVAL_FILE),
-                      {"step": step, "images": training.eval_images, "split": "val",
+                      {"step": step, "images": training.eval_images, "split": "val", "data": val_set.identity,
                        "results": {f"{n}_steps": r for n, r in results.items()}})
             score = selection_score(results[step_counts[-1]], training.save_on_best)
             if best is None or score > best or resolve_state_dir(os.path.join(ckpt_root, "best")) is None:
@@ -313,13 +321,15 @@ def task_eval(cfg):
     """Reconstruct the eval split with `ssdd.fm_sampler.steps` (or eval.steps) and write eval_<N>steps.json (and a
     grid) into the checkpoint's results folder (`tokenizer.common.runs.results_dir`)."""
     accelerator, model, dataset, checkpoint = load_for_eval(cfg)
+    if accelerator.is_main_process:
+        print(banner(dataset.identity))
     steps = cfg.eval.steps or cfg.ssdd.fm_sampler.steps
     out_dir = results_dir(checkpoint)
-    grid = os.path.join(out_dir, f"eval_{steps}steps.png")
-    result = reconstruct_split(cfg, accelerator, model, dataset, steps, grid_path=grid)
+    grid_path = os.path.join(out_dir, f"eval_{steps}steps.png")
+    result = reconstruct_split(cfg, accelerator, model, dataset, steps, grid_path=grid_path)
     if accelerator.is_main_process:
         result = {"checkpoint": checkpoint, "steps": steps, "split": cfg.eval.split,
-                  "im_size": cfg.dataset.im_size, **result}
+                  "im_size": cfg.dataset.im_size, **result, "data": dataset.identity}
         atomic_json(os.path.join(out_dir, f"eval_{steps}steps.json"), result)
         print(json.dumps(result, indent=2))
         print(f"saved {os.path.join(out_dir, f'eval_{steps}steps.json')}")
@@ -335,9 +345,10 @@ def task_z_stats(cfg):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model_from_config(cfg).to(device).eval()
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
+    print(banner(dataset.identity))
     stats = compute_z_stats(model, dataset, cfg.eval.batch_size, cfg.dataset.num_workers, device)
     stats |= {"encoder": cfg.ssdd.encoder, "im_size": cfg.dataset.im_size, "split": cfg.eval.split,
-              "checkpoint": resolve_checkpoint(cfg.ckpt_dir, spec)}
+              "checkpoint": resolve_checkpoint(cfg.ckpt_dir, spec), "data": dataset.identity}
     path = os.path.join(results_dir(stats["checkpoint"]), Z_STATS_FILE)
     atomic_json(path, stats)
     print(json.dumps(stats, indent=2))

@@ -28,6 +28,7 @@ from torchvision.utils import make_grid, save_image
 
 from tokenizer.common.atomic import atomic_file, process_exists, remove_stale_temporaries, settle
 from tokenizer.common.checkpoint import STATE_FILE, read_state_json, resolve_state_dir
+from tokenizer.common.downloads import fetch_released, released_name
 from tokenizer.common.errors import UserError
 
 
@@ -40,14 +41,19 @@ def default_run_name() -> str:
 
 
 def resolve_checkpoint(ckpt_dir: str, spec: str, weights: str = "model_ae_ema.safetensors") -> str:
-    """A file path, or `<run_name>[@last|@best]` -> that run's `weights` file (by default the tokenizer's EMA)."""
+    """A file path, `<run_name>[@last|@best]` -> that run's `weights` file (by default the tokenizer's EMA), or the
+    name of a released facebook/SSDD file ('F8C4_M_256', tokenizer.common.downloads.RELEASED_SSDD) -> that file,
+    fetched through the Hugging Face cache. A run of the same name wins over a release name."""
     if os.path.isfile(spec):
         return spec
     run, _, which = spec.partition("@")
     path = os.path.join(ckpt_dir, "jobs", run, "checkpoints", which or "last")
     found = resolve_state_dir(path)
+    if found is None and released_name(spec) is not None:
+        return fetch_released(spec)
     if found is None:
-        raise UserError(f"checkpoint '{spec}' is neither a file nor a run with saved weights (looked in {path})")
+        raise UserError(f"checkpoint '{spec}' is neither a file, a run with saved weights (looked in {path}) nor a "
+                        f"released SSDD name such as F8C4_M_256")
     return os.path.join(found, weights)
 
 

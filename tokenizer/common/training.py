@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from tokenizer.common.checkpoint import load_training_state, resolve_state_dir, save_training_state
 from tokenizer.common.errors import CheckpointMismatchError, UserError, one_line
 from tokenizer.common.runs import lock_run, record_start, run_dir
+from tokenizer.common.tracking import make_trackers
 
 OPTIMIZERS = ("radam_schedulefree", "adamw")
 
@@ -43,8 +44,10 @@ def launched_processes() -> int:
         return 1
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_dir: str | None = None):
-    """An accelerate Accelerator; mixed precision only on GPU (CPU autocast is far slower); TensorBoard in log_dir.
+def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_dir: str | None = None,
+                     log_with: str = "tensorboard", project: str = "ssdd", run_name: str | None = None):
+    """An accelerate Accelerator; mixed precision only on GPU (CPU autocast is far slower); with a log_dir, the
+    trackers of `log_with` (tensorboard | wandb | all, tokenizer.common.tracking) logging there.
 
     Several processes launched on a machine without GPUs form one CPU job (gloo), as with ACCELERATE_USE_CPU=true:
     without it accelerate would start each as a job of its own, all writing the same run.
@@ -54,7 +57,8 @@ def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_
 
     kw = {}
     if log_dir is not None:
-        kw = dict(log_with="tensorboard", project_config=ProjectConfiguration(project_dir=log_dir, logging_dir=log_dir))
+        kw = dict(log_with=make_trackers(log_with, log_dir, project, run_name),
+                  project_config=ProjectConfiguration(project_dir=log_dir, logging_dir=log_dir))
     if launched_processes() > 1 and not torch.cuda.is_available():
         kw["cpu"] = True
     mp = mixed_precision if torch.cuda.is_available() else "no"
@@ -66,12 +70,14 @@ def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_
     return accelerator
 
 
-def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1):
+def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1, project: str = "ssdd"):
     """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
-    and create the directory. The accelerator logs to TensorBoard there. Nothing of an existing run is changed
-    yet: `resume_run` makes this job the run's one writer and writes config.yaml once it knows the run can go on."""
+    and create the directory. The accelerator logs there with `cfg.log_with`'s trackers. Nothing of an existing run
+    is changed yet: `resume_run` makes this job the run's one writer and writes config.yaml once it knows the run
+    can go on."""
     out_dir = run_dir(cfg.ckpt_dir, cfg.run_name)
-    accelerator = make_accelerator(mixed_precision, grad_accumulate, log_dir=out_dir)
+    accelerator = make_accelerator(mixed_precision, grad_accumulate, log_dir=out_dir,
+                                   log_with=cfg.get("log_with", "tensorboard"), project=project, run_name=cfg.run_name)
     if accelerator.is_main_process:
         print(OmegaConf.to_yaml(cfg))
         print(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
