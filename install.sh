@@ -20,11 +20,12 @@ if command -v apt-get >/dev/null 2>&1; then
   command -v chromium >/dev/null 2>&1 || apt_install chromium "the app's browser tests will skip"
 fi
 
-# 2. Virtual environment with the pinned stack and this project (editable, so configs/ stay beside the code).
+# 2. Virtual environment with the pinned stack and this project (editable, so configs/ stay beside the code), with
+#    the optional extras the tests cover: diffusers (SSDD as a diffusers VAE) and wandb (log_with=wandb, offline).
 #    pip's own output goes to .venv/pip-install.log; its last lines are shown if it fails.
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 LOG=.venv/pip-install.log
-if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".[test]"; } >"$LOG" 2>&1; then
+if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".[test,diffusers,wandb]"; } >"$LOG" 2>&1; then
   echo "error: pip install failed; the last lines of $LOG:" >&2
   tail -n 25 "$LOG" >&2
   exit 1

@@ -11,7 +11,11 @@ A cache is a directory (docs/ARCHITECTURE.md §9):
     shard_00000.safetensors ...   images [k * shard_size, (k + 1) * shard_size) of the split: latents (n, C, h, w),
                                   latents_flip (n, C, h, w) when flipped, labels (n,) int64; in cache.dtype
     cache.json                    what made it: encoder checkpoint + sha256 of its encoder weights, resolution,
-                                  z_stats, latent shape, class names, counts, shard list
+                                  z_stats, latent shape, class names, counts, shard list, and the identity of
+                                  its data ("data": root, split, classes, file count, fingerprint; tokenizer.data_check)
+
+Each data set gets its own cache: the default folder is <ckpt_dir>/latents/<kind>-<split>-<px>px-<data
+fingerprint[:8]>-<encoder hash[:12]>, and a build never replaces a cache made from other data.
 
 Building. Shard k covers a fixed range of images and is encoded in batches that start at its first image, so its
 bytes do not depend on how many processes share the work; the missing shards are dealt round robin to the
@@ -22,8 +26,9 @@ the directory into place: a cache directory is always complete, and an older cac
 
 Reading (`LatentCache`). Nothing is loaded up front: each item is one positional read of its row at the tensor's
 offset in the safetensors file (no memory map, whose touched pages would count as the process's resident memory),
-so a process holds only the labels (8 bytes per image) whatever the cache's size. Training refuses a cache whose
-encoder or resolution is not the config's (`LatentCache.open`); dit.train also checks its z_stats.
+so a process holds only the labels (8 bytes per image) whatever the cache's size. Training refuses a cache made
+from other data than the config's, or by another encoder, or at another resolution (`LatentCache.open`); dit.train
+also checks its z_stats.
 """
 
 import bisect
@@ -48,11 +53,12 @@ from tokenizer.common.runs import find_result, resolve_checkpoint
 from tokenizer.common.training import make_accelerator
 from tokenizer.common.validation import check_config
 from tokenizer.data import build_dataset
+from tokenizer.data_check import banner, short
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
 from tokenizer.latent_stats import read_z_stats as read_z_stats_file
 from tokenizer.ssdd import SSDD
 
-FORMAT = 2  # 2: shard k holds exactly images [k * shard_size, ...); format-1 caches read the same way
+FORMAT = 3  # 3: cache.json records its data; 2: shard k holds exactly images [k * shard_size, ...); all read alike
 DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
 BUILD_FILE = "build.json"
 
@@ -69,23 +75,51 @@ def read_z_stats(cfg, checkpoint: str) -> dict:
 
 
 def load_tokenizer(cfg) -> tuple[SSDD, str]:
-    """(eval-mode SSDD, resolved checkpoint path) for tokenizer.common.checkpoint."""
-    if not cfg.tokenizer.common.checkpoint:
-        raise UserError("set tokenizer.common.checkpoint=<SSDD file or tokenizer run_name>: its encoder makes the latents")
-    path = resolve_checkpoint(cfg.ckpt_dir, cfg.tokenizer.common.checkpoint)
+    """(eval-mode SSDD, resolved checkpoint path) for tokenizer.checkpoint."""
+    if not cfg.tokenizer.checkpoint:
+        raise UserError("set tokenizer.checkpoint=<SSDD file or tokenizer run_name>: its encoder makes the latents")
+    path = resolve_checkpoint(cfg.ckpt_dir, cfg.tokenizer.checkpoint)
     model = SSDD.from_checkpoint(path).eval().requires_grad_(False)
     if not model.has_encoder:
         raise UserError(f"{path} is a decoder-only file; the latent cache needs the whole tokenizer (encoder too)")
     return model, path
 
 
-def default_dir(cfg, enc_hash: str) -> str:
-    d = cfg.dataset
-    return os.path.join(cfg.ckpt_dir, "latents", f"{d.name}-{d.split}-{d.im_size}px-{enc_hash[:12]}")
+def default_dir(cfg, data: dict, enc_hash: str) -> str:
+    """<ckpt_dir>/latents/<kind>-<split>-<px>px-<data fingerprint[:8]>-<encoder hash[:12]>: one per data and encoder."""
+    name = f"{data['kind']}-{data['split']}-{cfg.dataset.im_size}px-{data['fingerprint'][:8]}-{enc_hash[:12]}"
+    return os.path.join(cfg.ckpt_dir, "latents", name)
 
 
-def cache_dir(cfg, enc_hash: str) -> str:
-    return cfg.cache.dir or default_dir(cfg, enc_hash)
+def cache_dir(cfg, data: dict, enc_hash: str) -> str:
+    return cfg.cache.dir or default_dir(cfg, data, enc_hash)
+
+
+def read_meta(directory: str) -> dict | None:
+    """The cache.json of `directory`, or None when there is none (or it cannot be read)."""
+    try:
+        with open(os.path.join(directory, "cache.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def other_caches(cfg, enc_hash: str, data: dict) -> list:
+    """(directory, data identity) of the caches in <ckpt_dir>/latents of this encoder, split and resolution but of
+    other data, newest first: what a user who points at another data set may have meant."""
+    root = os.path.join(cfg.ckpt_dir, "latents")
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        meta = read_meta(os.path.join(root, name))
+        if meta and isinstance(meta.get("data"), dict) and meta.get("encoder_sha256") == enc_hash \
+                and meta.get("im_size") == cfg.dataset.im_size and meta["data"].get("split") == data["split"] \
+                and meta["data"].get("fingerprint") != data["fingerprint"]:
+            found.append((os.path.join(root, name), meta["data"], meta.get("created", "")))
+    return [(d, m) for d, m, _ in sorted(found, key=lambda f: f[2], reverse=True)]
+
+
+def cache_command() -> str:
+    return "python -m dit.cache " + (" ".join(a for a in sys.argv[1:] if "=" in a) or "<the same config>")
 
 
 def shard_name(index: int) -> str:
@@ -190,22 +224,33 @@ class LatentCache(Dataset):
         if self.starts[-1] != self.meta["images"]:
             raise UserError(f"latent cache {directory} is inconsistent: its shards hold {self.starts[-1]} images, "
                             f"cache.json says {self.meta['images']}")
-        self.labels = torch.cat([r.read("labels") for r in self.shards]) if self.shards else torch.zeros(0, dtype=torch.int64)
+        self.labels = (torch.cat([r.read("labels") for r in self.shards]) if self.shards
+                       else torch.zeros(0, dtype=torch.int64))
         self.flip = bool(self.meta["flip"])
         self.epoch = 0
 
     @classmethod
-    def open(cls, cfg, enc_hash: str, ckpt: str) -> "LatentCache":
-        """The cache for this config, refused (one line) if another encoder or resolution made it."""
-        directory = cache_dir(cfg, enc_hash)
+    def open(cls, cfg, enc_hash: str, ckpt: str, data: dict) -> "LatentCache":
+        """The cache of this config's data (`data`: its identity, tokenizer.data.identify), refused in one line if
+        other data, another encoder or another resolution made it."""
+        directory = cache_dir(cfg, data, enc_hash)
         if not os.path.isfile(os.path.join(directory, "cache.json")):
-            raise UserError(f"no latent cache in {directory}; build it first: python -m dit.cache "
-                            f"{' '.join(a for a in sys.argv[1:] if '=' in a) or '<same config>'}")
+            others = other_caches(cfg, enc_hash, data)
+            there = f"; {others[0][0]} holds the latents of other data, {short(others[0][1])}" if others else ""
+            raise UserError(f"no latent cache of {short(data)} in {directory}{there}; build it first: "
+                            f"{cache_command()}")
         cache = cls(directory)
         m = cache.meta
+        if not isinstance(m.get("data"), dict):
+            raise UserError(f"latent cache {directory} does not record which data made it (an older version wrote "
+                            f"it); rebuild it: {cache_command()}")
+        if m["data"].get("fingerprint") != data["fingerprint"]:
+            raise UserError(f"latent cache {directory} was made from {short(m['data'])}, not from {short(data)} "
+                            f"that this config reads; build a cache of this data with {cache_command()} (without "
+                            f"cache.dir=, each data set gets its own folder)")
         if m["encoder_sha256"] != enc_hash:
             raise UserError(f"latent cache {directory} was made by another encoder ({m['encoder_checkpoint']}, "
-                            f"sha256 {m['encoder_sha256'][:12]}) than tokenizer.common.checkpoint={ckpt} (sha256 "
+                            f"sha256 {m['encoder_sha256'][:12]}) than tokenizer.checkpoint={ckpt} (sha256 "
                             f"{enc_hash[:12]}); rebuild it with python -m dit.cache or point cache.dir elsewhere")
         if m["im_size"] != cfg.dataset.im_size:
             raise UserError(f"latent cache {directory} holds {m['im_size']}-px images but dataset.im_size="
@@ -268,11 +313,13 @@ def encode_shard(model, dataset, start: int, stop: int, cfg, stats: dict, device
     return out
 
 
-def build_plan(cfg, ckpt: str, enc_hash: str, stats: dict, images: int) -> dict:
+def build_plan(cfg, ckpt: str, enc_hash: str, stats: dict, images: int, data: dict) -> dict:
     """Everything that decides a shard's bytes: a partial build made under another plan is started afresh."""
     d = cfg.dataset
     return {"format": FORMAT, "encoder_checkpoint": ckpt, "encoder_sha256": enc_hash, "im_size": int(d.im_size),
-            "dataset": {"name": d.name, "root": d.root, "split": d.split, "limit": d.limit}, "images": images,
+            "dataset": {"name": d.name, "root": d.root, "split": d.split, "limit": d.limit},
+            "data_fingerprint": data["fingerprint"], "skipped": [u["file"] for u in data["unreadable"]],
+            "images": images,
             "shard_size": int(cfg.cache.shard_size), "batch_size": int(cfg.cache.batch_size),
             "dtype": cfg.cache.dtype, "flip": bool(cfg.cache.flip), "z_mean": stats["z_mean"], "z_std": stats["z_std"]}
 
@@ -310,7 +357,7 @@ def finished_shards(partial: str, counts: list) -> set:
 
 
 def cache_metadata(cfg, model: SSDD, ckpt: str, enc_hash: str, stats: dict, class_names: list, partial: str,
-                   counts: list, seconds: float) -> dict:
+                   counts: list, seconds: float, data: dict | None) -> dict:
     readers = [ShardReader(os.path.join(partial, shard_name(k))) for k in range(len(counts))]
     labels = torch.cat([r.read("labels") for r in readers])
     per_class = torch.bincount(labels).tolist()
@@ -323,6 +370,7 @@ def cache_metadata(cfg, model: SSDD, ckpt: str, enc_hash: str, stats: dict, clas
         "im_size": int(cfg.dataset.im_size),
         "dataset": {"name": cfg.dataset.name, "root": cfg.dataset.root, "split": cfg.dataset.split,
                     "limit": cfg.dataset.limit},
+        "data": data,  # which images made it (tokenizer.data_check.data_identity): dit.train compares it
         "z_mean": stats["z_mean"],
         "z_std": stats["z_std"],
         "z_stats_file": stats["path"],
@@ -355,10 +403,18 @@ def build_cache(cfg) -> str:
     model, ckpt = load_tokenizer(cfg)
     stats = read_z_stats(cfg, ckpt)
     enc_hash = model.encoder_sha256()
-    out = cache_dir(cfg, enc_hash)
+    dataset = build_dataset(cfg.dataset, cfg.dataset.split, train=False)  # listed and checked before any work
+    data = dataset.identity
+    if main:
+        print(banner(data))
+    out = cache_dir(cfg, data, enc_hash)
     partial = out + ".partial"
+    old = read_meta(out)
+    if old and isinstance(old.get("data"), dict) and old["data"].get("fingerprint") != data["fingerprint"]:
+        raise UserError(f"{out} holds the latent cache of other data, {short(old['data'])}; building the latents "
+                        f"of {short(data)} there would replace it: leave cache.dir unset (each data set gets its own "
+                        f"folder) or choose another cache.dir")
     model.to(device)
-    dataset = build_dataset(cfg.dataset, cfg.dataset.split, train=False)
     images = len(dataset)
     if images == 0:
         raise UserError(f"dataset {cfg.dataset.name}/{cfg.dataset.split} is empty: nothing to cache")
@@ -368,7 +424,7 @@ def build_cache(cfg) -> str:
     t0 = time.time()
     if main:
         os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
-        prepare_partial(partial, build_plan(cfg, ckpt, enc_hash, stats, images))
+        prepare_partial(partial, build_plan(cfg, ckpt, enc_hash, stats, images, data))
     accelerator.wait_for_everyone()
     done = finished_shards(partial, counts)
     accelerator.wait_for_everyone()  # every process listed the same shards before any writes a new one
@@ -388,7 +444,8 @@ def build_cache(cfg) -> str:
     accelerator.wait_for_everyone()
     if main:
         class_names = [str(c) for c in getattr(dataset, "classes", [])]
-        meta = cache_metadata(cfg, model, ckpt, enc_hash, stats, class_names, partial, counts, time.time() - t0)
+        meta = cache_metadata(cfg, model, ckpt, enc_hash, stats, class_names, partial, counts, time.time() - t0,
+                              data)
         atomic_json(os.path.join(partial, "cache.json"), meta)
         swap_in(partial, out)  # the old cache (if any) stays until this rename
         os.remove(os.path.join(out, BUILD_FILE))  # only now: a kill before the swap resumes with every shard done

@@ -18,6 +18,7 @@ from tokenizer.common.validation import (
                                          trainer_checks,
                                          unit_interval_pair,
 )
+from tokenizer.config_checks import DATASET_RULES, read_given_root
 from tokenizer.flow import T_KINDS
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
@@ -27,6 +28,7 @@ DIT_CHECKS = trainer_checks({
     "tokenizer.z_stats": optional(existing_file),
     "dataset.split": text,
     "dataset.im_size": integer(8, 8192, multiple_of=8),
+    **DATASET_RULES,
     "cache.dir": optional(text),
     "cache.flip": boolean,
     "cache.batch_size": integer(1),
@@ -55,4 +57,4 @@ DIT_CHECKS = trainer_checks({
     "sample.decoder_steps": optional(integer(1, MAX_STEPS)),
     "sample.grid_classes": optional(int_list),
     "sample.per_class": integer(1, 256),
-}, checkpoint_keys=("tokenizer.checkpoint",), folder_keys=("cache.dir",))
+}, checkpoint_keys=("tokenizer.checkpoint",), folder_keys=("cache.dir",), cross=(read_given_root,))

@@ -9,8 +9,9 @@ sample as they were trained:
     model       (x_k, k as a float, y) -> (eps, v): eps prediction in the first C channels; with learn_sigma the
                 next C channels v in [-1, 1] interpolate the log-variance between the posterior variance (v = -1)
                 and beta_k (v = +1): log var = (v + 1)/2 log beta_k + (1 - v)/2 log beta~_k  ("learned range")
-    respacing   a subset S of the 1000 steps ("250": evenly spaced with a fractional stride, both ends kept;
-                "ddim50": the integer stride of the DDIM paper; "a,b,c": counts per equal section); the respaced
+    respacing   a subset S of the 1000 steps ("250": evenly spaced with a fractional stride, both ends kept,
+                rounding a running float sum of the stride as DiT does; "ddim50": the integer stride of the DDIM
+                paper, the first stride giving exactly 50 steps; "a,b,c": counts per equal section); the respaced
                 process has beta'_i = 1 - alpha_bar_{s_i} / alpha_bar_{s_{i-1}}, so its alpha_bar are the base
                 ones at S, and the model is still fed the ORIGINAL step index s_i
     DDPM step   x0 = sqrt(1/alpha_bar) x - sqrt(1/alpha_bar - 1) eps (not clipped: DiT samples with
@@ -18,24 +19,25 @@ sample as they were trained:
                 x <- mean + exp(log var / 2) z, without noise on the last step
     DDIM step   (eta = 0 by default) x <- sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - s^2) eps + s z,
                 s = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) sqrt(1 - alpha_bar / alpha_bar_prev)
-    guidance    the conditional and null-class passes run in one batch; DiT's default guides only the first
-                `cfg_channels` = 3 of the 4 eps channels (the 4th eps channel and the variance come from the
-                conditional pass); `cfg_channels=None` guides all eps channels; `guidance_interval` limits
-                guidance to steps whose noise level t = (k + 1) / 1000 lies inside it (t = 1: pure noise, as in
-                dit.flow)
+    guidance    (`dit.guidance.guided_output`) the conditional and null-class passes run in one batch; DiT's
+                default guides only the first `cfg_channels` = 3 of the 4 eps channels (the 4th eps channel and the
+                variance come from the conditional pass); `cfg_channels=None` guides all eps channels;
+                `guidance_interval` limits guidance to steps whose noise level t = (k + 1) / 1000 lies inside it
+                (t = 1: pure noise, as in dit.flow)
 
 Schedules are computed in float64 and applied to float32 latents, as DiT does.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.flow import cfg_combine, step_randn
+from dit.guidance import ModelFn, guided_output
+from dit.noise import step_randn
 from tokenizer.common.errors import UserError
 
 __all__ = ["linear_betas", "space_timesteps", "DiscreteSchedule", "sample", "METHODS", "NUM_TIMESTEPS"]
@@ -66,17 +68,30 @@ def space_timesteps(num_timesteps: int, spec) -> list[int]:
     try:
         counts = [int(c) for c in text.split(",")]
     except ValueError:
-        raise UserError(f"bad respacing {spec!r}: expected a step count ('250'), 'ddimN' or counts per section") from None
+        raise UserError(f"bad respacing {spec!r}: expected a step count ('250'), 'ddimN' or counts per "
+                        "section") from None
     size, extra = divmod(num_timesteps, len(counts))
     start, kept = 0, []
     for i, count in enumerate(counts):
         section = size + (1 if i < extra else 0)
         if not 1 <= count <= section:
             raise UserError(f"cannot take {count} steps from a section of {section} (respacing {spec!r})")
-        stride = 1.0 if count == 1 else (section - 1) / (count - 1)  # fractional stride: both section ends kept
-        kept += [start + round(j * stride) for j in range(count)]
+        kept += [start + k for k in _evenly_spaced(section, count)]
         start += section
     return sorted(set(kept))
+
+
+def _evenly_spaced(size: int, count: int) -> list[int]:
+    """`count` of the indices 0 .. size - 1 with the fractional stride (size - 1) / (count - 1), both ends kept (one
+    index: 0), as DiT's released respacing picks them: a running float sum of the stride, rounded at each index.
+    The float sum's rounding errors accumulate, so this differs from round(j * stride) for some counts (278 of the
+    1000 counts of one 1000-step section; e.g. 21 steps keep 499 where round(10 * 49.95) = 500)."""
+    stride = 1.0 if count == 1 else (size - 1) / (count - 1)
+    kept, position = [], 0.0
+    for _ in range(count):
+        kept.append(round(position))  # Python's round: halves to even, as DiT's
+        position += stride
+    return kept
 
 
 class DiscreteSchedule:
@@ -134,23 +149,6 @@ def _f32(value) -> float:
     return float(np.float32(value))
 
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def guided_output(model_fn: ModelFn, x: torch.Tensor, timestep: float, y: torch.Tensor, cfg_scale: float,
-                  cfg_channels: Optional[int], null_class: Optional[int], guide: bool) -> torch.Tensor:
-    """Model output (B, C_out, H, W) at one original step index, guided on the first cfg_channels eps channels."""
-    c = x.shape[1]
-    if not guide or cfg_scale == 1.0:
-        return model_fn(x, torch.full((x.shape[0],), float(timestep), device=x.device), y)
-    if null_class is None:
-        raise UserError("classifier-free guidance (cfg_scale != 1) needs a null class; the model has none")
-    out = model_fn(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(timestep), device=x.device),
-                   torch.cat([y, torch.full_like(y, null_class)]))
-    out_c, out_u = out.chunk(2)
-    return cfg_combine(out_c, out_u, cfg_scale, c if cfg_channels is None else min(cfg_channels, c))
-
-
 @torch.no_grad()
 def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps=250, method: str = "ddpm",
            cfg_scale: float = 1.0, cfg_channels: Optional[int] = 3, guidance_interval: Tuple[float, float] = (0.0, 1.0),
@@ -174,9 +172,10 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, steps=250, m
     x = noise
     for i in tqdm(range(len(schedule) - 1, -1, -1), desc=method, leave=False, disable=not progress):
         out = guided_output(model_fn, x, schedule.timesteps[i], y, cfg_scale, cfg_channels, null_class,
-                            guide=lo <= schedule.noise_level(i) <= hi).to(x.dtype)
+                            guide=lo <= schedule.noise_level(i) <= hi)
         if out.shape[1] not in (c, 2 * c):
-            raise UserError(f"the model returned {out.shape[1]} channels for {c}-channel latents (expected {c} or {2 * c})")
+            raise UserError(f"the model returned {out.shape[1]} channels for {c}-channel latents "
+                            f"(expected {c} or {2 * c})")
         eps, var_values = (out[:, :c], out[:, c:]) if out.shape[1] == 2 * c else (out, None)
         x0 = schedule.predict_x0(x, eps, i)
         if clip_denoised:

@@ -20,6 +20,14 @@ eval/generation_table.py can set them side by side:
 Each is checked like the main one (the sha256 of a whole-model checkpoint's encoder, or the `encoder_sha256` a
 decoder-only file records, must be the DiT's), written decoder-only in fp16 as decoder_<name>.safetensors, and
 listed in bundle.json `decoders` ({name, file, steps, sha256, ...}; the default decoder first).
+
+--hub makes the folder ready for the Hugging Face Hub (dit/hub.py): a model card README.md with the Hub's metadata
+and the figures of --results (JSON of eval/generation_table.py or eval/gfid.py, also kept in bundle.json
+`evaluation`), config.json and samples.png; --push-to-hub REPO also uploads it, after which
+`load_generator(resolve_generator("REPO"))` loads it anywhere:
+
+    python -m dit.export --dit dit_fmnist --out runs/hub/dit_fmnist --results docs/reports/generation_table.json \
+        --push-to-hub user/dit-fmnist
 """
 
 import argparse
@@ -31,22 +39,16 @@ import time
 
 import torch
 
+from dit.decoder_files import decoder_label, default_decoder_steps
 from dit.flow import METHODS
-from dit.pipeline import (
-    DECODER_FILE,
-    DIT_FILE,
-    INFO_FILE,
-    SAMPLE_DEFAULTS,
-    _json_field,
-    decoder_label,
-    default_decoder_steps,
-    load_dit,
-)
+from dit.hub import push_to_hub, read_results, write_hub_files
+from dit.pipeline import DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, load_dit
 from tokenizer.common.atomic import atomic_json, remove_stale_temporaries
 from tokenizer.common.checkpoint import file_record, read_metadata, save_weights
+from tokenizer.common.downloads import hub_repo_id
 from tokenizer.common.errors import UserError, run_cli
 from tokenizer.common.runs import resolve_checkpoint
-from tokenizer.common.validation import check_output_dir, check_sampling_args
+from tokenizer.common.validation import check_output_dir, check_sampling_args, in_range
 from tokenizer.ssdd import SSDD
 
 BUNDLE_LIMIT_MB = 25.0  # the DiT plus the default decoder; extra decoders are optional files beside them
@@ -66,6 +68,9 @@ def check_args(args) -> None:
     """The bundle's default sampler settings, and the output folder, before anything is loaded."""
     check_sampling_args(args.cfg, args.steps, args.decoder_steps)
     check_output_dir(args.out, "--out")
+    in_range("--grid-per-class", args.grid_per_class, 0, 64)
+    if args.push_to_hub and hub_repo_id(args.push_to_hub) is None:
+        raise UserError(f"--push-to-hub {args.push_to_hub!r}: give a Hub repository id such as user/my-dit")
 
 
 def parse_extra_decoder(text: str) -> tuple[str, str, int | None]:
@@ -112,6 +117,8 @@ def decoder_summary(decoder: SSDD) -> dict:
 
 def export(args) -> dict:
     check_args(args)
+    hub = args.hub or bool(args.push_to_hub)
+    figures = read_results(args.results)  # before any work: a bad --results file stops here
     dit_path = resolve_dit(args.dit, args.ckpt_dir)
     model, meta = load_dit(dit_path)
     dec_path = resolve_checkpoint(args.ckpt_dir, args.decoder or meta["tokenizer_checkpoint"])
@@ -185,6 +192,8 @@ def export(args) -> dict:
     }
     if extras:  # without extras bundle.json keeps its earlier form (decoder.safetensors is the one decoder)
         info["decoders"] = listing
+    if figures:
+        info["evaluation"] = figures
     atomic_json(os.path.join(args.out, INFO_FILE), info)
     default_mb = sum(files[n]["bytes"] for n in (DIT_FILE, DECODER_FILE)) / 1e6
     total = sum(f["bytes"] for f in files.values()) / 1e6
@@ -192,16 +201,22 @@ def export(args) -> dict:
           f"({'single-step' if decoder.single_step else f'{decoder.default_steps}-step'}) to {args.out}: "
           f"{default_mb:.1f} MB" + (f", plus {len(extras)} extra decoder(s) ({', '.join(names[1:])}): "
                                     f"{total:.1f} MB in all" if extras else ""))
-    if default_mb > BUNDLE_LIMIT_MB:
+    if default_mb > BUNDLE_LIMIT_MB and not hub:
         print(f"warning: the DiT and default decoder are larger than the {BUNDLE_LIMIT_MB:.0f} MB the repository "
               f"allows")
+    if hub:
+        files = write_hub_files(args.out, info, figures, args.license, args.push_to_hub, args.grid_per_class)
+        print(f"Hub files in {args.out}: {', '.join(files)}")
+    if args.push_to_hub:
+        print(f"pushed {args.out} to {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
     return info
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dit", required=True, help="DiT run name under --ckpt-dir or a model_dit_ema.safetensors file")
-    ap.add_argument("--decoder", default=None, help="SSDD checkpoint or tokenizer run name (default: the DiT's tokenizer)")
+    ap.add_argument("--decoder", default=None, help="SSDD checkpoint, tokenizer run name or released name "
+                    "(default: the DiT's tokenizer)")
     ap.add_argument("--out", default="dit/assets/fmnist")
     ap.add_argument("--ckpt-dir", default="runs")
     ap.add_argument("--cfg", type=float, default=None, help="default guidance scale of the bundle")
@@ -212,6 +227,17 @@ def main(argv=None) -> int:
                     "'SSDD-XS 1-step (distilled)')")
     ap.add_argument("--extra-decoder", action="append", default=None, metavar="NAME=CKPT[:STEPS]",
                     help="a further decoder of the same latents (repeatable); CKPT a file or tokenizer run name")
+    ap.add_argument("--hub", action="store_true", help="also write the Hugging Face Hub files: model card "
+                    "README.md, config.json, samples.png")
+    ap.add_argument("--results", action="append", default=None, metavar="JSON",
+                    help="measured figures for the card and bundle.json (eval/generation_table.py or eval/gfid.py "
+                    "output; repeatable)")
+    ap.add_argument("--license", default=None, help="the card's licence (default: cc-by-nc-4.0 for decoders from "
+                    "the facebook/SSDD release, else mit)")
+    ap.add_argument("--grid-per-class", type=int, default=4, help="images per class in samples.png (0: none)")
+    ap.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the folder to this Hub model "
+                    "repository (implies --hub; token from HF_TOKEN or `hf auth login`)")
+    ap.add_argument("--private", action="store_true", help="create the Hub repository private")
     return run_cli(export, ap.parse_args(argv))
 
 

@@ -1,4 +1,4 @@
-"""Flow matching for the DiT generator: its training loss, classifier-free guidance and samplers.
+"""Flow matching for the DiT generator ("flow" family): its training loss and samplers.
 
 The convention, time distributions and time grids are the tokenizer's (`tokenizer.flow`, docs/ARCHITECTURE.md §8):
 
@@ -27,12 +27,13 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from dit.guidance import ModelFn, guided_velocity
+from dit.noise import step_randn
+from dit.solvers import ode_step
 from tokenizer.common.errors import UserError
 from tokenizer.flow import flow_matching_loss, noisy_input, sample_t, time_grid
 
-__all__ = ["training_loss", "cfg_combine", "guided_velocity", "sample", "METHODS"]
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["training_loss", "guided_velocity", "sample", "METHODS"]
 
 METHODS = ("euler", "heun", "sde")
 
@@ -75,57 +76,6 @@ def training_loss(
 # Sampling
 # --------------------------------------------------------------------------------------------
 
-def cfg_combine(out_c: torch.Tensor, out_u: torch.Tensor, cfg_scale: float,
-                channels: Optional[int] = None) -> torch.Tensor:
-    """Classifier-free guidance out_u + s (out_c - out_u) on ALL channels (channels=None), or on the first
-    `channels` only with the rest taken from the conditional output (DiT's and SiT's released samplers guide the
-    first 3 of 4 latent channels; docs/ARCHITECTURE.md §8)."""
-    if channels is None:
-        return out_u + cfg_scale * (out_c - out_u)
-    guided = out_u[:, :channels] + cfg_scale * (out_c[:, :channels] - out_u[:, :channels])
-    return torch.cat([guided, out_c[:, channels:]], dim=1)
-
-
-def guided_velocity(
-    model_fn: ModelFn,
-    x: torch.Tensor,
-    t: float,
-    y: torch.Tensor,
-    cfg_scale: float = 1.0,
-    guidance_interval: Tuple[float, float] = (0.0, 1.0),
-    null_class: Optional[int] = None,
-    cfg_channels: Optional[int] = None,
-) -> torch.Tensor:
-    """Velocity (B, C, H, W) at scalar time t, with classifier-free guidance on ALL channels by default.
-
-    Inside guidance_interval (lo <= t <= hi) and cfg_scale != 1: conditional and unconditional
-    (y replaced by null_class) run in one batched forward and v = v_u + s (v_c - v_u)
-    (`cfg_combine`; cfg_channels=3 guides only the first 3 channels, as SiT's released sampler).
-    Otherwise a single conditional forward gives v = v_c.
-    """
-    c = x.shape[1]
-    lo, hi = guidance_interval
-    if cfg_scale == 1.0 or not (lo <= t <= hi):
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        return model_fn(x, tt, y)[:, :c].to(x.dtype)
-    if null_class is None:
-        raise UserError("classifier-free guidance (cfg_scale != 1) needs a null class; "
-                        "the model has none (trained with class_dropout_prob=0?)")
-    x2 = torch.cat([x, x])
-    y2 = torch.cat([y, torch.full_like(y, null_class)])
-    tt = torch.full((x2.shape[0],), t, device=x.device, dtype=torch.float32)
-    v_c, v_u = model_fn(x2, tt, y2)[:, :c].to(x.dtype).chunk(2)
-    return cfg_combine(v_c, v_u, cfg_scale, cfg_channels)
-
-
-def step_randn(x: torch.Tensor, generator: Optional[torch.Generator], step_noise=None) -> torch.Tensor:
-    """A stochastic sampler's per-step noise shaped like x: `step_noise(x)` when given (per-sample CPU streams,
-    `Generator.step_noise`), else from the device `generator`. Shared by the flow, DiT and SiT samplers."""
-    if step_noise is not None:
-        return step_noise(x)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
 @torch.no_grad()
 def sample(
     model_fn: ModelFn,
@@ -146,8 +96,9 @@ def sample(
 
     noise: (B, C, H, W) standard normal, y: (B,) long labels. null_class defaults to
     `model_fn.null_class` (a DiT has it) and is only needed when cfg_scale != 1. cfg_channels limits guidance to
-    the first channels (`cfg_combine`); None, the default, guides all.
-    The grid is `time_grid(steps, time_shift)`. Methods (h = t_i - t_{i+1} > 0):
+    the first channels (`dit.guidance`); None, the default, guides all.
+    The grid is `time_grid(steps, time_shift)`. Methods (h = t_i - t_{i+1} > 0; euler and heun are
+    `dit.solvers.ode_step`):
 
       euler  x <- x + h v(x, t_i)                                         steps evaluations
       heun   x' = x + h v1, v1 = v(x, t_i); x <- x + h (v1 + v(x', t_{i+1})) / 2
@@ -175,18 +126,14 @@ def sample(
     x = noise
     for i in range(steps):
         t_cur, t_next = grid[i], grid[i + 1]
-        h = t_cur - t_next
-        v = vel(x, t_cur)
-        if method == "euler":
-            x = x + h * v
-        elif method == "heun":
-            x_pred = x + h * v
-            x = x + h * 0.5 * (v + vel(x_pred, t_next))
-        else:  # sde
-            if i == steps - 1:
-                x = x + h * v
-            else:
-                eps_hat = x - (1 - t_cur) * v
-                z = step_randn(x, generator, step_noise)
-                x = x + h * (v - sde_scale * eps_hat) + (2 * sde_scale * t_cur * h) ** 0.5 * z
+        if method != "sde":
+            x = ode_step(vel, x, t_cur, t_next, method)
+        elif i == steps - 1:  # the SDE's last step is a plain Euler step: the model's clean estimate
+            x = ode_step(vel, x, t_cur, t_next, "euler")
+        else:
+            h = t_cur - t_next
+            v = vel(x, t_cur)
+            eps_hat = x - (1 - t_cur) * v
+            z = step_randn(x, generator, step_noise)
+            x = x + h * (v - sde_scale * eps_hat) + (2 * sde_scale * t_cur * h) ** 0.5 * z
     return x

@@ -27,7 +27,6 @@ from tokenizer.common.downloads import fetch_weights
 from tokenizer.common.errors import UserError
 from tokenizer.common.weights import read_weight_file
 
-FAMILIES = ("dit", "sit")
 # Known published files: family, image size, download address (DiT: its download.py; SiT: its README's link).
 KNOWN = {
     "DiT-XL-2-256x256.pt": ("dit", 256, "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),

@@ -27,44 +27,50 @@ either published layout; default sd-vae-ft-mse). Generators on SD-VAE latents de
 All noise is drawn on the CPU from `seed`, so the same call gives the same images on any device (the per-step
 noise of the stochastic samplers excepted, which is drawn on the device unless `step_noise` draws it per
 sample).
+
+This module loads generators and holds `Generator`, which samples through the family table (dit/samplers.py), times
+and decodes; the modules beside it do the rest: class names (dit/class_names.py), the noise policy (dit/noise.py),
+decoder files (dit/decoder_files.py).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dit import diffusion, sit
-from dit.flow import METHODS, sample
+from dit.class_names import class_choices, class_display_names, imagenet_class_names, resolve_class_ids
+from dit.decoder_files import (
+    decoder_label,
+    default_decoder_steps,
+    load_decoder,
+    load_decoder_spec,
+    load_sdvae_decoder,
+    named_decoders,
+)
 from dit.models import DiT, build_dit
+from dit.noise import draw_batch_noise, draw_per_sample_noise, per_sample_step_noise, sample_seed
 from dit.official import FAMILY_DEFAULTS, is_official_spec, load_official
-from tokenizer.common.checkpoint import check_state_dict, read_header, read_weights, verify_file
+from dit.samplers import ALL_METHODS, FAMILY_METHODS, run_sampler
+from tokenizer.common.checkpoint import check_state_dict, read_weights, verify_file
 from tokenizer.common.errors import UserError
 from tokenizer.latent_stats import fixed_z_stats
-from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout, read_state_file
 from tokenizer.ssdd import SSDD
+
+# What the modules beside it do, re-exported because callers import them from here.
+__all__ = ["BUNDLE_DIR", "DIT_FILE", "DECODER_FILE", "INFO_FILE", "SAMPLE_DEFAULTS", "FAMILY_METHODS", "ALL_METHODS",
+           "Generator", "load_generator", "load_official_generator", "load_dit", "verify_bundle_file",
+           "bundle_decoders", "imagenet_class_names", "sample_seed", "decoder_label", "default_decoder_steps",
+           "load_decoder", "load_decoder_spec", "load_sdvae_decoder", "named_decoders"]
 
 BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "fmnist"
 DIT_FILE, DECODER_FILE, INFO_FILE = "dit_ema.safetensors", "decoder.safetensors", "bundle.json"
 SAMPLE_DEFAULTS = {"method": "euler", "steps": 50, "cfg_scale": 4.0, "guidance_interval": [0.0, 1.0],
                    "time_shift": 1.0, "decoder_steps": None}
-# Each sampling family's methods: this project's flow models, DiT's discrete diffusion, SiT's interpolant.
-FAMILY_METHODS = {"flow": METHODS, "dit": diffusion.METHODS, "sit": sit.METHODS}
-ALL_METHODS = tuple(dict.fromkeys(m for methods in FAMILY_METHODS.values() for m in methods))
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet class names (torchvision's table; no download)."""
-    from torchvision.models import ResNet50_Weights
-
-    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
 def load_dit(path: str) -> tuple[DiT, dict]:
@@ -83,26 +89,14 @@ def load_dit(path: str) -> tuple[DiT, dict]:
     return model.eval().requires_grad_(False), meta
 
 
-def default_decoder_steps(decoder: SSDD) -> int:
-    """The steps a decoder runs when not told: 1 for a distilled decoder and the KL-VAE, else its sampler default."""
-    return 1 if decoder.single_step or decoder.is_kl else decoder.default_steps
-
-
-def decoder_label(decoder: SSDD, steps: int | None = None) -> str:
-    """A display name such as 'SSDD-XS 1-step (distilled)', 'SSDD-XS 8-step', 'KL-VAE' or 'SD-VAE'."""
-    if decoder.is_kl:
-        return "SD-VAE" if decoder.encoder_name == "sdvae" else "KL-VAE"
-    steps = steps or default_decoder_steps(decoder)
-    return f"SSDD-{decoder.decoder_name} {steps}-step" + (" (distilled)" if decoder.single_step else "")
-
-
 @dataclass
 class Generator:
     """A DiT, the decoders of its latents, and what relates them (z_stats, class names, sampler defaults).
 
     `decoders` maps a display name to a decoder (an `SSDD`, or the KL-VAE baseline behind the same API) and the
     step count it runs by default; the first entry is the default decoder (`decoder`). `family` says how the DiT
-    samples: "flow" (this project's), "dit" (DiT's discrete diffusion) or "sit" (SiT's interpolant).
+    samples (a key of `dit.samplers.SAMPLER_FAMILIES`): "flow" (this project's), "dit" (DiT's discrete diffusion) or
+    "sit" (SiT's interpolant).
     """
 
     model: DiT
@@ -156,18 +150,8 @@ class Generator:
 
     # ------------------------------------------------------------------ classes
 
-    def _name_table(self) -> dict:
-        """lower-case name -> id: the model's own class names, plus torchvision's ImageNet names for 1000 classes."""
-        table = {}
-        if self.num_classes == 1000:
-            table.update({n.lower(): i for i, n in enumerate(imagenet_class_names())})
-        table.update({str(n).lower(): i for i, n in enumerate(self.class_names)})
-        return table
-
     def display_names(self) -> list:
-        if self.num_classes == 1000 and all(n.startswith("n") and n[1:].isdigit() for n in self.class_names):
-            return imagenet_class_names()  # folder names are WordNet ids; show words
-        return [str(n) for n in self.class_names]
+        return class_display_names(self.class_names, self.num_classes)
 
     def class_name(self, class_id: int) -> str:
         names = self.display_names()
@@ -175,35 +159,10 @@ class Generator:
 
     def resolve_classes(self, specs) -> list[int]:
         """Ids (int or digit strings) or names (case-insensitive) -> class ids; a UserError lists the choices."""
-        if isinstance(specs, (str, int)):
-            specs = [specs]
-        table, ids = None, []
-        n = self.num_classes
-        for spec in specs:
-            text = str(spec).strip()
-            if text.lstrip("-").isdigit():
-                cid = int(text)
-                if not 0 <= cid < n:
-                    raise UserError(f"class {cid} is outside this model's classes 0..{n - 1} "
-                                    f"({self._choices()})")
-                ids.append(cid)
-                continue
-            table = table if table is not None else self._name_table()
-            cid = table.get(text.lower())
-            if cid is None:
-                close = difflib.get_close_matches(text.lower(), list(table), n=3, cutoff=0.6)
-                hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-                raise UserError(f"unknown class name {text!r}; {hint}valid names: {self._choices()}")
-            ids.append(cid)
-        if not ids:
-            raise UserError(f"no class given; valid: {self._choices()}")
-        return ids
+        return resolve_class_ids(specs, self.class_names, self.num_classes)
 
     def _choices(self, limit: int = 10) -> str:
-        names = self.display_names()
-        shown = ", ".join(f"{i} {names[i]!r}" for i in range(min(limit, len(names))))
-        more = f", ... ({len(names)} classes in all)" if len(names) > limit else f" ({len(names)} classes)"
-        return f"ids 0..{self.num_classes - 1} or names: {shown}{more}"
+        return class_choices(self.class_names, self.num_classes, limit)
 
     # ------------------------------------------------------------------ sampling
 
@@ -223,31 +182,19 @@ class Generator:
 
     def draw_noise(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(DiT noise (n, C, h, w), decoder noise (n, 3, H, W)), drawn on the CPU from `seed` in that order."""
-        g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn((n, *self.latent_shape), generator=g)
-        return noise, torch.randn((n, *self.image_shape), generator=g)
+        return draw_batch_noise(n, seed, self.latent_shape, self.image_shape)
 
     def draw_sample_noise(self, indices, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample noise: sample i's (DiT noise (C, h, w), decoder noise (3, H, W)) come, in that order, from its
         own CPU generator seeded from (seed, i), so an image does not depend on which samples share its batch, the
         batch size or the number of processes. -> two stacked tensors (len(indices), ...)."""
-        noise, decoder_noise = [], []
-        for i in indices:
-            g = torch.Generator().manual_seed(sample_seed(seed, i))
-            noise.append(torch.randn(self.latent_shape, generator=g))
-            decoder_noise.append(torch.randn(self.image_shape, generator=g))
-        return torch.stack(noise), torch.stack(decoder_noise)
+        return draw_per_sample_noise(indices, seed, self.latent_shape, self.image_shape)
 
     def step_noise(self, indices, seed: int):
         """`step_noise` for `sample_latents`: sample i's per-step noise from its own CPU generator seeded from
         (seed, i, 1), moved to the device. Only stochastic samplers (flow `sde`, DiT `ddpm`, SiT `sde`) call it, so
         it can always be passed."""
-        gens = [torch.Generator().manual_seed(sample_seed(seed, i, stream=1)) for i in indices]
-
-        def draw(x: torch.Tensor) -> torch.Tensor:
-            return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
-
-        return draw
+        return per_sample_step_noise(indices, seed)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -281,14 +228,7 @@ class Generator:
         """Normalised latents of one batch, by the sampler of the model's family (docs/ARCHITECTURE.md §8).
 
         step_noise(x), when given, draws the stochastic samplers' per-step noise instead of `generator`."""
-        common = dict(steps=settings["steps"], method=settings["sampler"], cfg_scale=settings["cfg_scale"],
-                      guidance_interval=settings["guidance_interval"], generator=generator, step_noise=step_noise)
-        if self.family == "dit":
-            return diffusion.sample(self.model, noise, y, cfg_channels=settings["cfg_channels"], progress=True, **common)
-        if self.family == "sit":
-            return sit.sample(self.model, noise, y, cfg_channels=settings["cfg_channels"], progress=True, **common)
-        return sample(self.model, noise, y, time_shift=settings["time_shift"], cfg_channels=settings["cfg_channels"],
-                      **common)
+        return run_sampler(self.family, self.model, noise, y, settings, generator, step_noise)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, decoder_noise: torch.Tensor, decoder: str | None = None,
@@ -356,14 +296,6 @@ class Generator:
         return images, timings
 
 
-def sample_seed(seed: int, index: int, stream: int = 0) -> int:
-    """A 64-bit generator seed for sample `index` of a run seeded with `seed` (numpy's SeedSequence hash, so nearby
-    (seed, index) pairs give unrelated streams); `stream` separates the SDE's per-step noise (1) from the rest (0)."""
-    if seed < 0 or index < 0:
-        raise UserError(f"seeds and sample indices must be >= 0, got seed {seed}, index {index}")
-    return int(np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(1, np.uint64)[0])
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -385,87 +317,6 @@ def verify_bundle_file(path: Path, info: dict) -> None:
         verify_file(str(path), record, str(path.parent / INFO_FILE))
 
 
-def load_decoder(path: str, latent_channels: int, what: str, sdvae_latents: bool = False,
-                 encoder_sha256: str | None = None) -> SSDD:
-    """An eval-mode decoder (SSDD or KL-VAE behind the SSDD API) from a checkpoint, checked against the latents.
-
-    sdvae_latents: the generator makes SD-VAE latents; a file without architecture metadata (a released
-    decoder-only SDVAE_*_256 file) is then read as an SSDD decoder of SD-VAE latents, its size from its shapes,
-    and an SD-VAE file (either layout) as the SD-VAE decoder.
-    encoder_sha256: the encoder whose latents the generator makes; a decoder-only file that records another is
-    refused.
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"decoder checkpoint not found: {path}")
-    path = str(path)
-    # the header is enough to tell what the file is (SSDD.from_checkpoint reads the tensors once, below)
-    keys, meta = read_header(path) if path.endswith(".safetensors") else (list(read_state_file(path)), {})
-    if "x_embedder.proj.weight" in keys:
-        raise UserError(f"{path} is a DiT/SiT generator, not a decoder; give it with --ckpt")
-    if detect_layout(keys) is not None:
-        if not sdvae_latents:
-            raise UserError(f"{path} is an SD-VAE autoencoder, but {what} does not make SD-VAE latents")
-        return load_sdvae_decoder(path)
-    if not path.endswith(".safetensors"):
-        raise UserError(f"{path} is neither an SD-VAE autoencoder nor an SSDD checkpoint (.safetensors)")
-    recorded = meta.get("encoder_sha256")
-    if encoder_sha256 and recorded and recorded != encoder_sha256:
-        raise UserError(f"the decoder {path} decodes the latents of another encoder (sha256 {recorded[:12]}) than "
-                        f"{what} was trained on (sha256 {encoder_sha256[:12]})")
-    arch = {} if "encoder" in meta or not sdvae_latents else {"encoder": "sdvae"}
-    dec = SSDD.from_checkpoint(path, **arch).eval().requires_grad_(False)
-    if dec.encoder.z_channels != latent_channels:
-        raise UserError(f"the decoder {path} takes {dec.encoder.z_channels}-channel latents but {what} makes "
-                        f"{latent_channels}-channel ones")
-    if (dec.encoder_name == "sdvae") != sdvae_latents:
-        made = "SD-VAE latents" if sdvae_latents else "latents of this project's tokenizer"
-        raise UserError(f"the decoder {path} decodes {dec.encoder_name} latents but {what} makes {made}")
-    return dec
-
-
-def load_sdvae_decoder(source: str = DEFAULT_SDVAE) -> SSDD:
-    """SD-VAE's KL decoder (with its encoder) from a file in either published layout, or a known name."""
-    return SSDD(encoder="sdvae", decoder="kl", checkpoint=source).eval().requires_grad_(False)
-
-
-def load_decoder_spec(spec, latent_channels: int, what: str, sdvae_latents: bool = False,
-                      encoder_sha256: str | None = None) -> SSDD:
-    """A decoder from a spec: `sdvae`, `sdvae:<file or name>`, `ssdd:<file>`, or a checkpoint file."""
-    text = str(spec)
-    if text == "sdvae" or text.startswith("sdvae:"):
-        if not sdvae_latents:
-            raise UserError(f"{what} does not make SD-VAE latents, so the SD-VAE decoder cannot decode them")
-        return load_sdvae_decoder(text.partition(":")[2] or DEFAULT_SDVAE)
-    return load_decoder(text.removeprefix("ssdd:"), latent_channels, what, sdvae_latents, encoder_sha256)
-
-
-def named_decoders(specs, latent_channels: int, what: str, sdvae_latents: bool = False,
-                   encoder_sha256: str | None = None) -> dict:
-    """{display name: (decoder, default steps)} of [(name or None, spec, steps or None)]; names made unique.
-
-    On SD-VAE latents the names carry no step count ('SSDD-M', 'SD-VAE (sd-vae-ft-mse)'): the steps a decoder
-    runs are chosen per call there, and reported with the timings.
-    """
-    decoders = {}
-    for name, spec, steps in specs:
-        dec = load_decoder_spec(spec, latent_channels, what, sdvae_latents, encoder_sha256)
-        steps = int(steps) if steps else default_decoder_steps(dec)
-        text = str(spec)
-        source = os.path.basename(text.split(":", 1)[1] if text.startswith(("sdvae:", "ssdd:")) else text)
-        if name:
-            label = name
-        elif not sdvae_latents:
-            label = decoder_label(dec, steps)
-        elif dec.is_kl:
-            label = f"SD-VAE ({source if text != 'sdvae' else DEFAULT_SDVAE})"
-        else:
-            label = f"SSDD-{dec.decoder_name}" + (" (distilled)" if dec.single_step else "")
-        if label in decoders:
-            label = f"{label} [{source}]"
-        decoders[label] = (dec, steps)
-    return decoders
-
-
 def bundle_decoders(path: Path, info: dict) -> list:
     """[(name or None, file, steps or None)] of a bundle: bundle.json's `decoders` list, else decoder.safetensors."""
     entries = info.get("decoders") or [{"file": DECODER_FILE}]
@@ -482,6 +333,10 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
         decoder = [decoder]
     if path is not None and is_official_spec(path):
         return load_official_generator(path, device, decoder)
+    if path is not None:
+        from dit.hub import resolve_generator  # imported here: dit.hub builds on this module
+
+        path = resolve_generator(path) or path  # a Hugging Face repository id -> its folder in the cache
     path = Path(path) if path is not None else BUNDLE_DIR
     info, entries = {}, None
     if path.is_dir():

@@ -14,6 +14,7 @@ RNG, resumable batches, finite-loss guard, checkpoints; tokenizer.common.runs: r
 tokenizer.common.ema: the EMA), so a fix to resume, logging or checkpointing is made once.
 """
 
+import functools
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ from dit.models import build_dit
 from tokenizer.common.config import load_config
 from tokenizer.common.ema import EMA
 from tokenizer.common.errors import UserError, run_cli
-from tokenizer.common.runs import LossLog, default_run_name, save_grid
+from tokenizer.common.runs import LossLog, default_run_name, save_grid, unlock_runs
+from tokenizer.common.tracking import ImageLog
 from tokenizer.common.training import (
     build_optimizer,
     check_finite,
@@ -43,6 +45,8 @@ from tokenizer.common.training import (
     train_loader,
 )
 from tokenizer.common.validation import check_config
+from tokenizer.data import identify
+from tokenizer.data_check import banner, check_run_data, write_run_data
 
 
 def dit_architecture(cfg, cache: LatentCache) -> dict:
@@ -77,7 +81,8 @@ def build_model(cfg, num_classes: int, latent_shape) -> torch.nn.Module:
 
 
 def grid_classes(cfg, num_classes: int) -> list:
-    classes = list(cfg.sample.grid_classes) if cfg.sample.grid_classes is not None else list(range(min(num_classes, 10)))
+    classes = (list(cfg.sample.grid_classes) if cfg.sample.grid_classes is not None
+               else list(range(min(num_classes, 10))))
     bad = [c for c in classes if not 0 <= int(c) < num_classes]
     if bad:
         raise UserError(f"sample.grid_classes {bad} outside the model's classes 0..{num_classes - 1}")
@@ -109,13 +114,18 @@ def sample_grid(tb, model, decoder, grid, cfg, arch: dict, shown: list, step: in
 def train(cfg):
     """The training loop. Returns the trained (unwrapped) model."""
     training = cfg.training
-    accelerator, out_dir = start_run(cfg, training.mixed_precision, training.grad_accumulate)
+    accelerator, out_dir = start_run(cfg, training.mixed_precision, training.grad_accumulate, project="dit")
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     # The tokenizer: its encoder hash picks (and checks) the cache, its decoder draws the sample grids.
     tokenizer, tok_ckpt = load_tokenizer(cfg)
     z_stats = read_z_stats(cfg, tok_ckpt)
-    cache = LatentCache.open(cfg, tokenizer.encoder_sha256(), tok_ckpt)
+    # The data the config names (listed, not read) picks the cache: a cache of other data is refused.
+    cache = LatentCache.open(cfg, tokenizer.encoder_sha256(), tok_ckpt, identify(cfg.dataset, cfg.dataset.split))
+    data = {"train": cache.meta["data"], "cache": cache.dir}  # the run's data.json
+    if accelerator.is_main_process:
+        print(banner(cache.meta["data"], f"data (latent cache {cache.dir})"))
+    check_run_data(out_dir, {"train": cache.meta["data"]})
     if abs(cache.meta["z_mean"] - z_stats["z_mean"]) > 1e-6 or abs(cache.meta["z_std"] - z_stats["z_std"]) > 1e-6:
         raise UserError(f"latent cache {cache.dir} was normalised with z_mean={cache.meta['z_mean']:.5f}, "
                         f"z_std={cache.meta['z_std']:.5f} but {z_stats['path']} now says {z_stats['z_mean']:.5f}, "
@@ -144,13 +154,15 @@ def train(cfg):
     ckpt_root = os.path.join(out_dir, "checkpoints")
     state = resume_run(accelerator, cfg, out_dir, {"dit": model, "dit_ema": ema.model}, optimizer)
     step = state["step"] if state is not None else 0
+    if accelerator.is_main_process:
+        write_run_data(out_dir, data)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     modules = {"dit": raw_model, "dit_ema": ema.model}  # the files of a training state
     accelerator.init_trackers("tensorboard")
-    tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
-    loss_log = LossLog(out_dir, accelerator, training.log_freq) if accelerator.is_main_process else None
+    tb = ImageLog(accelerator) if accelerator.is_main_process else None  # grids to every tracker of log_with
+    loss_log = LossLog(out_dir, accelerator, training.log_freq, step) if accelerator.is_main_process else None
 
     # Sample grids: fixed classes and fixed noise (drawn on the CPU), so grids of different steps compare.
     shown = grid_classes(cfg, num_classes)
@@ -181,9 +193,9 @@ def train(cfg):
                 # Label dropout for CFG from the step's generator (not the global RNG): resume stays exact.
                 drop = (torch.rand(x.shape[0], generator=gen, device=device) < cfg.model.class_dropout_prob).long()
                 with accelerator.autocast():
-                    loss = training_loss(lambda xt, tt, yy: model(xt, tt, yy, force_drop_ids=drop), x, y,
-                                         generator=gen, t_kind=cfg.flow.t_kind, t_mean=cfg.flow.t_mean,
-                                         t_std=cfg.flow.t_std, t_shift=cfg.flow.t_shift)
+                    loss = training_loss(functools.partial(model, force_drop_ids=drop), x, y, generator=gen,
+                                         t_kind=cfg.flow.t_kind, t_mean=cfg.flow.t_mean, t_std=cfg.flow.t_std,
+                                         t_shift=cfg.flow.t_shift)
                 total = accelerator.reduce(loss.detach(), "sum")
                 check_finite(total, step)
                 accelerator.backward(loss)
@@ -219,7 +231,10 @@ def run(argv: list[str]) -> None:
     cfg = check_config(load_config("dit.yaml", argv), DIT_CHECKS)
     if cfg.run_name is None:
         cfg.run_name = default_run_name()
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        unlock_runs()  # the run's lock (start_run took it), also when training stops with an error
 
 
 def main(argv=None) -> int:

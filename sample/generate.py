@@ -97,8 +97,9 @@ def check_output_memory(args, n_classes: int, image_shape: tuple, n_decoders: in
     c, h, w = image_shape
     images = (1 + n_decoders) * n_classes * args.num * c * h * w * 4
     grid = (n_classes * (h + 2) + 2) * (args.num * (w + 2) + 2) * 3
-    check_memory(images + grid * (1 + 2 * args.scale**2), f"{n_classes * args.num} images of {h}x{w} px with a "
-                 f"grid.png upscaled {args.scale}x", advice="ask for fewer images (--num, --class) or a smaller --scale")
+    check_memory(images + grid * (1 + 2 * args.scale**2),
+                 f"{n_classes * args.num} images of {h}x{w} px with a grid.png upscaled {args.scale}x",
+                 advice="ask for fewer images (--num, --class) or a smaller --scale")
 
 
 class Progress:

@@ -1,12 +1,13 @@
 """Encode and decode one image with an SSDD tokenizer; save input and reconstructions side by side.
 
-    python sample/reconstruct.py --ckpt F8C4_M_256.safetensors --encoder f8c4 --decoder M --image cat.jpg
+    python sample/reconstruct.py --ckpt F8C4_M_256 --image cat.jpg       # a released model by name (Hub cache)
     python sample/reconstruct.py --ckpt runs/jobs/fmnist_f8c4_XS/checkpoints/last/model_ae_ema.safetensors \
         --image coffee --size 256 --steps 1 8
 
 `--image` is a file or the name of a photo bundled with scikit-image (astronaut, chelsea, coffee, rocket).
 The image is resized (shorter side, bilinear) and centre-cropped to `--size`, as the official demo does.
-Checkpoints written by this project know their architecture; the released files need --encoder/--decoder.
+Checkpoints written by this project know their architecture; so do the released facebook/SSDD files, given by name
+(F8C4_M_256, SDVAE_M_256, ...) or as files keeping their released names; other files need --encoder/--decoder.
 """
 
 import argparse
@@ -112,7 +113,8 @@ def reconstruct(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="safetensors file (ours or a released facebook/SSDD file)")
+    ap.add_argument("--ckpt", required=True, help="safetensors file (ours or a released facebook/SSDD file), or a "
+                    "released name such as F8C4_M_256 (fetched through the Hugging Face cache)")
     ap.add_argument("--encoder", default=None, help="f8c4-style; needed for released files only")
     ap.add_argument("--decoder", default=None, help="S, B, M, L, XL, H; needed for released files only")
     ap.add_argument("--image", default="astronaut", help=f"image file or one of {', '.join(BUNDLED)}")

@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.pipeline import ALL_METHODS, load_generator
-from eval.adm_npz import write_sample_batch
+from eval.lib.adm_npz import write_sample_batch
 from tokenizer.common.atomic import atomic_file, atomic_json, remove_stale_temporaries
 from tokenizer.common.errors import UserError, run_cli
 from tokenizer.common.training import make_accelerator
@@ -84,8 +84,9 @@ def check_settings(out: str, settings: dict) -> None:
         raise UserError(f"{out} holds samples made with other settings ({k}: {old.get(k)!r} there, {settings[k]!r} "
                         f"now); rerun with the same settings to resume, or choose another --out")
     if old.get("per_proc_batch_size") != settings["per_proc_batch_size"]:
-        print(f"note: --per-proc-batch-size {settings['per_proc_batch_size']} differs from the {old.get('per_proc_batch_size')}"
-              f" this run started with; the remaining images may differ from an uninterrupted run in rounding")
+        print(f"note: --per-proc-batch-size {settings['per_proc_batch_size']} differs from the "
+              f"{old.get('per_proc_batch_size')} this run started with; the remaining images may differ from an "
+              f"uninterrupted run in rounding")
 
 
 def check_args(args) -> None:
@@ -150,8 +151,8 @@ def sample(args) -> dict:
     missing = sorted(set(range(n)) - existing_indices(out))
     if missing:
         atomic_json(os.path.join(out, NONFINITE_FILE), missing)
-        raise UserError(f"{len(missing)} of {n} samples were not finite (NaN or inf; first: {missing[:5]}) and were not "
-                        f"written; their indices are in {os.path.join(out, NONFINITE_FILE)}; no .npz was written")
+        raise UserError(f"{len(missing)} of {n} samples were not finite (NaN or inf; first: {missing[:5]}) and were "
+                        f"not written; their indices are in {os.path.join(out, NONFINITE_FILE)}; no .npz was written")
     if os.path.exists(os.path.join(out, NONFINITE_FILE)):
         os.remove(os.path.join(out, NONFINITE_FILE))
     labels = np.arange(n) % gen.num_classes
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: the bundle's)")
     ap.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default: the bundle's)")
     ap.add_argument("--sampler", choices=ALL_METHODS, default=None,
-                    help="default: the model's (this project's DiT: a flow sampler; DiT-XL/2: ddpm or ddim; SiT: sde or ode)")
+                    help="default: the model's (this project's DiT: a flow sampler; DiT-XL/2: ddpm or ddim; "
+                         "SiT: sde or ode)")
     ap.add_argument("--decoder", default=None, help="a decoder name of the bundle, or a decoder checkpoint file")
     ap.add_argument("--decoder-steps", type=int, default=None, help="default: the decoder's (1 when distilled)")
     ap.add_argument("--per-proc-batch-size", type=int, default=64)

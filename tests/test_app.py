@@ -6,7 +6,7 @@ Compare decoders / the examples, and check what arrives and that every image and
 
 The browser tests skip, saying why, only where the browser cannot be had (bash install.sh installs it where
 apt-get exists). SSDD_APP_SCREENSHOTS=<folder> makes the embedded-model browser test save the README and docs
-screenshots (app.png in docs/, both tabs at 2 x 4 and 8 x 8 in the folder).
+screenshots (docs/reports/app.png, both tabs at 2 x 4 and 8 x 8 in the folder).
 """
 
 import json
@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from dit_fixtures import ROOT, make_bundle, make_dit, make_kl_decoder, make_tokenizer
+from helpers import ROOT, make_bundle, make_dit, make_kl_decoder, make_tokenizer
 from PIL import Image
 
 from app.app import LIMITS, bind_address, build_app, launch, page_defaults, validate, warm_up
@@ -231,6 +231,7 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_api_generate_and_compare_with_gradio_client(served, standin):
     from gradio_client import Client
 
@@ -739,7 +740,7 @@ def test_browser_embedded_app_generates_and_compares(browser, tmp_path):
         assert " s for 8 latents" in timings and " s for 8 images (1 step)" in timings and "Device: cpu" in timings
         if shots:
             page.wait_for_timeout(1000)
-            page.screenshot(path=os.path.join(ROOT, "docs", "app.png"))
+            page.screenshot(path=os.path.join(ROOT, "docs", "reports", "app.png"))
         screenshot("app_generate_2x4.png")
 
         page.locator("#compare").click()
@@ -798,7 +799,7 @@ def test_browser_compare_shows_every_decoder_with_its_time(browser, served):
 
 
 def test_load_test_contacts_loopback_only(capsys):
-    from eval.app_load import main as load_test
+    from eval.stress.app_load import main as load_test
 
     for url in ("http://10.1.2.3:7860", "http://localhost:7860", "http://example.org"):
         assert load_test(["--url", url, "--requests", "2"]) == 2
@@ -808,7 +809,7 @@ def test_load_test_contacts_loopback_only(capsys):
 @pytest.mark.slow
 def test_load_test_counts_every_request(standin, tmp_path):
     """A burst larger than the queue: each request is answered or refused, none is lost, the app serves on."""
-    from eval.app_load import main as load_test
+    from eval.stress.app_load import main as load_test
 
     files, _ = standin
     out = str(tmp_path / "load")

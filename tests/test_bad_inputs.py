@@ -6,7 +6,6 @@ Cases cover every config knob kind (types, ranges, choices, paths), resumes that
 the scripts' arguments (counts, steps, sizes, seeds, guidance scales, devices, output places, memory limits).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,28 +13,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, TINY, make_folder, make_tokenizer, tiny_args
 from PIL import Image
-from test_train import TINY
 
 import tokenizer.common.devices as devices
 from dit.cache import main as cache_main
 from dit.export import main as export_main
 from dit.pipeline import BUNDLE_DIR, DECODER_FILE, DIT_FILE, INFO_FILE
 from dit.train import main as dit_main
+from sample import generate, reconstruct, sample_ddp
 from tokenizer import SSDD
 from tokenizer.common.checkpoint import file_record, read_weights, save_weights
 from tokenizer.train import main as tok_main
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "sample", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate, reconstruct, sample_ddp = load_script("generate"), load_script("reconstruct"), load_script("sample_ddp")
 ENTRIES = {"tokenizer.train": tok_main, "dit.train": dit_main, "dit.cache": cache_main, "dit.export": export_main,
            "generate": generate.main, "reconstruct": reconstruct.main, "sample_ddp": sample_ddp.main}
 
@@ -65,6 +55,14 @@ def ctx(tmp_path_factory):
     assert cache_main(c.dit_args) == 0
     assert dit_main(c.dit_args) == 0
     c.dit_ema = str(root / "dit" / "jobs" / "existing" / "checkpoints" / "last" / "model_dit_ema.safetensors")
+    (c.dit_cache,) = (root / "dit" / "latents").iterdir()
+    # a user's image folders: a good one (other data than the runs above), one with an empty class folder, one with
+    # a corrupt file, and a folder that is neither an image folder nor Fashion-MNIST
+    c.photos = make_folder(root / "photos")
+    c.photos_empty = make_folder(root / "photos_empty", empty="zz_empty")
+    c.photos_corrupt = make_folder(root / "photos_corrupt", corrupt="dog/zz_corrupt.png")
+    c.nothing = root / "nothing"
+    c.nothing.mkdir()
     # the same DiT run copied, with a byte-damaged weights file
     shutil.copytree(root / "dit" / "jobs" / "existing", root / "dit" / "jobs" / "damaged")
     garble(root / "dit" / "jobs" / "damaged" / "checkpoints" / "last" / "model_dit.safetensors")
@@ -142,6 +140,19 @@ CASES = [
      "nowhere"),
     ("tok-resume-other-architecture", lambda c: tok(c, "ssdd.decoder=S"), "nothing was changed"),
     ("tok-resume-other-optimizer", lambda c: tok(c, "training.optimizer=adamw"), "nothing was changed"),
+    # a user's data: refused before any work, in one line that names the file, folder or key
+    ("tok-empty-class-folder", lambda c: tok(c, f"dataset.root={c.photos_empty}"), "zz_empty"),
+    ("tok-unreadable-image", lambda c: tok(c, f"dataset.root={c.photos_corrupt}"), "zz_corrupt.png"),
+    ("tok-resume-other-data", lambda c: tok(c, f"dataset.root={c.photos}"), "was trained on"),
+    ("tok-root-neither-folder-nor-fmnist", lambda c: tok(c, f"dataset.root={c.nothing}"), "holds neither"),
+    ("dit-no-cache-of-this-data", lambda c: dit(c, f"dataset.root={c.photos}"), "no latent cache of"),
+    ("dit-cache-of-other-data", lambda c: dit(c, f"dataset.root={c.photos}", f"cache.dir={c.dit_cache}"),
+     "was made from"),
+    ("cache-dir-of-other-data", lambda c: dit(c, f"dataset.root={c.photos}", f"cache.dir={c.dit_cache}",
+                                              entry="dit.cache"), "holds the latent cache of other data"),
+    ("cache-empty-class-folder", lambda c: dit(c, f"dataset.root={c.photos_empty}", entry="dit.cache"), "zz_empty"),
+    ("cache-unreadable-image", lambda c: dit(c, f"dataset.root={c.photos_corrupt}", entry="dit.cache"),
+     "zz_corrupt.png"),
     # dit.cache and dit.train
     ("dit-batch-zero", lambda c: dit(c, "training.batch_size=0"), "training.batch_size=0"),
     ("dit-model-name", lambda c: dit(c, "model.name=DiT-Q/2"), "unknown model.name"),
@@ -155,7 +166,7 @@ CASES = [
     ("dit-sample-steps", lambda c: dit(c, "sample.steps=100000"), "sample.steps"),
     ("dit-max-steps", lambda c: dit(c, "training.max_steps=-5"), "training.max_steps"),
     ("dit-grid-classes", lambda c: dit(c, "sample.grid_classes=[-1]"), "sample.grid_classes"),
-    ("dit-missing-tokenizer", lambda c: dit(c, "tokenizer.common.checkpoint=no_such_run"), "no_such_run"),
+    ("dit-missing-tokenizer", lambda c: dit(c, "tokenizer.checkpoint=no_such_run"), "no_such_run"),
     ("dit-resume-other-architecture", lambda c: dit(c, "model.name=DiT-Ti/2"), "nothing was changed"),
     ("dit-resume-damaged-weights", lambda c: dit(c, "run_name=damaged"), "model_dit.safetensors is damaged"),
     ("cache-dtype", lambda c: dit(c, "cache.dtype=int8", entry="dit.cache"), "unknown cache.dtype"),
@@ -236,7 +247,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(ctx, case, capsys,
     # memory limits depend on the machine: pretend every machine has 16 GiB free, so each case is decided alike
     monkeypatch.setattr(devices, "available_memory", lambda device="cpu": 16 * 2**30)
     entry, args = make(ctx)
-    kept = [ctx.root / "tok", ctx.root / "dit", ctx.root / "garbled_dit", ctx.root / "nan", ctx.root / "other", BUNDLE_DIR]
+    kept = [*(ctx.root / name for name in ("tok", "dit", "garbled_dit", "nan", "other")), BUNDLE_DIR]
     before = snapshot(*kept)
     rc, err = run_case(ctx, entry, args, capsys)
     lines = [line for line in err.strip().splitlines() if line.strip()]
@@ -255,7 +266,8 @@ def test_the_catalogue_covers_the_reported_defects():
     reported = {"tok-resume-other-architecture", "gen-garbled-dit", "gen-cfg-nan", "gen-cfg-inf",
                 "export-decoder-of-another-encoder", "gen-out-under-file", "gen-device-absent", "rec-size-zero",
                 "rec-steps-zero", "tok-lr-text", "tok-batch-zero", "tok-max-steps-negative", "gen-num-beyond-memory",
-                "gen-steps-huge", "gen-scale-beyond-memory", "gen-non-finite-images"}
+                "gen-steps-huge", "gen-scale-beyond-memory", "gen-non-finite-images", "tok-empty-class-folder",
+                "tok-unreadable-image", "dit-no-cache-of-this-data", "cache-dir-of-other-data"}
     assert reported <= ids and len(CASES) >= 80
 
 

@@ -171,18 +171,25 @@ def test_image_folder(folder, train, aug):
 
 
 def test_image_folder_limit_and_build(folder):
-    ds = build_dataset({"name": "imagefolder", "root": str(folder), "im_size": 16, "aug_scale": None,
-                        "limit": 3}, "val", train=False)
-    assert len(ds) == 3 and ds[2][0].shape == (3, 16, 16)
-    assert [Path(p).name for p, _ in ds.samples] == ["img0.jpg", "img1.png", "img0.png"]
+    first = build_dataset({"name": "imagefolder", "root": str(folder), "im_size": 16, "aug_scale": None,
+                           "limit": 3, "subset": "first"}, "val", train=False)
+    assert len(first) == 3 and first[2][0].shape == (3, 16, 16)
+    assert [Path(p).name for p, _ in first.samples] == ["img0.jpg", "img1.png", "img0.png"]
+    assert first.targets == [0, 0, 1]
+    balanced = build_dataset({"name": "imagefolder", "root": str(folder), "im_size": 16, "limit": 4}, "val",
+                             train=False)  # the default subset: two of each class
+    assert sorted(balanced.targets) == [0, 0, 1, 1] and balanced.identity["subset"] == "balanced"
 
 
 def test_image_folder_errors(folder, tmp_path):
     bad = folder / "train" / "b_cat" / "x.png"
     bad.write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
-    ds = ImageFolderDataset(folder, "train", 16, train=True)
+    with pytest.raises(UserError, match="x.png.*dataset.skip_unreadable=true") as e:  # the header check, up front
+        ImageFolderDataset(folder, "train", 16, train=True)
+    assert "\n" not in str(e.value)
+    ds = ImageFolderDataset(folder, "train", 16, train=True, check_files=False)
     idx = [Path(p).name for p, _ in ds.samples].index("x.png")
-    with pytest.raises(UserError, match="x.png") as e:
+    with pytest.raises(UserError, match="x.png.*tokenizer.data_check") as e:  # unchecked: found when read
         ds[idx]
     assert "\n" not in str(e.value)
     # truncated PNG

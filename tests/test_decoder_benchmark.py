@@ -1,6 +1,5 @@
 """eval/decoder_benchmark.py end to end on a tiny CPU configuration."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,15 +7,10 @@ import sys
 
 import pytest
 
+import eval.decoder_benchmark as bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "eval", "decoder_benchmark.py")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("decoder_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -65,7 +59,6 @@ def test_benchmark_end_to_end(tmp_path):
 
 
 def test_unknown_decoder_is_a_one_line_error(tmp_path, capsys):
-    bench = load_script()
     assert bench.main(["--decoders", "kl", "XXL", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
@@ -74,7 +67,6 @@ def test_unknown_decoder_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_bad_quality_file_is_a_one_line_error(tmp_path, capsys):
-    bench = load_script()
     q = tmp_path / "q.json"
     q.write_text(json.dumps({"im_size": 32, "rows": [{"name": "a", "decoder": "kl", "psnr": 20.0}]}))
     argv = ["--decoders", "kl", "--sizes", "32", "--batch-sizes", "1", "--kl-base-channels", "32", "--device", "cpu",
@@ -85,7 +77,6 @@ def test_bad_quality_file_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_time_budget_skips_and_records(tmp_path):
-    bench = load_script()
     out = str(tmp_path / "b")
     argv = ["--decoders", "kl", "--sizes", "32", "--batch-sizes", "1", "4", "--kl-base-channels", "32",
             "--warmup", "1", "--repeats", "2", "--device", "cpu", "--max-seconds-per-config", "1e-6", "--out", out]
@@ -98,7 +89,6 @@ def test_time_budget_skips_and_records(tmp_path):
 
 @pytest.mark.slow
 def test_cost_growth_dense_vs_local(tmp_path, one_thread):
-    bench = load_script()
     out = str(tmp_path / "g")
     argv = ["--decoders", "XS", "--steps", "1", "--sizes", "32", "136", "--batch-sizes", "1", "--attention", "dense",
             "local", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--max-seconds-per-config", "1e9",
@@ -118,7 +108,6 @@ def test_cost_growth_dense_vs_local(tmp_path, one_thread):
 
 
 def test_attention_that_would_not_fit_is_skipped_before_running(tmp_path, one_thread):
-    bench = load_script()
     out = str(tmp_path / "m")
     argv = ["--decoders", "kl", "XS", "--steps", "1", "--sizes", "32", "--batch-sizes", "1", "--kl-base-channels", "32",
             "--attention", "dense", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--max-memory-gb", "1e-9",

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from eval.decoder_quality import main
@@ -16,6 +17,7 @@ def stand_in(path, **kw):
     return str(path)
 
 
+@pytest.mark.slow
 def test_quality_table_end_to_end(tmp_path, capsys):
     ssdd = stand_in(tmp_path / "ssdd.safetensors", decoder="XS")
     kl = stand_in(tmp_path / "kl.safetensors", decoder="kl", kl_base_channels=32)
@@ -44,6 +46,7 @@ def test_bad_entry_is_a_one_line_error(tmp_path, capsys):
     assert "name=checkpoint:steps" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_append_adds_rows_and_refuses_another_split(tmp_path):
     ssdd = stand_in(tmp_path / "ssdd.safetensors", decoder="XS")
     out = str(tmp_path / "q")

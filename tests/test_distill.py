@@ -1,12 +1,12 @@
-"""Single-step distillation (docs/ARCHITECTURE.md §6): the student learns the teacher's noise -> x_T map, and a distilled
-checkpoint records that it is a one-step decoder."""
+"""Single-step distillation (docs/ARCHITECTURE.md §6): the student learns the teacher's noise -> x_T map, and a
+distilled checkpoint records that it is a one-step decoder."""
 
 import copy
 import os
 
 import pytest
 import torch
-from test_train import TINY
+from helpers import TINY
 
 from tokenizer import SSDD
 from tokenizer.common.checkpoint import read_weights, save_weights
@@ -30,6 +30,7 @@ def fixed_batch(n=8):
     return torch.stack([data[i][0] for i in range(n)])
 
 
+@pytest.mark.slow
 def test_distillation_step_moves_student_towards_teacher():
     teacher, x = perturbed_teacher(), fixed_batch()
     z, noise, x_teacher = distillation_targets(teacher, x, steps=7, generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, make_tokenizer, tiny_args
 from PIL import Image
 
 from dit.cache import LatentCache
@@ -31,11 +31,15 @@ def test_cache_metadata(built):
     meta = json.load(open(directory / "cache.json"))
     assert meta["encoder_checkpoint"] == tok and len(meta["encoder_sha256"]) == 64
     assert directory.name.endswith(meta["encoder_sha256"][:12]) and directory.name.startswith("fmnist-train-32px")
+    data = meta["data"]  # which images made it; the folder name carries the data fingerprint too
+    assert data["kind"] == "fmnist" and data["split"] == "train" and data["images"] == 24 and data["limit"] == 24
+    assert data["class_names"] == list(FMNIST_CLASSES) and data["subset"] == "balanced"
+    assert directory.name == f"fmnist-train-32px-{data['fingerprint'][:8]}-{meta['encoder_sha256'][:12]}"
     assert meta["im_size"] == 32 and meta["latent_shape"] == [4, 4, 4]
     assert meta["z_mean"] == 0.1 and meta["z_std"] == 0.5 and meta["flip"] is True
     assert meta["class_names"] == list(FMNIST_CLASSES) and meta["num_classes"] == 10
     assert meta["images"] == 24 and meta["entries"] == 48
-    labels = [FashionMNIST("train")[i][1] for i in range(24)]
+    labels = FashionMNIST("train", limit=24).targets  # the balanced subset dataset.limit=24 takes
     assert meta["per_class"] == {str(c): labels.count(c) for c in sorted(set(labels))}
     assert [s["count"] for s in meta["shards"]] == [16, 8]  # shard_size=16 (two batches of 8), then the rest
 
@@ -44,7 +48,7 @@ def test_cached_latents_equal_fresh_encodes_and_decodes(built):
     tmp, tok, directory = built
     cache = LatentCache(str(directory))
     model = SSDD.from_checkpoint(tok).eval()
-    data = FashionMNIST("train")
+    data = FashionMNIST("train", limit=24)
     idx = [0, 5, 17, 23]  # both shards
     x = torch.stack([data[i][0] for i in idx])
     with torch.no_grad():

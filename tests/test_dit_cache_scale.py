@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, make_tokenizer, tiny_args
 from safetensors.torch import load_file
 
 from dit.cache import BUILD_FILE, LatentCache, prepare_partial
@@ -71,6 +71,7 @@ class InMemoryCache(torch.utils.data.Dataset):
         return (self.latents_flip if flipped else self.latents)[i], int(self.labels[i])
 
 
+@pytest.mark.slow
 def test_reader_gives_the_batches_of_a_full_load(reference):
     tmp, tok, directory = reference
     meta = json.load(open(directory / "cache.json"))
@@ -97,19 +98,22 @@ def test_reader_gives_the_batches_of_a_full_load(reference):
         cache[40]
 
 
+@pytest.mark.slow
 def test_half_precision_cache(reference, capsys, one_thread):
     tmp, tok, directory = reference
     os.chdir(ROOT)
     assert cache_main(build_args(tok, tmp, "bf16", "cache.dtype=bfloat16")) == 0
     capsys.readouterr()
     half, full = LatentCache(str(tmp / "bf16")), LatentCache(str(directory))
-    assert half.meta["dtype"] == "bfloat16" and load_file(tmp / "bf16" / "shard_00000.safetensors")["latents"].dtype == torch.bfloat16
-    assert os.path.getsize(tmp / "bf16" / "shard_00000.safetensors") < 0.6 * os.path.getsize(directory / "shard_00000.safetensors")
+    half_shard, full_shard = tmp / "bf16" / "shard_00000.safetensors", directory / "shard_00000.safetensors"
+    assert half.meta["dtype"] == "bfloat16" and load_file(half_shard)["latents"].dtype == torch.bfloat16
+    assert os.path.getsize(half_shard) < 0.6 * os.path.getsize(full_shard)
     for j in (0, 1, 13, 39):
         z, y = half[j]
         assert z.dtype == torch.float32 and torch.equal(z, full[j][0].to(torch.bfloat16).float()) and y == full[j][1]
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_a_one_line_error(reference, tmp_path):
     _, _, directory = reference
     copy = tmp_path / "copy"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, make_tokenizer, tiny_args
 from safetensors.torch import load_file
 
 from dit.cache import main as cache_main
@@ -48,6 +48,7 @@ def test_run_outputs(setup):
     assert model.null_class == 10 and model.out_channels == 4  # label dropout row for CFG, learn_sigma off
 
 
+@pytest.mark.slow
 def test_resume_in_a_new_process_is_exact(setup):
     tmp, args = setup
     k = 12  # the resume point (6) is mid-epoch and the run crosses an epoch boundary (8)

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
-from dit_fixtures import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, TINY, make_tokenizer, tiny_args
 from safetensors import SafetensorError
-from test_train import TINY
 
 import tokenizer.common.checkpoint as ck
 from dit.cache import main as cache_main
@@ -186,7 +185,7 @@ def test_half_written_log_line_is_cut_before_appending(tmp_path):
         def log(self, *a, **k):
             pass
 
-    log = LossLog(str(tmp_path), Quiet(), every=100)
+    log = LossLog(str(tmp_path), Quiet(), every=100, start_step=1)  # resumed at step 1
     log.write({"step": 2, "loss": 0.25})
     log.close()
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n'
@@ -197,7 +196,8 @@ def test_damaged_state_file_is_named_and_each_file_hashed_once(tmp_path, monkeyp
     d = tmp_path / "last"
     save_training_state(str(d), {"net": net}, None, {"step": 5})
     state = json.load(open(d / "training_state.json"))
-    assert set(state["files"]) == {"model_net.safetensors"} and len(state["files"]["model_net.safetensors"]["sha256"]) == 64
+    assert set(state["files"]) == {"model_net.safetensors"}
+    assert len(state["files"]["model_net.safetensors"]["sha256"]) == 64
     calls = []
     real = ck.sha256_file
     monkeypatch.setattr(ck, "sha256_file", lambda p: calls.append(p) or real(p))

@@ -71,8 +71,11 @@ def test_api_shapes_seeded_noise_and_train_step():
 
 def test_encoder_training_adds_kl_and_trains_the_encoder():
     model = SSDD(encoder="f8c4", decoder="XS", encoder_base_channels=32, encoder_train=True).train()
-    out = model(torch.rand(2, 3, 32, 32) * 2 - 1, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(x, generator=torch.Generator().manual_seed(0))
     assert "kl" in out.losses
+    with torch.no_grad():  # the batch mean of the per-sample KL
+        torch.testing.assert_close(out.losses["kl"], model.encode(x).kl().mean())
     (out.losses["diffusion"] + out.losses["kl"]).backward()
     assert model.encoder.conv_in.weight.grad is not None
 

@@ -1,4 +1,4 @@
-"""The bundled Fashion-MNIST classifier (eval/fmnist_classifier.py) and its offline Fréchet distance.
+"""The bundled Fashion-MNIST classifier (eval/lib/fmnist_classifier.py) and its offline Fréchet distance.
 
 Everything runs on the committed test subset (tokenizer/assets/fmnist_subset.npz: 1,000 test images, 100 per class,
 never seen in training), loaded explicitly so the numbers are the same with or without the Debian package.
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.fmnist_classifier import (
+from eval.lib.fmnist_classifier import (
     DEFAULT_WEIGHTS,
     FEATURE_DIM,
     FeatureStats,
@@ -86,6 +86,7 @@ def test_frechet_distance_of_gaussians_matches_closed_form():
     assert frechet_distance(a, b) == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.slow
 def test_frechet_distance_separates_real_from_degraded(model, subset):
     x, y = subset
     # Two disjoint halves with exactly 50 images of each class (the subset has 100 per class).

@@ -1,27 +1,18 @@
 """eval/generation_table.py (quality and whole-pipeline speed per decoder and guidance scale) and
 eval/sampling_speed.py (end-to-end speed-ups), with random weights: the numbers are meaningless, the plumbing is not."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from dit_fixtures import ROOT, make_bundle
+from helpers import make_bundle
 from PIL import Image
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, *name.split("/")) + ".py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-table = _load("eval/generation_table")
-sampling_speed = _load("eval/sampling_speed")
-sample_ddp = _load("sample/sample_ddp")
+import eval.generation_table as table
+import eval.sampling_speed as sampling_speed
+from sample import sample_ddp
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    from eval.fmnist_classifier import FMNISTClassifier
+    from eval.lib.fmnist_classifier import FMNISTClassifier
     from tokenizer.common.checkpoint import save_weights
 
     torch.manual_seed(0)
@@ -40,6 +31,7 @@ def classifier(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_generation_table_rows_speedups_and_samples(bundle, classifier, tmp_path):
     out = str(tmp_path / "t")
     before = torch.get_num_threads()
@@ -106,6 +98,7 @@ def test_generation_table_errors_are_one_line(bundle, capsys):
     assert err.startswith("error:") and "offers" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_sampling_speed_computes_pipelines_and_both_readings(tmp_path):
     out = str(tmp_path / "s")
     assert sampling_speed.main(["--dits", "f8c4:DiT-S/2", "f16c16:DiT-S/2", "--decoders", "XS:1", "XS:2", "kl",
@@ -121,7 +114,8 @@ def test_sampling_speed_computes_pipelines_and_both_readings(tmp_path):
     one = {(x["reading"], x["fast"], x["slow"], x["dit_steps"]): x["speedup"] for x in r["speedups"]}
     rows = {(x["pipeline"], x["decoder"], x["dit_steps"]): x["total_s"] for x in r["rows"]}
     key = (1, "f8c4:DiT-S/2 + SSDD-XS 1-step", "f8c4:DiT-S/2 + SSDD-XS 2-step", 10)
-    assert one[key] == pytest.approx(rows["f8c4:DiT-S/2", "SSDD-XS 2-step", 10] / rows["f8c4:DiT-S/2", "SSDD-XS 1-step", 10])
+    two_step, one_step = rows["f8c4:DiT-S/2", "SSDD-XS 2-step", 10], rows["f8c4:DiT-S/2", "SSDD-XS 1-step", 10]
+    assert one[key] == pytest.approx(two_step / one_step)
     assert (2, "f16c16:DiT-S/2 + SSDD-XS 1-step", "f8c4:DiT-S/2 + KL-VAE (SD-VAE size)", 2) in one
     assert not [k for k in one if k[0] == 2 and k[1].startswith("f8c4")]  # reading 2 compares other pipelines
     md = open(out + ".md").read()

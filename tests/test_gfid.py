@@ -1,17 +1,18 @@
-"""eval/gfid.py and eval/adm_npz.py: the Fréchet distance, IS, ADM precision/recall, the ADM batch format, and the
+"""eval/gfid.py and eval/lib/adm_npz.py: the Fréchet distance, IS, ADM precision/recall, the ADM batch format, and the
 whole command against torch-fidelity with a randomly initialised Inception (made at test time, never downloaded)."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from PIL import Image
 
-from eval.adm_npz import NpzImages, write_sample_batch
-from eval.gfid import (
+import eval.gfid as gfid_cli
+from eval.lib.adm_npz import NpzImages, write_sample_batch
+from eval.lib.gfid import (
     ImageSource,
     InceptionFeatures,
     compare,
@@ -23,11 +24,6 @@ from eval.gfid import (
     precision_recall,
 )
 from tokenizer.common.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("gfid_cli", os.path.join(ROOT, "eval", "gfid.py"))
-gfid_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gfid_cli)
 
 
 def _stats(x):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train import TINY, losses
+from helpers import TINY, losses
 
 from tokenizer import SSDD, UserError
 from tokenizer.common.checkpoint import save_weights
@@ -25,6 +25,7 @@ def test_kl_model_round_trips_and_ignores_steps(tmp_path):
         torch.testing.assert_close(out, model.decode(z, steps=1))  # deterministic, one pass, no noise
 
 
+@pytest.mark.slow
 def test_kl_training_with_gan_resumes_exactly(tmp_path):
     common = [*KL, f"ckpt_dir={tmp_path}", "training.max_steps=6", "training.ckpt_every=3",
               "losses.gan=0.5", "training.gan_start_step=2"]

@@ -111,6 +111,7 @@ def test_adaptive_gan_weight_balances_gradients():
     assert not w.requires_grad
 
 
+@pytest.mark.slow
 def test_a_few_steps_reduce_l1_on_a_fixed_batch():
     torch.manual_seed(0)
     dec = KLDecoder(z_channels=4, patch_size=8, base_channels=32)

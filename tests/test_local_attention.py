@@ -58,7 +58,8 @@ def test_windowed_attention_equals_dense(grid):
     block = random_block()
     g = torch.Generator().manual_seed(1)
     n = grid[0] * grid[1]
-    x, ctx, w = torch.randn(2, n, 32, generator=g), torch.randn(2, 16, *grid, generator=g), torch.randn(2, n, 32, generator=g)
+    x, ctx = torch.randn(2, n, 32, generator=g), torch.randn(2, 16, *grid, generator=g)
+    w = torch.randn(2, n, 32, generator=g)
     dense = run_block(block, grid, "dense", x, ctx, w)
     local = run_block(block, grid, "local", x, ctx, w)
     for what, a, b in zip(("output", "input gradient", "bias-table gradient"), local, dense):
@@ -102,7 +103,8 @@ def test_whole_decoder_local_equals_dense_with_the_same_state_dict():
         xx = x.clone().requires_grad_()
         v = model(xx, t, z)
         (v * x).sum().backward()
-        tables = torch.stack([b.relative_position_bias.relative_bias_table.grad for b in model.mid_block.transformer_blocks])
+        blocks = model.mid_block.transformer_blocks
+        tables = torch.stack([b.relative_position_bias.relative_bias_table.grad for b in blocks])
         outs.append(v.detach())
         grads.append((xx.grad, tables))
     assert rel(outs[1], outs[0]) <= 1e-5

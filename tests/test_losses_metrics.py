@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenizer.common.errors import WeightsUnavailableError
-from tokenizer.losses import DinoV2Teacher, LPIPSLoss, REPALoss, kl_loss
+from tokenizer.losses import DinoV2Teacher, LPIPSLoss, REPALoss
 from tokenizer.metrics import ReconstructionMetrics, pad_to_pow2, quantize
 
 
@@ -162,12 +162,6 @@ def test_dino_weights_path(teacher, tmp_path):
     torch.testing.assert_close(loaded.features(x, (4, 4)), teacher.features(x, (4, 4)))
     with pytest.raises(WeightsUnavailableError, match="nope"):
         DinoV2Teacher(weights_path=tmp_path / "nope.safetensors")
-
-
-def test_kl_loss_is_batch_mean():
-    post = mock.Mock()
-    post.kl.return_value = torch.tensor([1.0, 3.0])
-    assert kl_loss(post).item() == 2.0
 
 
 # -------------------------------------------------------------------------------------------------------- metrics

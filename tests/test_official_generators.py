@@ -3,24 +3,19 @@ the official layouts (torch pickles of DiT-layout state dicts); SD-VAE and SSDD 
 downloads: known names offline give a one-line error saying which file to place where."""
 
 import argparse
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 import torch
-from dit_fixtures import ROOT
 from PIL import Image
 from safetensors.torch import save_file
 
 from dit.models import build_dit
 from dit.official import architecture, load_official
 from dit.pipeline import Generator, load_generator
+from sample import generate
 from tokenizer import SSDD, UserError, WeightsUnavailableError
-
-spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "sample", "generate.py"))
-generate = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(generate)
 
 
 def tiny_official_state(seed=0, learn_sigma=True):

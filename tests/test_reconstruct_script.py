@@ -1,19 +1,13 @@
 """sample/reconstruct.py: a bundled 256-px photo through a (random, small) tokenizer, and its error paths."""
 
-import importlib.util
-import os
 
 import pytest
 import torch
 from PIL import Image
 
+from sample import reconstruct
 from tokenizer import SSDD
 from tokenizer.common.checkpoint import save_weights
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("reconstruct", os.path.join(ROOT, "sample", "reconstruct.py"))
-reconstruct = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reconstruct)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +19,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_bundled_photo_at_256(ckpt, tmp_path, capsys):
     out = str(tmp_path / "rec.png")
     assert reconstruct.main(["--ckpt", ckpt, "--image", "chelsea", "--steps", "1", "2", "--out", out]) == 0

@@ -2,7 +2,6 @@
 processes, non-finite samples and one-line errors; with a randomly initialised DiT and tokenizer."""
 
 import errno
-import importlib.util
 import json
 import os
 import signal
@@ -15,15 +14,12 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from dit_fixtures import ROOT, make_bundle
+from helpers import ROOT, make_bundle
 from PIL import Image
 
 from dit.pipeline import load_generator
+from sample import sample_ddp
 from tokenizer import SSDD
-
-spec = importlib.util.spec_from_file_location("sample_ddp", os.path.join(ROOT, "sample", "sample_ddp.py"))
-sample_ddp = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sample_ddp)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +74,7 @@ def test_per_sample_noise_does_not_depend_on_batching(bundle):
     assert torch.equal(first[2:], half(x[2:])) and not torch.equal(first, whole(x))  # next draw: next step's noise
 
 
+@pytest.mark.slow
 def test_samples_npz_labels_resume_and_settings(bundle, tmp_path, capsys):
     out = tmp_path / "s"
     assert run("--ckpt", bundle, "--num-fid-samples", 7, "--per-proc-batch-size", 3, "--out", out) == 0
@@ -87,7 +84,8 @@ def test_samples_npz_labels_resume_and_settings(bundle, tmp_path, capsys):
     assert labels.tolist() == [i % 10 for i in range(7)]  # class-balanced: class i mod 10
     assert all(np.array_equal(np.asarray(Image.open(out / p)), images[i]) for i, p in enumerate(pngs(out)))
     settings = json.load(open(out / "sampling.json"))
-    assert settings["decoder"] == "SSDD-XS 1-step (distilled)" and settings["steps"] == 2 and settings["num_samples"] == 7
+    assert settings["decoder"] == "SSDD-XS 1-step (distilled)"
+    assert settings["steps"] == 2 and settings["num_samples"] == 7
 
     # resume: a lost PNG and a half-written temporary file; only the batch that misses a PNG runs again
     before = {p: (out / p).read_bytes() for p in pngs(out)}
@@ -168,7 +166,8 @@ def test_two_processes_write_identical_images(bundle, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es) x batch 2" in res.stdout and "for 4 samples" in res.stdout  # rank 0: batches 0 and 2
     assert pngs(tmp_path / "one") == pngs(tmp_path / "two")
-    assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in pngs(tmp_path / "one"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert all((one / p).read_bytes() == (two / p).read_bytes() for p in pngs(one))
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
 
 

@@ -76,9 +76,11 @@ def test_both_layouts_and_old_diffusers_names_load_the_same_weights():
     enc, dec, state = _small_sdvae()
     ref = _outputs(enc, dec, state)
     diffusers = to_layout(state, "diffusers")
-    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
+    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value")
+           .replace("to_out.0", "proj_attn"): v
            for k, v in diffusers.items()}  # diffusers files written before the attention rename
-    whole_sd = {f"first_stage_model.{k}": v for k, v in to_layout(state, "ldm").items()}  # inside a Stable Diffusion file
+    whole_sd = {f"first_stage_model.{k}": v
+                for k, v in to_layout(state, "ldm").items()}  # inside a Stable Diffusion file
     whole_sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(1)  # the rest of such a file is ignored
     for published in (diffusers, old, to_layout(state, "ldm"), whole_sd):
         back = from_layout(published, list(state))
@@ -161,5 +163,6 @@ def test_files_of_another_family_give_one_line_errors(tmp_path, sdvae_files):
 
 def test_latent_scale_is_part_of_the_description():
     assert SSDD(encoder="sdvae", decoder="XS").fixed_z_stats["z_std"] == pytest.approx(1 / 0.18215)
-    assert fixed_z_stats("sdvae") == {"z_mean": 0.0, "z_std": 1 / SDVAE_SCALE, "source": "SD-VAE scale factor 0.18215 (LDM)"}
+    assert fixed_z_stats("sdvae") == {"z_mean": 0.0, "z_std": 1 / SDVAE_SCALE,
+                                      "source": "SD-VAE scale factor 0.18215 (LDM)"}
     assert SSDD(encoder="f8c4", decoder="XS", encoder_base_channels=32).fixed_z_stats is None

@@ -50,6 +50,37 @@ def test_dependencies_run_one_way_and_no_command_line_module_is_imported():
     assert not offenders, offenders
 
 
+EVAL = os.path.join(ROOT, "eval")
+EVAL_SCRIPTS = {f"eval.{f[:-3]}" for f in os.listdir(EVAL) if f.endswith(".py") and f != "__init__.py"}
+
+
+def modules_named(path: str) -> set:
+    """Every module an import in `path` names; `from eval import gfid` names eval and eval.gfid."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_no_eval_script_is_imported_and_the_stress_harnesses_only_by_tests():
+    """eval/<name>.py are command lines: nothing imports one (what scripts share lives in eval.lib); the stress
+    harnesses in eval/stress are imported by nothing outside that folder (the tests run them)."""
+    assert {"eval.gfid", "eval.decoder_benchmark", "eval.sampling_speed", "eval.generation"} <= EVAL_SCRIPTS
+    stress = os.path.join(EVAL, "stress")
+    offenders = []
+    for package in PACKAGES:
+        for path in source_files(package):
+            names = modules_named(path)
+            offenders += [f"{path} imports the script {name}" for name in sorted(names & EVAL_SCRIPTS)]
+            if os.path.dirname(path) != stress:
+                offenders += [f"{path} imports the stress harness {name}" for name in sorted(names)
+                              if name == "eval.stress" or name.startswith("eval.stress.")]
+    assert not offenders, offenders
+
+
 MACHINERY = os.path.join(ROOT, "tokenizer", "common")
 
 
@@ -69,20 +100,24 @@ def test_the_run_machinery_imports_nothing_outside_itself_and_has_no_cycle():
     assert not cycles, f"import cycle through {cycles}"
 
 
+@pytest.mark.slow
 def test_importing_the_machinery_loads_no_model_code():
     modules = sorted("tokenizer.common." + f[:-3] for f in os.listdir(MACHINERY) if f.endswith(".py"))
-    code = (f"import sys; import {', '.join(modules)}; "
-            "print(sorted(m for m in sys.modules if m.startswith('tokenizer.') and not m.startswith('tokenizer.common')))")
+    code = (f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules "
+            "if m.startswith('tokenizer.') and not m.startswith('tokenizer.common')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     # the package's public names still work, loaded on first use
-    code = "import tokenizer, sys; a = 'tokenizer.ssdd' in sys.modules; tokenizer.SSDD; print(a, 'tokenizer.ssdd' in sys.modules)"
+    code = ("import tokenizer, sys; a = 'tokenizer.ssdd' in sys.modules; tokenizer.SSDD; "
+            "print(a, 'tokenizer.ssdd' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False True"
 
 
+@pytest.mark.slow
 def test_importing_the_cache_loads_neither_trainer_nor_gan():
-    code = "import dit.cache, sys; print(sorted(m for m in ('tokenizer.train', 'tokenizer.losses') if m in sys.modules))"
+    code = ("import dit.cache, sys; "
+            "print(sorted(m for m in ('tokenizer.train', 'tokenizer.losses') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -129,3 +164,13 @@ def test_one_time_grid_serves_decoder_and_dit():
     assert time_grid(2, power=2).tolist() == [1.0, 0.25, 0.0]
     shifted = time_grid(4, shift=3.0)
     assert shifted[0] == 1 and shifted[-1] == 0 and bool((shifted[1:-1] > time_grid(4)[1:-1]).all())
+
+
+@pytest.mark.lint
+def test_ruff_check_is_clean():
+    """LINT: `ruff check .` over the whole tree (rules in pyproject.toml; ruff comes with the `test` extra) finds
+    nothing. It fails on the first new long line or unused import: fix the line, or run `ruff check --fix` for the
+    fixable kinds."""
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]

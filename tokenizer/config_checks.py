@@ -1,6 +1,11 @@
 """The checks of configs/ssdd.yaml (used by tokenizer.train and the evaluation scripts before any work): the rules
 both trainers share (tokenizer.common.validation.SHARED_RULES) plus the tokenizer's own keys."""
 
+import os
+
+from omegaconf import OmegaConf
+
+from tokenizer.common.downloads import released_architecture
 from tokenizer.common.errors import UserError
 from tokenizer.common.validation import (
     MAX_STEPS,
@@ -15,8 +20,29 @@ from tokenizer.common.validation import (
     text,
     trainer_checks,
 )
+from tokenizer.data import dataset_kind
+from tokenizer.data_check import SUBSETS
 from tokenizer.decoder import ATTENTION_MODES, DECODER_SIZES
 from tokenizer.encoder import parse_encoder_name
+
+# The data keys both trainers add to the shared rules (tokenizer.data, tokenizer.data_check).
+DATASET_RULES = {
+    "dataset.subset": choice(*SUBSETS),
+    "dataset.allow_empty_classes": boolean,
+    "dataset.check_files": boolean,
+    "dataset.skip_unreadable": boolean,
+}
+
+
+def read_given_root(cfg) -> None:
+    """A dataset.root the user gives is read or refused: one holding an image folder is read as one even under
+    dataset.name=fmnist (the name is set to imagefolder, and the config saved with the run says so); one holding
+    neither an image folder nor Fashion-MNIST's files stops the run (tokenizer.data.dataset_kind)."""
+    kind = dataset_kind(cfg.dataset)
+    if kind != cfg.dataset.name:
+        print(f"dataset.root={cfg.dataset.root} holds an image folder: reading it with dataset.name={kind} (the "
+              f"config said {cfg.dataset.name}), at dataset.im_size={cfg.dataset.im_size}")
+        cfg.dataset.name = kind
 
 
 def _image_size_fits_encoder(cfg) -> None:
@@ -24,6 +50,20 @@ def _image_size_fits_encoder(cfg) -> None:
     if cfg.dataset.im_size % factor:
         raise UserError(f"dataset.im_size={cfg.dataset.im_size} must be a multiple of {factor} for encoder "
                         f"{cfg.ssdd.encoder} and the decoder")
+
+
+def _released_architecture(cfg) -> None:
+    """A released name in ssdd.checkpoint (F8C4_M_256, SDVAE_M_256, ...) sets ssdd.encoder, ssdd.decoder and the
+    released encoder width from the name; one in ssdd.encoder_checkpoint sets the encoder. (A run of that name in
+    ckpt_dir would win in resolve_checkpoint, so it is left alone.)"""
+    for key, parts in (("ssdd.encoder_checkpoint", ("encoder",)), ("ssdd.checkpoint", ("encoder", "decoder"))):
+        spec = OmegaConf.select(cfg, key)
+        arch = released_architecture(spec) if spec and not os.path.exists(str(spec)) else None
+        if arch is None or os.path.isdir(os.path.join(cfg.ckpt_dir, "jobs", str(spec).partition("@")[0])):
+            continue
+        for part in parts:
+            cfg.ssdd[part] = arch[part]
+        cfg.ssdd.encoder_base_channels = 128  # every released encoder (and SD-VAE's) is 128 wide
 
 
 def _encoder_name(v):
@@ -40,6 +80,7 @@ SSDD_CHECKS = trainer_checks({
     "dataset.im_size": integer(8, 8192),
     "dataset.batch_size": integer(1),
     "dataset.aug_scale": optional(number(lo=1)),
+    **DATASET_RULES,
     "ssdd.compile": boolean,
     "ssdd.channels_last": boolean,
     "ssdd.attention": choice(*ATTENTION_MODES),
@@ -74,4 +115,5 @@ SSDD_CHECKS = trainer_checks({
     "eval.inception_weights": optional(existing_file),
     "eval.batch_size": integer(1),
     "show_samples": integer(1, 256),
-}, checkpoint_keys=("ssdd.checkpoint", "ssdd.encoder_checkpoint"), cross=(_image_size_fits_encoder,))
+}, checkpoint_keys=("ssdd.checkpoint", "ssdd.encoder_checkpoint"),
+   cross=(read_given_root, _released_architecture, _image_size_fits_encoder))

@@ -7,6 +7,10 @@
 * `ImageFolderDataset` reads `root/{train,val}/<class>/<image>` with the SSDD augmentation: train = random
   shorter-side resize in [S, aug_scale*S) (Lanczos) or plain resize to S (bilinear), random S crop and random
   horizontal flip; eval = shorter-side resize to S (bilinear) + centre crop.
+* `build_dataset` reads a config's `dataset:` section. A `dataset.root` that holds an image folder is read as one
+  whatever `dataset.name` says; Fashion-MNIST's bundled subset is used only when no root is given. Every dataset
+  carries `identity`, the record of its data (tokenizer.data_check: listing, fingerprint, subsets, checks), and an
+  image folder is checked before any work: empty class folders refused, every file's header read.
 * Per-item randomness comes from an RNG seeded with (seed, epoch, index), so it does not depend on which
   worker loads which item. Call `dataset.set_epoch(e)` before each epoch, or let
   `tokenizer.common.training.EpochSampler(with_epoch=True)` hand `(index, epoch)` pairs to the dataset (robust
@@ -21,6 +25,7 @@ import math
 import os
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tokenizer.common.errors import UserError, one_line
+from tokenizer.data_check import (
+    FOLDER_LAYOUT,
+    SUBSETS,
+    check_images,
+    data_identity,
+    fingerprint,
+    is_main_process,
+    list_image_folder,
+    looks_like_image_folder,
+    open_rgb,
+    select,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +78,6 @@ _IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dim
 _cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _cache_lock = threading.Lock()
 _subset_warned = False
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_FOLDER_LAYOUT = "expected an ImageNet-style folder ROOT/{train,val}/<class>/<image>"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -108,7 +122,8 @@ def _read_package_files(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]
     images = _parse_idx(img_path, _IDX_IMAGES_MAGIC, 3)
     labels = _parse_idx(lbl_path, _IDX_LABELS_MAGIC, 1)
     if images.shape[1:] != (28, 28):
-        raise UserError(f"Fashion-MNIST file {img_path} holds {images.shape[1]}x{images.shape[2]} images, expected 28x28")
+        raise UserError(f"Fashion-MNIST file {img_path} holds {images.shape[1]}x{images.shape[2]} images, "
+                        "expected 28x28")
     if len(images) != len(labels):
         raise UserError(f"Fashion-MNIST files disagree: {img_path} has {len(images)} images but {lbl_path} has "
                         f"{len(labels)} labels")
@@ -134,6 +149,19 @@ def _read_subset(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _fmnist_files(split: str, root) -> tuple[Path, list, list]:
+    """(root, the split's two IDX files, those missing); root defaults to `$FASHION_MNIST_ROOT`, else the package's."""
+    root = Path(root if root is not None else os.environ.get("FASHION_MNIST_ROOT") or FMNIST_DEFAULT_ROOT)
+    paths = [root / name for name in _FMNIST_FILES[split]]
+    return root, paths, [p for p in paths if not p.is_file()]
+
+
+def fashion_mnist_source(split: str, root: str | os.PathLike | None = None) -> str:
+    """Where `load_fashion_mnist(split, root)` reads: the IDX files' folder, or the bundled subset file."""
+    root, _, missing = _fmnist_files(_fmnist_split(split), root)
+    return str(FMNIST_SUBSET_PATH if missing else root.resolve())
+
+
 def load_fashion_mnist(split: str, root: str | os.PathLike | None = None,
                        allow_subset: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Return `(images uint8 (N, 28, 28), labels int64 (N,))` for split 'train' (60k) or 'test' (10k).
@@ -145,9 +173,7 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None,
     """
     global _subset_warned
     split = _fmnist_split(split)
-    root = Path(root if root is not None else os.environ.get("FASHION_MNIST_ROOT") or FMNIST_DEFAULT_ROOT)
-    paths = [root / name for name in _FMNIST_FILES[split]]
-    missing = [p for p in paths if not p.is_file()]
+    root, paths, missing = _fmnist_files(split, root)
     use_subset = bool(missing)
     if use_subset and not allow_subset:
         raise UserError(f"Fashion-MNIST file {missing[0]} not found; install the Debian package "
@@ -192,19 +218,30 @@ class FashionMNIST(Dataset):
     """Fashion-MNIST as (image float32 (3, 32, 32) in [-1, 1], label int).
 
     28x28 images are padded by 2 px on each side with the background value -1 and repeated to 3 channels.
-    `split` is 'train' or 'test' ('val' is accepted for 'test'); `limit=N` keeps the first N images.
+    `split` is 'train' or 'test' ('val' is accepted for 'test'); `limit=N` keeps N images (`subset`: 'balanced',
+    the same number of each class, or 'first'). A given `root` must hold the IDX files: the bundled subset is
+    used only when no root is given.
     """
 
     classes = FMNIST_CLASSES
 
-    def __init__(self, split: str, limit: int | None = None, root: str | os.PathLike | None = None):
+    def __init__(self, split: str, limit: int | None = None, root: str | os.PathLike | None = None,
+                 subset: str = "balanced"):
         self.split = _fmnist_split(split)
-        images, labels = load_fashion_mnist(self.split, root=root)
-        limit = _check_limit(limit)
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
+        images, labels = load_fashion_mnist(self.split, root=root, allow_subset=root is None)
+        limit, total = _check_limit(limit), len(labels)
+        keep = select(labels, limit, subset)
+        if len(keep) < total:
+            images, labels = images[keep], labels[keep]
         self.images, self.labels = images, labels
         self.epoch = 0
+        fp = fingerprint(self.classes, [np.ascontiguousarray(images).tobytes(), labels.tobytes()])
+        self.identity = data_identity("fmnist", fashion_mnist_source(self.split, root), self.split, self.classes,
+                                      files=total, selected=len(labels), fp=fp, limit=limit, subset=subset)
+
+    @property
+    def targets(self) -> list:
+        return self.labels.tolist()
 
     def set_epoch(self, epoch: int) -> None:  # no randomness; kept for a uniform interface
         self.epoch = int(epoch)
@@ -224,29 +261,10 @@ class FashionMNIST(Dataset):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _scan_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Like torchvision ImageFolder: classes = sorted sub-folders, files sorted within each class (recursively)."""
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    if not classes:
-        raise UserError(f"no class folders in {split_dir}; {_FOLDER_LAYOUT}")
-    samples: list[tuple[str, int]] = []
-    for idx, cls in enumerate(classes):
-        for dirpath, _, fnames in sorted(os.walk(split_dir / cls, followlinks=True)):
-            for fname in sorted(fnames):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, fname), idx))
-    if not samples:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir}; {_FOLDER_LAYOUT}")
-    return classes, samples
-
-
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an image as RGB (greyscale, palette and RGBA are converted); unreadable files raise `UserError`."""
     try:
-        with Image.open(path) as im:
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            return im.convert("RGB")  # convert() forces a full decode, so truncation errors surface here
+        return open_rgb(path)
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), ValueError, DecompressionBombError, ...
         why = one_line(e) or type(e).__name__
         raise UserError(f"cannot read image {path}: {why}") from None
@@ -272,21 +290,23 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 class ImageFolderDataset(Dataset):
     """ImageNet-style folder `root/<split>/<class>/<image>` -> (image float32 (3, S, S) in [-1, 1], label int).
 
-    Class index = position in the sorted class-folder names (like torchvision ImageFolder). `limit=N` keeps the
-    first N images in that sorted order. Training augmentation is drawn from an RNG seeded with
-    (seed, epoch, index): call `set_epoch` each epoch (or pass `(index, epoch)` items).
+    Class index = position in the sorted class-folder names (like torchvision ImageFolder); an empty class folder
+    is refused unless `allow_empty_classes`. `limit=N` keeps N images (`subset`: 'balanced' or 'first', see
+    tokenizer.data_check.select). With `check_files` every kept file's header is read first (over `workers`
+    processes); an unreadable file is refused in one line, or left out with `skip_unreadable` (which also replaces
+    a file that fails later, while training, by the next readable one). Training augmentation is drawn from an
+    RNG seeded with (seed, epoch, index): call `set_epoch` each epoch (or pass `(index, epoch)` items).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, im_size: int, train: bool,
-                 aug_scale: float | None = None, limit: int | None = None, seed: int = 0):
+                 aug_scale: float | None = None, limit: int | None = None, seed: int = 0, subset: str = "balanced",
+                 allow_empty_classes: bool = False, check_files: bool = True, skip_unreadable: bool = False,
+                 workers: int = 0):
         if root is None or str(root) == "":
-            raise UserError(f"dataset root is not set; {_FOLDER_LAYOUT}")
+            raise UserError(f"dataset root is not set; {FOLDER_LAYOUT}")
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise UserError(f"dataset root {root} does not exist or is not a folder; {_FOLDER_LAYOUT}")
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise UserError(f"split folder {split_dir} not found; {_FOLDER_LAYOUT}")
+            raise UserError(f"dataset root {root} does not exist or is not a folder; {FOLDER_LAYOUT}")
         if isinstance(im_size, bool) or int(im_size) != im_size or im_size <= 0:
             raise UserError(f"dataset.im_size must be a positive integer, got {im_size!r}")
         if aug_scale is not None and not float(aug_scale) >= 1.0:
@@ -295,12 +315,36 @@ class ImageFolderDataset(Dataset):
             raise UserError(f"dataset.seed must be >= 0, got {seed!r}")
         self.root, self.split, self.im_size, self.train = root, split, int(im_size), bool(train)
         self.aug_scale = None if aug_scale is None or float(aug_scale) == 1.0 else float(aug_scale)
-        self.seed, self.epoch = int(seed), 0
-        self.classes, samples = _scan_folder(split_dir)
+        self.seed, self.epoch, self.skip_unreadable = int(seed), 0, bool(skip_unreadable)
+        self.classes, samples, sizes = list_image_folder(str(root), split, allow_empty_classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         limit = _check_limit(limit)
-        self.samples = samples[:limit] if limit is not None else samples
+        keep = select([t for _, t in samples], limit, subset)
+        self.samples = [samples[i] for i in keep]
+        prefix = len(os.path.join(str(root), ""))  # the listing's paths all start with it
+        relative = [p[prefix:] for p, _ in self.samples]
+        fp = fingerprint(self.classes, [(r, sizes[i]) for r, i in zip(relative, keep)])
+        unreadable, seconds = [], None
+        if check_files:
+            t0 = time.perf_counter()
+            many = len(self.samples) >= 20000 and is_main_process()  # a bar only where the check takes a while
+            bad = check_images([p for p, _ in self.samples], workers=workers,
+                               desc=f"checking {split} file headers" if many else None)
+            seconds = time.perf_counter() - t0
+            unreadable = [(relative[i], why) for i, why in bad]
+            if unreadable and not skip_unreadable:
+                (first, why), more = unreadable[0], len(unreadable) - 1
+                raise UserError(f"unreadable image {root / first}: {why}" + (f" (and {more} more)" if more else "")
+                                + f"; list them all with python -m tokenizer.data_check {root} --split {split}, "
+                                  f"or set dataset.skip_unreadable=true to leave them out")
+            dropped = {i for i, _ in bad}
+            self.samples = [s for i, s in enumerate(self.samples) if i not in dropped]
         self.targets = [t for _, t in self.samples]
+        present = set(self.targets)
+        self.identity = data_identity(
+            "imagefolder", str(root.resolve()), split, self.classes, files=len(samples), selected=len(keep), fp=fp,
+            limit=limit, subset=subset, unreadable=unreadable, checked="headers" if check_files else None,
+            check_seconds=seconds, empty_classes=[c for i, c in enumerate(self.classes) if i not in present])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -333,12 +377,35 @@ class ImageFolderDataset(Dataset):
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return _to_tensor(img)
 
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        """The image and label of item `index`; with skip_unreadable, a file that fails to decode (a damage the
+        header check cannot see) is replaced by the next readable one, so the run goes on."""
+        for attempt in range(len(self.samples)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return load_rgb(path), target
+            except UserError as e:
+                if not self.skip_unreadable:
+                    raise UserError(f"{e}; list every unreadable file with python -m tokenizer.data_check "
+                                    f"{self.root} --split {self.split}, or set dataset.skip_unreadable=true") from None
+                log.warning("%s: skipped (dataset.skip_unreadable=true), the next image takes its place", e)
+        raise UserError(f"no readable image in {self.root / self.split}")
+
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         index, epoch = _split_item(item)
-        path, target = self.samples[index]
-        img = load_rgb(path)
+        img, target = self._read(index)
         rng = self.rng(index, epoch) if self.train else None
         return self.transform(img, rng), target
+
+
+def take_subset(dataset: Dataset, n: int | None, how: str = "balanced") -> Dataset:
+    """`n` items of `dataset` (all when n is None or not smaller): a class-balanced or first-n subset
+    (tokenizer.data_check.select), the same for every process count and run. `training.eval_images` uses it."""
+    if n is None or n >= len(dataset):
+        return dataset
+    targets = getattr(dataset, "targets", None)
+    keep = select(targets, n, how) if targets is not None else list(range(n))
+    return torch.utils.data.Subset(dataset, keep)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,25 +425,59 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def build_dataset(cfg_dataset: Any, split: str, train: bool) -> Dataset:
-    """Build a dataset from a config with keys name, root, im_size, aug_scale, limit, seed.
+def dataset_kind(cfg_dataset: Any) -> str:
+    """'imagefolder' or 'fmnist': what a config's dataset section reads. A given root decides: one that holds an
+    image folder is read as one (also under dataset.name=fmnist), one that holds neither an image folder nor the
+    Fashion-MNIST IDX files is refused; the bundled Fashion-MNIST subset is read only when no root is given."""
+    name = str(_cfg_get(cfg_dataset, "name", "")).lower()
+    root = _cfg_get(cfg_dataset, "root") or _cfg_get(cfg_dataset, "imagenet_root")
+    if name in ("imagefolder", "imagenet"):
+        return "imagefolder"
+    if name != "fmnist":
+        raise UserError(f"unknown dataset.name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if not root:
+        return "fmnist"
+    if looks_like_image_folder(os.path.expanduser(str(root))):
+        return "imagefolder"
+    if any((Path(root).expanduser() / f).is_file() for pair in _FMNIST_FILES.values() for f in pair):
+        return "fmnist"
+    raise UserError(f"dataset.root={root} holds neither an image folder (<root>/<split>/<class>/<image>) nor "
+                    f"Fashion-MNIST's IDX files (*-ubyte.gz); give one of them, or dataset.root=null for the bundled "
+                    f"Fashion-MNIST")
+
+
+def build_dataset(cfg_dataset: Any, split: str, train: bool, check_files: bool | None = None) -> Dataset:
+    """Build a dataset from a config's dataset section (name, root, im_size, aug_scale, limit, subset,
+    allow_empty_classes, check_files, skip_unreadable, num_workers, seed); `dataset.identity` records its data.
 
     `split` is 'train' or 'val' ('val' maps to Fashion-MNIST 'test'). `train` switches on augmentation.
+    `check_files=False` skips the file check whatever the config says (to identify the data without reading it).
     """
-    name = str(_cfg_get(cfg_dataset, "name", "")).lower()
+    kind = dataset_kind(cfg_dataset)
     root = _cfg_get(cfg_dataset, "root") or _cfg_get(cfg_dataset, "imagenet_root")
     im_size = _cfg_get(cfg_dataset, "im_size")
     limit = _cfg_get(cfg_dataset, "limit")
-    if name == "fmnist":
+    subset = str(_cfg_get(cfg_dataset, "subset", "balanced"))
+    if subset not in SUBSETS:
+        raise UserError(f"unknown dataset.subset {subset!r}: choose {', '.join(SUBSETS)}")
+    if kind == "fmnist":
         if im_size is not None and im_size != FMNIST_IM_SIZE:
             raise UserError(f"dataset.im_size={im_size} is not supported for fmnist: the embedded data is "
                             f"{FMNIST_IM_SIZE} px (28 px padded), set dataset.im_size={FMNIST_IM_SIZE}")
         if split not in ("train", "val", "test"):
             raise UserError(f"unknown split {split!r} for fmnist; use 'train' or 'val'")
-        return FashionMNIST(split, limit=limit, root=root)
-    if name in ("imagefolder", "imagenet"):
-        if im_size is None:
-            raise UserError("dataset.im_size must be set for an image-folder dataset")
-        return ImageFolderDataset(root, split, im_size, train, aug_scale=_cfg_get(cfg_dataset, "aug_scale"),
-                                  limit=limit, seed=int(_cfg_get(cfg_dataset, "seed", 0)))
-    raise UserError(f"unknown dataset.name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        return FashionMNIST(split, limit=limit, root=root, subset=subset)
+    if im_size is None:
+        raise UserError("dataset.im_size must be set for an image-folder dataset")
+    check = bool(_cfg_get(cfg_dataset, "check_files", True)) if check_files is None else check_files
+    return ImageFolderDataset(root, split, im_size, train, aug_scale=_cfg_get(cfg_dataset, "aug_scale"),
+                              limit=limit, seed=int(_cfg_get(cfg_dataset, "seed", 0)), subset=subset,
+                              allow_empty_classes=bool(_cfg_get(cfg_dataset, "allow_empty_classes", False)),
+                              check_files=check, skip_unreadable=bool(_cfg_get(cfg_dataset, "skip_unreadable", False)),
+                              workers=int(_cfg_get(cfg_dataset, "num_workers", 0)))
+
+
+def identify(cfg_dataset: Any, split: str) -> dict:
+    """The identity record of the data a config names, without checking its files (e.g. dit.train, which reads
+    only the latent cache, finds the cache of this data with it)."""
+    return build_dataset(cfg_dataset, split, train=False, check_files=False).identity

@@ -23,7 +23,8 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """SD3's time shift t' = s t / (1 + (s - 1) t): keeps 0 and 1, moves mass towards noise for s > 1 (s = 1: identity)."""
+    """SD3's time shift t' = s t / (1 + (s - 1) t): keeps 0 and 1, moves mass towards noise for s > 1
+    (s = 1: identity)."""
     if shift == 1.0:
         return t
     return shift * t / (1 + (shift - 1) * t)

@@ -1,7 +1,8 @@
 """The classic KL-VAE decoder (LDM / Stable-Diffusion VAE), the baseline SSDD is compared with.
 
 The KL-VAE decodes a latent in one deterministic forward pass; it is trained with L1 + LPIPS + optionally a patch
-discriminator (hinge loss; tokenizer.losses.PatchDiscriminator). It is the mirror image of our encoder (tokenizer/encoder.py) and reuses its blocks.
+discriminator (hinge loss; tokenizer.losses.PatchDiscriminator). It is the mirror image of our encoder
+(tokenizer/encoder.py) and reuses its blocks.
 
 Layout for base width 128 and F = 8 (levels = log2(F) + 1, as the encoder; upsample on all but the finest level):
 
@@ -61,7 +62,8 @@ class KLDecoder(nn.Module):
         if patch_size not in VALID_FACTORS:
             raise UserError(f"KL decoder patch size must be one of {VALID_FACTORS}, got {patch_size}")
         if base_channels < 32 or base_channels % 32:
-            raise UserError(f"KL decoder base_channels must be a positive multiple of 32 (GroupNorm), got {base_channels}")
+            raise UserError(f"KL decoder base_channels must be a positive multiple of 32 (GroupNorm), "
+                            f"got {base_channels}")
         self.z_channels = z_channels
         self.patch_size = patch_size
         self.base_channels = base_channels

@@ -48,7 +48,8 @@ def read_z_stats(path: str, how_to_make: str = "") -> dict:
 
 # Latent spaces with a published fixed normalisation instead of measured statistics: generators trained on SD-VAE
 # latents (DiT, SiT) see z_norm = 0.18215 * z (LDM's scale factor), i.e. z_mean 0 and z_std 1 / 0.18215.
-FIXED_Z_STATS = {"sdvae": {"z_mean": 0.0, "z_std": 1 / SDVAE_SCALE, "source": f"SD-VAE scale factor {SDVAE_SCALE} (LDM)"}}
+FIXED_Z_STATS = {"sdvae": {"z_mean": 0.0, "z_std": 1 / SDVAE_SCALE,
+                           "source": f"SD-VAE scale factor {SDVAE_SCALE} (LDM)"}}
 
 
 def fixed_z_stats(encoder_name: str) -> dict | None:

@@ -1,5 +1,5 @@
-"""Auxiliary training losses of the tokenizer: LPIPS (VGG), REPA against DINOv2-base, the KL term, and the PatchGAN
-of the KL-VAE baseline (docs/ARCHITECTURE.md §4).
+"""Auxiliary training losses of the tokenizer: LPIPS (VGG), REPA against DINOv2-base, and the PatchGAN of the KL-VAE
+baseline (docs/ARCHITECTURE.md §4; the KL term is the posterior's own, `tokenizer.encoder`).
 
 Frozen networks (the LPIPS trunk and heads, the DINOv2 teacher) are *held outside* the module tree: they live in a
 one-element Python list, so they never appear in ``state_dict()``, ``parameters()`` or ``modules()`` (training
@@ -53,6 +53,11 @@ def _torchvision_weights_file(net: str) -> str:
     return enum.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
 
 
+# What a user sets when LPIPS weights cannot be had: AlexNet is the eval metric, the others (VGG) the training loss.
+LPIPS_HINTS = {"alex": "set eval.lpips_weights=<full LPIPS state dict>, or eval.lpips=false to skip the metric"}
+LPIPS_LOSS_HINT = "set aux_losses.lpips_weights=<full LPIPS state dict>, or losses.lpips=0 to train without it"
+
+
 def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | Path | None = None) -> nn.Module:
     """A frozen, eval-mode ``lpips.LPIPS`` (v0.1, with linear heads).
 
@@ -72,7 +77,8 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | P
                 model.load_state_dict(state, strict=True)
             except RuntimeError as err:
                 raise WeightsUnavailableError(
-                    f"{weights_path} is not a full lpips.LPIPS(net={net!r}) state dict ({one_line(err, with_type=True)[:200]})"
+                    f"{weights_path} is not a full lpips.LPIPS(net={net!r}) state dict "
+                    f"({one_line(err, with_type=True)[:200]})"
                 ) from None
         elif pretrained:
             try:
@@ -82,8 +88,8 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | P
                 where = cache_path(name)
                 raise WeightsUnavailableError(
                     f"LPIPS ({net}) needs the torchvision ImageNet weights {name}, which could not be loaded or "
-                    f"downloaded ({one_line(err, with_type=True)[:120]}); put the file at {where}, give a full LPIPS state dict "
-                    f"as weights_path, or switch LPIPS off (training: losses.lpips=0)"
+                    f"downloaded ({one_line(err, with_type=True)[:120]}); put the file at {where}, or "
+                    f"{LPIPS_HINTS.get(net, LPIPS_LOSS_HINT)}"
                 ) from None
         else:
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
@@ -94,8 +100,9 @@ class LPIPSLoss(_HoldsFrozen):
     """Frozen LPIPS distance between images in [-1, 1]; ``forward`` returns the batch mean (a scalar).
 
     The lpips network is held outside the state dict (``state_dict()`` is empty). Feature normalisation uses
-    eps = 1e-8 instead of lpips' 1e-10 to avoid NaNs (as the official training entry point does): this forward re-implements lpips' v0.1 forward
-    with its own normalisation rather than patching ``lpips.normalize_tensor`` globally.
+    eps = 1e-8 instead of lpips' 1e-10 to avoid NaNs (as the official training entry point does): this forward
+    re-implements lpips' v0.1 forward with its own normalisation rather than patching ``lpips.normalize_tensor``
+    globally.
     """
 
     EPS = 1e-8
@@ -152,7 +159,8 @@ class DinoV2Teacher(nn.Module):
                 model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
             except Exception as err:
                 raise WeightsUnavailableError(
-                    f"{weights_path} is not a DINOv2-base ({self.MODEL_NAME}) state dict ({one_line(err, with_type=True)[:200]})"
+                    f"{weights_path} is not a DINOv2-base ({self.MODEL_NAME}) state dict "
+                    f"({one_line(err, with_type=True)[:200]})"
                 ) from None
         elif pretrained:
             try:
@@ -160,8 +168,8 @@ class DinoV2Teacher(nn.Module):
             except Exception as err:  # no network / not in the HF cache
                 raise WeightsUnavailableError(
                     f"DINOv2 teacher weights (hf-hub timm/{self.MODEL_NAME}) could not be loaded or downloaded "
-                    f"({one_line(err, with_type=True)[:120]}); give aux_losses.repa.dino_weights=<file> or switch REPA off "
-                    f"with losses.repa=0"
+                    f"({one_line(err, with_type=True)[:120]}); set aux_losses.repa.dino_weights=<file>, or "
+                    f"losses.repa=0 to train without REPA"
                 ) from None
         else:
             model = timm.create_model(self.MODEL_NAME, pretrained=False, **kwargs)
@@ -212,12 +220,6 @@ class REPALoss(_HoldsFrozen):
         target = self.teacher.features(images, grid)
         pred = self.projector(student_feats)
         return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
-
-
-# ------------------------------------------------------------------------------------------------------------ KL
-def kl_loss(posterior) -> torch.Tensor:
-    """Mean over the batch of the posterior's per-sample KL divergence (``posterior.kl()`` → (B,))."""
-    return posterior.kl().mean()
 
 
 # ----------------------------------------------------------------------------------------------------------

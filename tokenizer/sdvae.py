@@ -1,4 +1,5 @@
-"""The Stable-Diffusion VAE (`stabilityai/sd-vae-ft-mse` / `-ema`) in this project's modules (docs/ARCHITECTURE.md §2, §9).
+"""The Stable-Diffusion VAE (`stabilityai/sd-vae-ft-mse` / `-ema`) in this project's modules
+(docs/ARCHITECTURE.md §2, §9).
 
 SD-VAE is an f8c4 KL autoencoder: its encoder is exactly `tokenizer.encoder.Encoder(8, 4, 128)` (the encoder name
 `sdvae`) with SD's `quant_conv` as `out_proj`, and its decoder exactly `tokenizer.kl_decoder.KLDecoder(4, 8, 128)`
@@ -7,10 +8,10 @@ with SD's `post_quant_conv` inside. Its weights are published in two layouts, bo
   ldm        the original single file (`vae-ft-mse-840000-ema-pruned.{ckpt,safetensors}`, or a whole Stable
              Diffusion checkpoint under `first_stage_model.`): `encoder.*`, `decoder.*`, `quant_conv.*`,
              `post_quant_conv.*` with this project's names already (LDM's), and 1x1 convs in the attention;
-  diffusers  `diffusion_pytorch_model.safetensors` of the Hugging Face repositories: `encoder.down_blocks.{i}.resnets.{j}`,
-             `mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}` as Linear layers (older files: `query`, `key`,
-             `value`, `proj_attn`), `conv_shortcut`, `conv_norm_out`, and the decoder's `up_blocks` numbered from
-             the coarsest level (LDM's `up.{n-1-i}`).
+  diffusers  `diffusion_pytorch_model.safetensors` of the Hugging Face repositories:
+             `encoder.down_blocks.{i}.resnets.{j}`, `mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}` as Linear
+             layers (older files: `query`, `key`, `value`, `proj_attn`), `conv_shortcut`, `conv_norm_out`, and the
+             decoder's `up_blocks` numbered from the coarsest level (LDM's `up.{n-1-i}`).
 
 `sdvae_state(path)` returns the weights of either layout renamed to `SSDD(encoder="sdvae", decoder="kl")` keys;
 `to_layout(state, layout)` writes this project's keys in a published layout (tests and one-off checks use it).
@@ -86,11 +87,13 @@ def diffusers_key(key: str, levels: int) -> str:
     part, rest = key.split(".", 1)
     rest = re.sub(r"^down\.(\d+)\.block\.(\d+)\.", r"down_blocks.\1.resnets.\2.", rest)
     rest = re.sub(r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", rest)
-    rest = re.sub(r"^up\.(\d+)\.block\.(\d+)\.", lambda m: f"up_blocks.{levels - 1 - int(m.group(1))}.resnets.{m.group(2)}.", rest)
+    rest = re.sub(r"^up\.(\d+)\.block\.(\d+)\.",
+                  lambda m: f"up_blocks.{levels - 1 - int(m.group(1))}.resnets.{m.group(2)}.", rest)
     rest = re.sub(r"^up\.(\d+)\.upsample\.", lambda m: f"up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0.", rest)
     rest = re.sub(r"^mid\.block_(\d)\.", lambda m: f"mid_block.resnets.{int(m.group(1)) - 1}.", rest)
     rest = re.sub(r"^mid\.attn_1\.norm\.", "mid_block.attentions.0.group_norm.", rest)
-    rest = re.sub(r"^mid\.attn_1\.(q|k|v|proj_out)\.", lambda m: f"mid_block.attentions.0.{_ATTN_DIFFUSERS[m.group(1)][0]}.", rest)
+    rest = re.sub(r"^mid\.attn_1\.(q|k|v|proj_out)\.",
+                  lambda m: f"mid_block.attentions.0.{_ATTN_DIFFUSERS[m.group(1)][0]}.", rest)
     rest = re.sub(r"^norm_out\.", "conv_norm_out.", rest)
     rest = rest.replace(".nin_shortcut.", ".conv_shortcut.")
     return f"{part}.{rest}"

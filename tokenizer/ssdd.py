@@ -1,11 +1,12 @@
 """SSDD: a KL encoder plus the single-step-distillable diffusion decoder, behind one small API.
 
-    model = SSDD(encoder="f8c4", decoder="M", checkpoint="F8C4_M_256.safetensors")
+    model = SSDD.from_pretrained("F8C4_M_256")  # a released model by name (Hugging Face cache, pinned revision)
+    model = SSDD(encoder="f8c4", decoder="M", checkpoint="F8C4_M_256.safetensors")   # the same from a local file
     z = model.encode(x).mode()                 # x: (B, 3, H, W) in [-1, 1] -> z: (B, 4, H/8, W/8)
     x_rec = model.decode(z, steps=8)           # Euler on the (1 - i/N)^2 grid, from fixed or fresh noise
 
-The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so those
-load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
+The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so
+those load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
 the same API. Files written by this project also carry the architecture in their safetensors metadata, so
 `SSDD.from_checkpoint(path)` rebuilds the right model without being told.
 
@@ -20,12 +21,22 @@ sd-vae-ft-mse, fetched at the first `encode()`. Latents are SD-VAE's raw ones (n
 """
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from tokenizer.common.checkpoint import check_state_dict, load_weights, read_metadata, read_weights, save_weights
+from tokenizer.common.checkpoint import (
+    check_state_dict,
+    load_weights,
+    read_header,
+    read_metadata,
+    read_shapes,
+    read_weights,
+    save_weights,
+)
+from tokenizer.common.downloads import RELEASED_SSDD, fetch_released, released_architecture, released_name
 from tokenizer.common.errors import UserError
 from tokenizer.decoder import DECODER_SIZES, SSDDDecoder
 from tokenizer.encoder import SDVAE_ENCODER, DiagonalGaussian, build_encoder, parse_encoder_name
@@ -57,6 +68,42 @@ def infer_decoder_size(state: dict, z_channels: int, source: str = "the file") -
             return size
     raise UserError(f"{source} holds no SSDD decoder for {z_channels}-channel latents of any size "
                     f"({', '.join(DECODER_SIZES)}); pass decoder='M'-style to see the mismatching keys")
+
+
+ARCHITECTURE_KEYS = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels")
+
+
+def checkpoint_architecture(path: str, encoder: str | None = None, strict: bool = False) -> dict:
+    """What a checkpoint says of its architecture: the `ARCHITECTURE_KEYS` its safetensors metadata records
+    (integers as integers), or for a released file without metadata those its name gives (F8C4_M_256); {} for a
+    file of another format or without either.
+
+    A file that records no decoder (a released `F8C4_M_256`-style file) but holds `decoder.*` weights gets its
+    decoder size from their shapes (`infer_decoder_size`, header only), for the latents of its recorded encoder
+    or else of `encoder`; an SD-VAE autoencoder or (unless `strict`) a decoder of no known size is left without
+    one. Likewise the encoder's width is read from its first convolution.
+    """
+    if not str(path).endswith(".safetensors"):
+        return {}
+    keys, meta = read_header(path)
+    arch = {k: meta[k] for k in ARCHITECTURE_KEYS if k in meta}
+    if not arch:  # a released file carries no metadata: its name says what it is
+        arch = released_architecture(os.path.basename(path)) or {}
+    for key in ("encoder_base_channels", "kl_base_channels"):
+        if key in arch:
+            arch[key] = int(arch[key])
+    encoder = arch.get("encoder", encoder)
+    has_decoder = any(k.startswith("decoder.") for k in keys)
+    if "encoder_base_channels" not in arch and encoder != SDVAE_ENCODER and "encoder.conv_in.weight" in keys:
+        arch["encoder_base_channels"] = read_shapes(path)["encoder.conv_in.weight"][0]  # the encoder's first width
+    if "decoder" not in arch and encoder and has_decoder and detect_layout(keys) is None:
+        shapes = {k: torch.empty(shape, device="meta") for k, shape in read_shapes(path).items()}
+        try:
+            arch["decoder"] = infer_decoder_size(shapes, parse_encoder_name(encoder)[1], path)
+        except UserError:  # not an SSDD decoder of any size: the caller's own choice stands, unless `strict`
+            if strict:
+                raise
+    return arch
 
 
 @dataclass
@@ -182,12 +229,15 @@ class SSDD(nn.Module):
         what = f"SSDD(encoder={self.encoder_name}, decoder={self.decoder_name})"
         if path in SDVAE_WEIGHTS:  # a known SD-VAE name: fetched (cache or download)
             path = sdvae_file(path)
+        elif not os.path.isfile(str(path)) and released_name(path) is not None:  # a facebook/SSDD release name
+            path = fetch_released(path)
         state, meta = read_weights(path) if str(path).endswith(".safetensors") else (read_state_file(path), {})
         layout = detect_layout(state)
         if layout is not None:  # SD-VAE itself: its decoder is the KL-VAE one
             if not self.is_kl or self.encoder_name != SDVAE_ENCODER:
                 raise UserError(f"{path} is an SD-VAE autoencoder ({layout} layout): load it as "
-                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae model")
+                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae "
+                                "model")
             state = from_layout(state, self.state_dict())
             check_state_dict(self, state, path, what)
             self.load_state_dict(state, strict=True)
@@ -223,12 +273,21 @@ class SSDD(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
-        """Build from a file this project wrote (architecture in its metadata); official files need `encoder=`/`decoder=`."""
+        """Build from a file this project wrote (architecture in its metadata), a released file (architecture from
+        its name, e.g. F8C4_M_256.safetensors, or from `encoder=`/`decoder=`; a decoder size from its shapes), or a
+        release name (fetched)."""
+        path = str(path)
+        if not os.path.isfile(path) and released_name(path) is not None:
+            path = fetch_released(path)
         meta = read_metadata(path)
-        arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels", "kl_base_channels") if k in meta}
-        arch.update(overrides)
-        if "decoder" not in arch and "encoder" in arch:  # a released decoder-only file: its size from its shapes
-            arch["decoder"] = infer_decoder_size(read_weights(path)[0], parse_encoder_name(arch["encoder"])[1], path)
+        released = None if any(k in meta for k in ARCHITECTURE_KEYS) else released_architecture(os.path.basename(path))
+        if released:  # a released file carries no metadata: its name says what it is
+            clash = {k: v for k, v in overrides.items() if k in released and str(v).lower() != released[k].lower()}
+            if clash:
+                raise UserError(f"{path} is the released SSDD model {released_name(os.path.basename(path))} "
+                                f"(encoder {released['encoder']}, decoder {released['decoder']}), not "
+                                + ", ".join(f"{k} {v}" for k, v in clash.items()))
+        arch = checkpoint_architecture(path, overrides.get("encoder"), strict="decoder" not in overrides) | overrides
         if "encoder" not in arch or "decoder" not in arch:
             raise UserError(f"{path} does not say its architecture: pass encoder='f8c4'-style and decoder='M'-style")
         for key in ("encoder_base_channels", "kl_base_channels"):
@@ -236,18 +295,29 @@ class SSDD(nn.Module):
         return cls(checkpoint=path, **arch)
 
     @classmethod
+    def from_pretrained(cls, name: str, **overrides) -> "SSDD":
+        """An eval-mode model of the facebook/SSDD release by name (`RELEASED_SSDD`: F8C4_M_256, F16C16_XL_256,
+        SDVAE_M_256, demo_f8c4_M_128, ...), fetched through the Hugging Face cache at the pinned revision. The
+        architecture comes from the name; the strict load checks every tensor's shape against it."""
+        if released_name(name) is None:
+            raise UserError(f"{name!r} is not a released SSDD model; known names: {', '.join(RELEASED_SSDD)} "
+                            f"(for a file or a run of your own use SSDD.from_checkpoint)")
+        return cls.from_checkpoint(fetch_released(name), **overrides).eval()
+
+    @classmethod
     def build(cls, config, checkpoint: str | None = None, freeze: bool = True, eval: bool = True) -> "SSDD":
         """Build from the `ssdd:` section of a YAML file (path) or mapping, as the official `SSDD.build`.
 
         Keys used: encoder, decoder, encoder_base_channels, kl_base_channels, encoder_checkpoint, encoder_train,
-        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile, ema) are ignored.
+        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile,
+        ema) are ignored.
         """
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(config) if isinstance(config, str) else OmegaConf.create(config)
         cfg = OmegaConf.to_container(cfg.get("ssdd", cfg), resolve=True)
-        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint", "encoder_train", "fm_trainer",
-                "fm_sampler", "attention", "checkpoint")
+        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint",
+                "encoder_train", "fm_trainer", "fm_sampler", "attention", "checkpoint")
         kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
         if checkpoint is not None:
             kwargs["checkpoint"] = checkpoint
@@ -262,7 +332,8 @@ class SSDD(nn.Module):
         """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder factor -> posterior over (B, C, H/F, W/F)."""
         self._fetch_sdvae_encoder()
         if not self.has_encoder:
-            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not encode images")
+            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not "
+                            "encode images")
         f = self.patch_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] % f or x.shape[-2] % f:
             raise UserError(f"encode expects (B, 3, H, W) with H, W multiples of {f}, got {tuple(x.shape)}")

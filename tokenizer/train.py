@@ -2,7 +2,7 @@
 
     accelerate launch -m tokenizer.train config=configs/fmnist.yaml run_name=fmnist     # train (resumes if it exists)
     accelerate launch -m tokenizer.train task=eval ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=1
-    accelerate launch -m tokenizer.train distill_teacher=true ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=7  # 1-step student
+    accelerate launch -m tokenizer.train distill_teacher=true ssdd.checkpoint=fmnist ssdd.fm_sampler.steps=7  # student
     python -m tokenizer.train task=z_stats ssdd.checkpoint=fmnist
 
 Every knob is in configs/ssdd.yaml (checked before any work: tokenizer.common.validation). A run lives in
@@ -10,7 +10,13 @@ Every knob is in configs/ssdd.yaml (checked before any work: tokenizer.common.va
 results/step<N>/ (each evaluation's metrics; task=eval and task=z_stats of a run's checkpoint write there too).
 Re-running with the same run_name resumes exactly: data order, noise and timesteps are functions of
 (seed, step, rank), and the model, EMA, optimiser and RNG states are restored from checkpoints/last; a re-run of a
-finished run completes its final evaluation and best/ if a kill left them out.
+finished run completes its final evaluation and best/ if a kill left them out. One job writes a run at a time
+(`<run>/.lock`: a second job with the same run_name stops in one line).
+
+The architecture (ssdd.encoder, ssdd.decoder and their widths) is that of the checkpoints a task loads: the run's
+own when it resumes, ssdd.checkpoint (eval, z_stats, the teacher of distillation) and ssdd.encoder_checkpoint (e.g.
+the KL-VAE baseline), so `task=eval ssdd.checkpoint=<a run trained with ssdd.decoder=S>` needs no ssdd.decoder=S;
+a value given on the command line that contradicts the checkpoint stops in one line.
 """
 
 import json
@@ -31,9 +37,12 @@ from tokenizer.common.runs import (
     default_run_name,
     resolve_checkpoint,
     results_dir,
+    run_dir,
     save_grid,
     step_results_dir,
+    unlock_runs,
 )
+from tokenizer.common.tracking import ImageLog
 from tokenizer.common.training import (
     build_optimizer,
     check_finite,
@@ -49,7 +58,14 @@ from tokenizer.common.training import (
 from tokenizer.common.validation import check_config
 from tokenizer.config_checks import SSDD_CHECKS
 from tokenizer.data import build_dataset
-from tokenizer.evaluation import load_for_eval, model_from_config, reconstruct_split
+from tokenizer.data_check import banner, check_run_data, write_run_data
+from tokenizer.evaluation import (
+    adopt_checkpoint_architecture,
+    command_line_keys,
+    load_for_eval,
+    model_from_config,
+    reconstruct_split,
+)
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
 from tokenizer.latent_stats import compute_z_stats
 from tokenizer.losses import PatchDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
@@ -62,11 +78,13 @@ EVAL_FILE = "eval_training.json"  # the in-training evaluation of a step, in <ru
 
 
 def build_teacher(cfg) -> SSDD:
-    """The frozen multi-step teacher of distillation: the model of `ssdd.checkpoint`, never checkpointed (docs/ARCHITECTURE.md §6)."""
+    """The frozen multi-step teacher of distillation: the model of `ssdd.checkpoint` (its architecture from the
+    file), never checkpointed (docs/ARCHITECTURE.md §6)."""
     if not cfg.ssdd.checkpoint:
         raise UserError("distill_teacher=true needs ssdd.checkpoint=<file or run_name> of the multi-step teacher")
     if cfg.ssdd.decoder == "kl":
-        raise UserError("distill_teacher=true distils a diffusion decoder; the KL-VAE (ssdd.decoder=kl) has one step already")
+        raise UserError("distill_teacher=true distils a diffusion decoder; the KL-VAE (ssdd.decoder=kl) has one step "
+                        "already")
     return model_from_config(cfg).eval().requires_grad_(False)
 
 
@@ -164,6 +182,10 @@ def train(cfg):
 
     train_set = build_dataset(cfg.dataset, "train", train=True)
     val_set = build_dataset(cfg.dataset, "val", train=False)
+    data = {"train": train_set.identity, "val": val_set.identity}  # what the run reads, saved as its data.json
+    if accelerator.is_main_process:
+        print("\n".join(banner(identity, f"data ({split})") for split, identity in data.items()))
+    check_run_data(out_dir, data)  # a resume on other data is refused before anything of the run changes
     plan = plan_steps(len(train_set), cfg.dataset.batch_size, world, training.epochs, training.max_steps)
     loader, sampler = train_loader(train_set, plan.per_rank_batch, world, rank, cfg.seed, cfg.dataset.num_workers)
 
@@ -173,6 +195,8 @@ def train(cfg):
     state = resume_run(accelerator, cfg, out_dir, state_modules(model, ema, aux, disc), optimizers)
     if state is not None:
         step, best, best_step = state["step"], state.get("best"), state.get("best_step")
+    if accelerator.is_main_process:
+        write_run_data(out_dir, data)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     if disc is not None:
@@ -180,8 +204,8 @@ def train(cfg):
     raw_model = accelerator.unwrap_model(model)
     modules = state_modules(raw_model, ema, aux, disc)
     accelerator.init_trackers("tensorboard")
-    tb = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
-    loss_log = LossLog(out_dir, accelerator, training.log_freq) if accelerator.is_main_process else None
+    tb = ImageLog(accelerator) if accelerator.is_main_process else None  # grids to every tracker of log_with
+    loss_log = LossLog(out_dir, accelerator, training.log_freq, step) if accelerator.is_main_process else None
     fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
     # Samples and evals show 1-step next to N-step decodes; a distilled student is judged at one step only.
     step_counts = [1] if teacher is not None or raw_model.is_kl else sorted({1, cfg.ssdd.fm_sampler.steps})
@@ -195,7 +219,7 @@ def train(cfg):
         saves = ["last"]
         if accelerator.is_main_process:
             atomic_json(os.path.join(step_results_dir(out_dir, step), EVAL_FILE),
-                      {"step": step, "images": training.eval_images, "split": "val",
+                      {"step": step, "images": training.eval_images, "split": "val", "data": val_set.identity,
                        "results": {f"{n}_steps": r for n, r in results.items()}})
             score = selection_score(results[step_counts[-1]], training.save_on_best)
             if best is None or score > best or resolve_state_dir(os.path.join(ckpt_root, "best")) is None:
@@ -270,7 +294,8 @@ def train(cfg):
             bar.update(1)
 
             if accelerator.is_main_process:
-                record = {"step": step, "loss": float(total) / world, **{k: float(v.detach()) for k, v in losses.items()}}
+                record = {"step": step, "loss": float(total) / world,
+                          **{k: float(v.detach()) for k, v in losses.items()}}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 if loss_log.write(record, force=step == plan.total_steps):
@@ -296,12 +321,15 @@ def task_eval(cfg):
     """Reconstruct the eval split with `ssdd.fm_sampler.steps` (or eval.steps) and write eval_<N>steps.json (and a
     grid) into the checkpoint's results folder (`tokenizer.common.runs.results_dir`)."""
     accelerator, model, dataset, checkpoint = load_for_eval(cfg)
+    if accelerator.is_main_process:
+        print(banner(dataset.identity))
     steps = cfg.eval.steps or cfg.ssdd.fm_sampler.steps
     out_dir = results_dir(checkpoint)
-    result = reconstruct_split(cfg, accelerator, model, dataset, steps, grid_path=os.path.join(out_dir, f"eval_{steps}steps.png"))
+    grid_path = os.path.join(out_dir, f"eval_{steps}steps.png")
+    result = reconstruct_split(cfg, accelerator, model, dataset, steps, grid_path=grid_path)
     if accelerator.is_main_process:
         result = {"checkpoint": checkpoint, "steps": steps, "split": cfg.eval.split,
-                  "im_size": cfg.dataset.im_size, **result}
+                  "im_size": cfg.dataset.im_size, **result, "data": dataset.identity}
         atomic_json(os.path.join(out_dir, f"eval_{steps}steps.json"), result)
         print(json.dumps(result, indent=2))
         print(f"saved {os.path.join(out_dir, f'eval_{steps}steps.json')}")
@@ -309,16 +337,18 @@ def task_eval(cfg):
 
 
 def task_z_stats(cfg):
-    """Scalar mean and (unbiased) std of `.mode()` latents over the eval split, in float64; saved beside the checkpoint."""
+    """Scalar mean and (unbiased) std of `.mode()` latents over the eval split, in float64; saved in the checkpoint's
+    results folder."""
     spec = cfg.ssdd.checkpoint or cfg.ssdd.encoder_checkpoint
     if not spec:
         raise UserError("task=z_stats needs ssdd.checkpoint= or ssdd.encoder_checkpoint=")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model_from_config(cfg).to(device).eval()
     dataset = build_dataset(cfg.dataset, cfg.eval.split, train=False)
+    print(banner(dataset.identity))
     stats = compute_z_stats(model, dataset, cfg.eval.batch_size, cfg.dataset.num_workers, device)
     stats |= {"encoder": cfg.ssdd.encoder, "im_size": cfg.dataset.im_size, "split": cfg.eval.split,
-              "checkpoint": resolve_checkpoint(cfg.ckpt_dir, spec)}
+              "checkpoint": resolve_checkpoint(cfg.ckpt_dir, spec), "data": dataset.identity}
     path = os.path.join(results_dir(stats["checkpoint"]), Z_STATS_FILE)
     atomic_json(path, stats)
     print(json.dumps(stats, indent=2))
@@ -329,11 +359,26 @@ def task_z_stats(cfg):
 TASKS = {"train": train, "eval": task_eval, "z_stats": task_z_stats}
 
 
+def own_state(cfg) -> str | None:
+    """The model file of the run's checkpoints/last when `task=train` resumes one (its architecture goes on)."""
+    if cfg.task != "train":
+        return None
+    found = resolve_state_dir(os.path.join(run_dir(cfg.ckpt_dir, cfg.run_name), "checkpoints", "last"))
+    path = os.path.join(found, "model_ae.safetensors") if found else None
+    return path if path and os.path.isfile(path) else None
+
+
 def run(argv: list[str]) -> None:
     cfg = check_config(load_config("ssdd.yaml", argv), SSDD_CHECKS)
     if cfg.run_name is None:
         cfg.run_name = default_run_name()
-    TASKS[cfg.task](cfg)
+    # Every task builds the architecture of the checkpoints it loads; a key set here that contradicts them stops.
+    adopt_checkpoint_architecture(cfg, command_line_keys(argv), own_state(cfg))
+    cfg = check_config(cfg, SSDD_CHECKS)  # again: the cross-checks see the adopted architecture
+    try:
+        TASKS[cfg.task](cfg)
+    finally:
+        unlock_runs()
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 import httpx  # noqa: E402
 
 from app.limits import DEFAULT_MAX_COST, LIMITS  # noqa: E402
-from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report  # noqa: E402
+from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report  # noqa: E402
 from tokenizer.common.errors import UserError  # noqa: E402
 
 LEAKS = ("Traceback", "object at 0x", "/tmp/", "/home/", "/work/", "/usr/", "site-packages", "File \"")

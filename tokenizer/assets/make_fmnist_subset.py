@@ -1,4 +1,5 @@
-# Fashion-MNIST (c) Zalando SE, MIT licence (https://github.com/zalandoresearch/fashion-mnist); subset redistributed under it.
+# Fashion-MNIST (c) Zalando SE, MIT licence (https://github.com/zalandoresearch/fashion-mnist); subset redistributed
+# under it.
 """Make tokenizer/assets/fmnist_subset.npz: a class-balanced Fashion-MNIST subset for machines without the
 Debian package `dataset-fashion-mnist`.
 

@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tokenizer.common.errors import UserError
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def _load_yaml(path: str):

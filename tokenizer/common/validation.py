@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from tokenizer.common.errors import UserError
 from tokenizer.common.runs import resolve_checkpoint
+from tokenizer.common.tracking import TRACKERS
 from tokenizer.common.training import OPTIMIZERS
 
 # ----------------------------------------------------------------------------- rules
@@ -176,6 +177,7 @@ SHARED_RULES = {
     "seed": integer(0, 2**63 - 1),
     "ckpt_dir": text,
     "run_name": optional(relative_name),
+    "log_with": choice(*TRACKERS),  # wandb's presence is checked when the trackers start (tracking.make_trackers)
     "dataset.name": choice("imagefolder", "fmnist"),
     "dataset.root": optional(text),
     "dataset.limit": optional(integer(1)),

@@ -1,15 +1,28 @@
-"""Shared stand-ins for the DiT tests: a tiny randomly initialised tokenizer (with its z_stats.json) and the
-config overrides that make dit.cache / dit.train run in seconds on a CPU."""
+"""Helpers shared by the test files (no test file imports another): the repository root, the tiny tokenizer-training
+overrides, and stand-ins for the DiT tests (a tiny randomly initialised tokenizer with its z_stats.json, a random DiT,
+a KL-VAE decoder, a generator bundle, and the config overrides that make dit.cache / dit.train run in seconds on a
+CPU). Pytest fixtures live in conftest.py."""
 
 import json
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 
 from tokenizer import SSDD
 from tokenizer.common.checkpoint import save_weights
+from tokenizer.common.runs import read_loss_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny model so CPU runs take seconds: 32-wide encoder, XS decoder, 32-px Fashion-MNIST.
+TINY = ["config=configs/fmnist.yaml", "ssdd.encoder_base_channels=32", "dataset.batch_size=16",
+        "training.eval_images=32", "training.sample_every=1000", "training.log_freq=5", "eval.batch_size=32"]
+
+
+def losses(run_dir):
+    """Last logged loss per step of a tokenizer run."""
+    return {step: r["loss"] for step, r in read_loss_log(str(run_dir)).items()}
 
 
 def make_tokenizer(directory, seed=0, z_mean=0.1, z_std=0.5) -> str:
@@ -40,7 +53,7 @@ def make_kl_decoder(directory, seed=1, encoder_from: str | None = None) -> str:
 
 def tiny_args(tokenizer: str, ckpt_dir, images: int = 24) -> list:
     """dit_fmnist overlay on a few dozen images, small batches, 2-step sampling and a 1-step decoder."""
-    return ["config=configs/dit_fmnist.yaml", f"tokenizer.common.checkpoint={tokenizer}", f"ckpt_dir={ckpt_dir}",
+    return ["config=configs/dit_fmnist.yaml", f"tokenizer.checkpoint={tokenizer}", f"ckpt_dir={ckpt_dir}",
             f"dataset.limit={images}", "cache.batch_size=8", "cache.shard_size=16", "training.batch_size=8",
             "training.log_freq=2", "training.sample_every=1000", "training.ckpt_every=1000", "sample.steps=2",
             "sample.per_class=1", "sample.grid_classes=[0,7]", "sample.decoder_steps=1"]
@@ -93,3 +106,28 @@ def make_bundle(directory, steps: int = 2) -> str:
                         "--extra-decoder", f"SSDD-XS 2-step (teacher)={tok}:2", "--extra-decoder",
                         f"KL-VAE={kl_path}"]) == 0
     return out
+
+
+CLASSES = ["cat", "dog", "fox", "owl"]
+
+
+def make_folder(root, classes=CLASSES, train=8, val=16, empty=None, corrupt=None, truncated=None):
+    """root/{train,val}/<class>/NNN.{png,JPEG}: class c is filled with grey level 40 + 50 c (so an image tells its
+    class), alternate files PNG and JPEG of a few sizes; optionally an empty class folder, a file of random bytes
+    named `corrupt` and a JPEG `truncated` to half its bytes (both relative to train/)."""
+    for split, n in (("train", train), ("val", val)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                size = (40 + 4 * (i % 3), 36 + 2 * (i % 2))
+                ext = "png" if i % 2 else "JPEG"
+                Image.new("RGB", size, (40 + 50 * c,) * 3).save(folder / f"{i:03d}.{ext}")
+        if empty:
+            (root / split / empty).mkdir(parents=True, exist_ok=True)
+    if corrupt:
+        (root / "train" / corrupt).write_bytes(np.random.default_rng(1).integers(0, 256, 600, np.uint8).tobytes())
+    if truncated:
+        path = root / "train" / truncated
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return root
