@@ -282,6 +282,7 @@ def refusal(detail) -> str:
     return detail
 
 
+@pytest.mark.slow  # ~3 CPU-seconds of gradio_client calls; the Guard test below stays in the quick tier
 def test_api_refuses_bad_input_before_the_queue_with_one_line_and_keeps_serving(served):
     """Behaviour changed on purpose: bad values are refused when the request arrives (a Gradio validator; the
     client raises ValidationError, a raw HTTP client gets 422) instead of failing in the queue (AppError)."""
