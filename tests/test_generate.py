@@ -95,7 +95,8 @@ def test_generate_end_to_end(bundle, tmp_path, capsys):
                         "--scale", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "DiT" in printed and "decoder (SSDD XS)" in printed and " s for 4 latents (euler, 2 steps, cfg 3)" in printed
+    assert "DiT" in printed and "decoder SSDD-XS 8-step: " in printed
+    assert " s for 4 latents (euler, 2 steps, cfg 3)" in printed
     assert "(8 steps)" in printed  # the multi-step decoder's default when the bundle does not set decoder steps
     singles = sorted(p for p in os.listdir(dest) if p != "grid.png")
     assert singles == ["0007_sneaker_0.png", "0007_sneaker_1.png", "0009_ankle-boot_0.png", "0009_ankle-boot_1.png"]
