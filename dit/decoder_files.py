@@ -105,7 +105,7 @@ def resolve_decoder_spec(spec, ckpt_dir: str = "runs", names=()) -> str:
     except UserError as e:
         if type(e) is not UserError:  # a known name that cannot be fetched: its own message says what to do
             raise
-        offered = f"; this generator's decoders: {', '.join(names)}" if names else ""
+        offered = f"; this generator offers: {', '.join(names)}" if names else ""
         raise UserError(f"decoder {text!r} not found: give {DECODER_FORMS}{offered}") from None
 
 
