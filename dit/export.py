@@ -29,7 +29,7 @@ and the figures of --results (JSON of eval/generation_table.py or eval/gfid.py, 
 `evaluation`), config.json and samples.png; --push-to-hub REPO also uploads it, after which
 `load_generator(resolve_generator("REPO"))` loads it anywhere:
 
-    python -m dit.export --dit dit_fmnist --out runs/hub/dit_fmnist --results docs/generation_table.json \
+    python -m dit.export --dit dit_fmnist --out runs/hub/dit_fmnist --results docs/reports/generation_table.json \
         --push-to-hub user/dit-fmnist
 """
 

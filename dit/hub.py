@@ -1,7 +1,7 @@
 """Share a generator on the Hugging Face Hub, and load one back by its repository id.
 
     python -m dit.export --dit dit_fmnist --decoder fmnist_f8c4_XS_distill --out runs/hub/dit_fmnist \
-        --hub --results docs/generation_table.json --push-to-hub user/dit-fmnist
+        --hub --results docs/reports/generation_table.json --push-to-hub user/dit-fmnist
     gen = load_generator(resolve_generator("user/dit-fmnist"))   # through the Hub's cache; offline from it
 
 `--hub` makes the export folder what the Hub expects beside the bundle (dit_ema.safetensors, the decoder

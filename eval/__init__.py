@@ -1,2 +1,2 @@
-"""Evaluation tools: reconstruction-quality scripts and the bundled Fashion-MNIST classifier
-(`eval.fmnist_classifier`), which gives offline Fréchet distances and class accuracy without downloads."""
+"""Evaluation: the scripts users run (`eval/<name>.py`), the libraries they share (`eval.lib`) and the stress
+harnesses (`eval/stress/`: kills, memory, load). A script imports libraries only, never another script."""

@@ -1,10 +1,10 @@
 """Decoding speed and peak memory: the KL-VAE decoder against SSDD decoders at 1 and 8 steps, in one run.
 
     python eval/decoder_benchmark.py --decoders kl S B M L XL H --steps 1 8 --sizes 128 256 512 \
-        --batch-sizes 1 4 16 --out docs/decoder_benchmark [--quality quality.json]
+        --batch-sizes 1 4 16 --out docs/reports/decoder_benchmark [--quality quality.json]
     # cost growth with the image: dense (reference) vs local attention, 128 -> 1024 px, plot <out>_cost_growth.png
     python eval/decoder_benchmark.py --decoders S --steps 1 --sizes 128 256 512 1024 --batch-sizes 1 \
-        --attention dense local --out docs/decoder_cost_growth
+        --attention dense local --out docs/reports/decoder_cost_growth
 
 Weights are random: speed and memory do not depend on their values, so no checkpoint is needed. For each
 configuration (decoder, steps, resolution, batch) the decode call runs `--warmup` times untimed, then `--repeats`
@@ -19,24 +19,31 @@ each row records the path taken at its grid size (`auto` resolves per grid and d
 
 Writes <out>.json (machine, settings, every row), <out>.md (table and speed ratios) and, with --quality, a
 quality-vs-speed scatter <out>_quality_vs_speed.png (x: images/s measured here for the quality file's decoder
-configurations at its im_size and the largest batch measured; y: the chosen metric). With more than one image size it also
-plots time per image and peak memory against the size, <out>_cost_growth.png, and lists the growth ratios.
+configurations at its im_size and the largest batch measured; y: the chosen metric). With more than one image size
+it also plots time per image and peak memory against the size, <out>_cost_growth.png, and lists the growth ratios.
 """
 
 import argparse
 import ctypes
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 from tqdm import tqdm
 
-from eval.report import cpu_model, load_average, run_script
+from eval.lib.decoders import build_decode_fn
+from eval.lib.report import (
+    command_line,
+    load_average,
+    machine_info,
+    run_script,
+    save_figure,
+    today,
+    write_report,
+)
+from eval.lib.timing import inference, take_turns
+from tokenizer.common.devices import AUTOCAST_DTYPES, autocast_dtype, available_memory, pick_device, timed
 from tokenizer.common.errors import UserError
 from tokenizer.common.training import enable_tf32
 from tokenizer.decoder import (
@@ -47,9 +54,7 @@ from tokenizer.decoder import (
     clear_attention_cache,
     resolve_attention,
 )
-from tokenizer.encoder import build_encoder, parse_encoder_name
-from tokenizer.kl_decoder import build_kl_decoder
-from tokenizer.ssdd import SSDD
+from tokenizer.encoder import parse_encoder_name
 
 DECODERS = ["kl", *DECODER_SIZES]  # "kl" = KL-VAE decoder; the rest are SSDD sizes
 METRICS = {"fd_classifier": "lower", "psnr": "higher", "ssim": "higher", "lpips": "lower", "rfid": "lower"}
@@ -69,21 +74,6 @@ def canonical_decoder(name: str) -> str:
     if str(name).upper() in DECODER_SIZES:
         return str(name).upper()
     raise UserError(f"unknown decoder {name!r}: choose from {', '.join(DECODERS)}")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device):
-    """-> autocast dtype or None (plain fp32). auto: bf16 autocast on CUDA, fp32 on CPU."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], name
 
 
 def load_quality(path: str, metric: str) -> dict:
@@ -160,43 +150,9 @@ def is_oom(e: BaseException) -> bool:
     )
 
 
-def build_decode_fn(decoder: str, encoder: str, kl_base_channels: int, device, compile_: bool,
-                    channels_last: bool = False):
-    """-> (decode(z, steps, attention) callable, parameter count, latent (C, F)). Random weights, eval mode.
-
-    `attention` sets the SSDD middle transformer's path for the call (the KL-VAE has none and ignores it).
-    """
-    f, c = parse_encoder_name(encoder)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if decoder == "kl":
-        model = build_kl_decoder(encoder, kl_base_channels).eval().to(device, memory_format=fmt)
-        fn = torch.compile(model) if compile_ else model
-        return (lambda z, steps, attention=None: fn(z)), sum(p.numel() for p in model.parameters()), (c, f)
-    # SSDD.decode is the code path users call (Euler loop, noise drawn per call). Its encoder is never run: a
-    # 32-wide one only supplies the patch size and channel count, and stays on the CPU.
-    model = SSDD(encoder=build_encoder(encoder, base_channels=32), decoder=decoder).eval()
-    model.decoder.to(device, memory_format=fmt)
-    mid = model.decoder.mid_block
-    if compile_:
-        model.decoder = torch.compile(model.decoder)
-    n = sum(p.numel() for p in model.decoder.parameters())
-
-    def decode(z, steps, attention="auto"):
-        mid.attention = attention
-        return model.decode(z, steps=steps)
-
-    return decode, n, (c, f)
-
-
-def timed_call(fn, z, steps, device, amp_dtype, attention=None) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        fn(z, steps, attention)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+def decode_call(fn, z, cfg, device, amp_dtype):
+    """One decode of the latents `z` with the configuration's steps and attention path, as a timeable call."""
+    return inference(lambda: fn(z, cfg["steps"], cfg["attention"]), device, amp_dtype)
 
 
 class CostModel:
@@ -244,17 +200,6 @@ def label(row) -> str:
     return f"SSDD-{row['decoder']}" + ("" if mode == "auto" else f" ({mode})")
 
 
-def memory_available_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
 def attention_memory_skip(cfg, device, args) -> str | None:
     """A reason to skip an SSDD configuration whose attention would not fit, before it runs (CPU only: there the
     kernel's out-of-memory killer, not an exception, would end the run). None when it fits."""
@@ -264,8 +209,8 @@ def attention_memory_skip(cfg, device, args) -> str | None:
     need = attention_memory_bytes(cfg["attention_path"], grid, DECODER_SIZES[cfg["decoder"]]["heads"], cfg["batch"])
     limit = args.max_memory_gb
     if limit is None:
-        available = memory_available_gb()
-        limit = None if available is None else available / 2
+        available = available_memory("cpu")
+        limit = None if available is None else available / 2**30 / 2
     if limit is not None and need / 2**30 > limit:
         return (f"memory: {cfg['attention_path']} attention over {grid[0] * grid[1]} tokens needs about "
                 f"{need / 2**30:.1f} GB (index, bias, scores), over the {limit:.1f} GB allowed "
@@ -285,7 +230,8 @@ def prepare(cfg, fn, device, amp_dtype, args, costs: CostModel):
                 f"> --max-seconds-per-config {args.max_seconds_per_config:g}"}
     c, f = cfg["latent"]
     z = torch.randn(cfg["batch"], c, cfg["px"] // f, cfg["px"] // f, device=device)
-    first = timed_call(fn, z, cfg["steps"], device, amp_dtype, cfg["attention"])
+    call = decode_call(fn, z, cfg, device, amp_dtype)
+    first = timed(call, device)
     costs.add(cfg, first)
     # The first call may include one-off work (compilation, kernel selection); only a clear overrun stops here.
     if first * (n_calls - 1) > args.max_seconds_per_config and not args.compile:
@@ -293,7 +239,7 @@ def prepare(cfg, fn, device, amp_dtype, args, costs: CostModel):
                 "reason": f"time budget: one call took {first:.1f} s, {n_calls} calls exceed "
                           f"--max-seconds-per-config {args.max_seconds_per_config:g}"}
     for _ in range(args.warmup - 1):
-        timed_call(fn, z, cfg["steps"], device, amp_dtype, cfg["attention"])
+        timed(call, device)
     return z, first
 
 
@@ -307,7 +253,7 @@ def peak_memory(cfg, fn, z, device, amp_dtype, cpu_mem: CpuPeakMemory):
         base = torch.cuda.memory_allocated(device)
     elif cpu_mem.available:
         cpu_mem.start()
-    timed_call(fn, z, cfg["steps"], device, amp_dtype, cfg["attention"])
+    timed(decode_call(fn, z, cfg, device, amp_dtype), device)
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda_max_allocated_above_model"
     if cpu_mem.available:
@@ -324,35 +270,35 @@ def measure_group(group, fn, device, amp_dtype, args, costs: CostModel, cpu_mem:
     rows = [None] * len(group)
     live = {}  # index -> (z, first)
 
-    def guarded(i, action):  # out-of-memory ends this configuration only
+    def out_of_memory(i, e) -> bool:  # out-of-memory ends this configuration only; anything else re-raises
+        if not is_oom(e):
+            return False
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows[i] = {"status": "skipped", "reason": f"out of memory ({type(e).__name__})", "oom": True}
+        live.pop(i, None)
+        return True
+
+    def guarded(i, action):
         try:
             return action()
-        except Exception as e:  # noqa: BLE001 - only out-of-memory is expected; everything else re-raises
-            if not is_oom(e):
+        except Exception as e:  # noqa: BLE001 - see out_of_memory
+            if not out_of_memory(i, e):
                 raise
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            rows[i] = {"status": "skipped", "reason": f"out of memory ({type(e).__name__})", "oom": True}
-            live.pop(i, None)
             return None
 
     for i, cfg in enumerate(group):
-        prep = guarded(i, lambda: prepare(cfg, fn, device, amp_dtype, args, costs))
+        prep = guarded(i, lambda cfg=cfg: prepare(cfg, fn, device, amp_dtype, args, costs))
         if isinstance(prep, dict):
             rows[i] = prep
         elif prep is not None:
             live[i] = prep
-    times = {i: [] for i in live}
-    for _ in range(args.repeats):
-        for i in list(live):
-            z, cfg = live[i][0], group[i]
-            t = guarded(i, lambda: timed_call(fn, z, cfg["steps"], device, amp_dtype, cfg["attention"]))
-            if t is not None:
-                times[i].append(t)
+    calls = {i: decode_call(fn, live[i][0], group[i], device, amp_dtype) for i in live}
+    times = take_turns(calls, args.repeats, device, skip=out_of_memory)
     for i in list(live):
         z, first = live[i]
         cfg = group[i]
-        memory = guarded(i, lambda: peak_memory(cfg, fn, z, device, amp_dtype, cpu_mem))
+        memory = guarded(i, lambda cfg=cfg, z=z: peak_memory(cfg, fn, z, device, amp_dtype, cpu_mem))
         if memory is None:
             continue
         peak, mem_kind = memory
@@ -431,7 +377,8 @@ def run_all(cfgs, device, amp_dtype, args) -> list:
                 out[i] = {"status": "skipped", "reason": f"out of memory already at {small[0]} px, batch {small[1]}"}
             else:
                 todo.append(i)
-        for i, result in zip(todo, measure_group([group[i] for i in todo], fn, device, amp_dtype, args, costs, cpu_mem)):
+        results = measure_group([group[i] for i in todo], fn, device, amp_dtype, args, costs, cpu_mem)
+        for i, result in zip(todo, results):
             if result.pop("oom", False):
                 oom_at[cost_key(group[i])] = (group[i]["px"], group[i]["batch"])
             out[i] = result
@@ -515,8 +462,9 @@ def growth_lines(rows, args) -> list:
                     area = (hi["px"] / lo["px"]) ** 2
                     mem = (f", peak memory x{hi['peak_mb'] / lo['peak_mb']:.1f}" if lo["peak_mb"] and hi["peak_mb"]
                            else "")
-                    lines.append(f"- {label(hi)}, {s} step(s), batch {b}, {lo['px']} -> {hi['px']} px (area x{area:g}): "
-                                 f"time x{hi['median_s'] / lo['median_s']:.1f}{noisy_mark(lo, hi)}{mem}")
+                    lines.append(f"- {label(hi)}, {s} step(s), batch {b}, {lo['px']} -> {hi['px']} px "
+                                 f"(area x{area:g}): time x{hi['median_s'] / lo['median_s']:.1f}"
+                                 f"{noisy_mark(lo, hi)}{mem}")
     return lines
 
 
@@ -554,8 +502,7 @@ def cost_growth_figure(path, rows, report) -> None:
     fig.suptitle(f"Decoder cost against image size ({where}, {report['settings']['dtype']}; dashed: dense attention)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(report) -> str:
@@ -583,7 +530,8 @@ def markdown(report) -> str:
     skipped = [r for r in report["rows"] if r["status"] != "ok"]
     if skipped:
         out += ["", "Skipped:", ""]
-        out += [f"- {r['label']}, {r['steps']} step(s), {r['px']} px, batch {r['batch']}: {r['reason']}" for r in skipped]
+        out += [f"- {r['label']}, {r['steps']} step(s), {r['px']} px, batch {r['batch']}: {r['reason']}"
+                for r in skipped]
     out += ["", "Throughput ratios (same run, same px and batch):", ""]
     out += report["ratios"] or ["- none: a ratio needs the 1-step SSDD row and the KL-VAE or N-step row measured"]
     if report.get("growth"):
@@ -614,7 +562,8 @@ def quality_figure(path, quality, rows, metric, report) -> list:
         if not isinstance(q.get(metric), (int, float)):
             notes.append(f"{q['name']}: no numeric {metric}")
             continue
-        kl_base = int(q.get("kl_base_channels", report["settings"]["kl_base_channels"])) if q["decoder"] == "kl" else None
+        kl_base = (int(q.get("kl_base_channels", report["settings"]["kl_base_channels"])) if q["decoder"] == "kl"
+                   else None)
         measured = [r for r in rows if r["status"] == "ok" and r["decoder"] == q["decoder"] and r["steps"] == q["steps"]
                     and r["px"] == px and r["encoder"] == enc and r["kl_base_channels"] == kl_base]
         if not measured:
@@ -638,8 +587,7 @@ def quality_figure(path, quality, rows, metric, report) -> list:
     ax.set_title(f"Quality vs speed ({enc}; speed with random weights)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return [{"name": n, "images_per_s": ips, metric: val, "batch": b} for n, ips, val, b in points], notes
 
 
@@ -652,7 +600,7 @@ def benchmark(args) -> None:
     if args.repeats < 1 or args.warmup < 1:
         raise UserError("--warmup and --repeats must be >= 1")
     device = pick_device(args.device)
-    amp_dtype, dtype_name = pick_dtype(args.dtype, device)
+    amp_dtype, dtype_name = autocast_dtype(args.dtype, device)
     if args.compile and device.type != "cuda":
         raise UserError("--compile is for GPU runs only (on CPU compilation dominates a short benchmark)")
     if args.channels_last and device.type != "cuda":
@@ -662,13 +610,11 @@ def benchmark(args) -> None:
     quality = load_quality(args.quality, args.quality_metric) if args.quality else None
     cfgs = configurations(args, quality)
 
-    machine = {"cpu": cpu_model(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "host": platform.node(),
-               "load_average": load_average()}
+    machine = machine_info(device)
     rows = run_all(cfgs, device, amp_dtype, args)
     machine["load_average_end"] = load_average()
-    report = {"machine": machine, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-              "command": "python eval/decoder_benchmark.py " + " ".join(args.argv), "note": WEIGHTS_NOTE,
+    report = {"machine": machine, "date": today(),
+              "command": command_line("eval/decoder_benchmark.py", args.argv), "note": WEIGHTS_NOTE,
               "user_note": args.note,
               "settings": {"device": str(device), "dtype": dtype_name, "encoder": args.encoder,
                            "kl_base_channels": args.kl_base_channels, "warmup": args.warmup,
@@ -677,8 +623,7 @@ def benchmark(args) -> None:
               "rows": rows}
     report["ratios"] = ratio_lines(rows, args)
     report["growth"] = growth_lines(rows, args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    written = [args.out + ".json", args.out + ".md"]
+    written = []
     if quality is not None:
         fig_path = args.out + "_quality_vs_speed.png"
         points, notes = quality_figure(fig_path, quality, rows, args.quality_metric, report)
@@ -688,11 +633,8 @@ def benchmark(args) -> None:
     if len({r["px"] for r in rows if r["status"] == "ok"}) > 1:
         cost_growth_figure(args.out + "_cost_growth.png", rows, report)
         written.append(args.out + "_cost_growth.png")
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
     md = markdown(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
+    written = write_report(args.out, report, md) + written
     print(md)
     print("wrote " + ", ".join(written))
 
@@ -709,7 +651,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    ap.add_argument("--dtype", default="auto", choices=["auto", *AUTOCAST_DTYPES],
                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPU only)")
     ap.add_argument("--channels-last", action="store_true", help="channels-last convolutions (GPU only)")
@@ -720,9 +662,10 @@ def main(argv=None) -> int:
                     help="CPU: skip configurations whose attention needs more (default: half the available memory)")
     ap.add_argument("--max-seconds-per-config", type=float, default=120.0,
                     help="skip a configuration whose warm-up + repeats are estimated to take longer")
-    ap.add_argument("--quality", default=None, help="quality JSON (im_size, encoder, rows) for the quality-vs-speed plot")
+    ap.add_argument("--quality", default=None,
+                    help="quality JSON (im_size, encoder, rows) for the quality-vs-speed plot")
     ap.add_argument("--quality-metric", default="fd_classifier", choices=list(METRICS))
-    ap.add_argument("--out", default="docs/decoder_benchmark", help="output path without extension")
+    ap.add_argument("--out", default="docs/reports/decoder_benchmark", help="output path without extension")
     ap.add_argument("--note", default=None, help="free text recorded in the JSON and Markdown (e.g. machine load)")
     return run_script(ap, benchmark, argv)
 

@@ -1,6 +1,6 @@
 """Reconstruction quality of several decoders on the same encoder and eval split: the equal-budget table.
 
-    python eval/decoder_quality.py --out docs/decoder_quality \
+    python eval/decoder_quality.py --out docs/reports/decoder_quality \
         --entry "KL-VAE=fmnist_f8c4_kl:1" --entry "SSDD-XS teacher=fmnist_f8c4_XS:8" \
         --entry "SSDD-XS teacher=fmnist_f8c4_XS:1" --entry "SSDD-XS distilled=fmnist_f8c4_XS_distill:1" \
         -- config=configs/fmnist.yaml
@@ -9,7 +9,7 @@ An entry is `name=checkpoint:steps`, the checkpoint a file or a run name (`run[@
 architecture read from the file. Everything after `--` is the tokenizer config that picks the data and metrics.
 Each decoder reconstructs the whole eval split from the same fixed noise and is scored on 8-bit images: PSNR,
 SSIM, LPIPS and rFID when their weights exist, and always the Fréchet distance in the feature space of the
-project's Fashion-MNIST classifier (eval/fmnist_classifier.py), which needs no download. Writes <out>.json
+project's Fashion-MNIST classifier (eval/lib/fmnist_classifier.py), which needs no download. Writes <out>.json
 (read by eval/decoder_benchmark.py --quality for the quality-vs-speed figure), <out>.md and <out>.png.
 """
 
@@ -23,8 +23,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from eval.fmnist_classifier import FeatureStats, frechet_distance, load_classifier
-from eval.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
+from eval.lib.fmnist_classifier import FeatureStats, frechet_distance, load_classifier
+from eval.lib.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
 from tokenizer.common.config import load_config
 from tokenizer.common.errors import UserError
 from tokenizer.common.runs import resolve_checkpoint, save_grid
@@ -101,9 +101,9 @@ def evaluate(args) -> None:
         model = SSDD.from_checkpoint(checkpoint).to(device).eval()
         real, fake = FeatureStats(classifier), FeatureStats(classifier)
 
-        def observe(x, rec, real=real, fake=fake):
+        def observe(x, rec, real=real, fake=fake, first=real_stats is None):
             fake.update(quantize(rec) * 2 - 1)  # score what a user would save: 8-bit images
-            if real_stats is None:
+            if first:
                 real.update(quantize(x) * 2 - 1)
 
         t0 = time.time()
@@ -148,7 +148,7 @@ def evaluate(args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--entry", action="append", required=True, help="'name=checkpoint:steps', repeatable")
-    ap.add_argument("--out", default="docs/decoder_quality", help="output path without extension")
+    ap.add_argument("--out", default="docs/reports/decoder_quality", help="output path without extension")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     ap.add_argument("--append", action="store_true", help="add rows to an existing <out>.json of the same split")
     ap.add_argument("--classifier", default=None, help="classifier weights (default: the committed asset)")

@@ -1,8 +1,8 @@
 """DiT training throughput: steps/s and images/s of one full training step, and the model FLOP utilisation.
 
-    python eval/dit_throughput.py --model DiT-S/2 --batch-size 32 --device cpu --out docs/dit_throughput_cpu
+    python eval/dit_throughput.py --model DiT-S/2 --batch-size 32 --device cpu --out docs/reports/dit_throughput_cpu
     python eval/dit_throughput.py --model DiT-S/2 DiT-B/2 DiT-L/2 DiT-XL/2 --batch-size 128 --device cuda \
-        --out docs/dit_throughput_h100                 # bf16 autocast, torch.compile, fused AdamW, TF32 on CUDA
+        --out docs/reports/dit_throughput_h100         # bf16 autocast, torch.compile, fused AdamW, TF32 on CUDA
 
 The step is the one dit.train runs, on random latents of the given shape: flow-matching loss (uniform t, label
 dropout 0.1), backward, AdamW (the trainer's `build_optimizer`: fused on CUDA), the EMA update, and a grad clip
@@ -17,13 +17,13 @@ FLOP/s by the GPU's dense bf16 peak (`PEAK_TFLOPS`, or --peak-tflops). Writes <o
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 from dit.flow import training_loss
 from dit.models import DiT_models, build_dit
-from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
+from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report
+from tokenizer.common.devices import AUTOCAST_DTYPES, autocast, autocast_dtype, pick_device, timed
 from tokenizer.common.ema import EMA
 from tokenizer.common.errors import UserError
 from tokenizer.common.training import build_optimizer, enable_tf32
@@ -41,7 +41,8 @@ def forward_flops(model, latent, batch: int) -> dict:
     attention matrix products QK^T and AV (4 T^2 h per block and image). Returns {"dense", "attention", "total"}.
     """
     c, h_lat, w_lat = latent
-    p = model.x_embedder.patch_size[0] if isinstance(model.x_embedder.patch_size, tuple) else model.x_embedder.patch_size
+    p = model.x_embedder.patch_size
+    p = p[0] if isinstance(p, tuple) else p
     hidden = model.blocks[0].attn.qkv.in_features
     depth = len(model.blocks)
     tokens = (h_lat // p) * (w_lat // p)
@@ -79,19 +80,15 @@ def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
     opt = build_optimizer(list(model.named_parameters()), "adamw", 1e-4, 0.0)
     ema = EMA(model, 0.9999, 0) if args.ema else None
     fn = torch.compile(model) if args.compile else model
-    amp = args.amp_dtype is not None
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, c, h, w, device=device, generator=g)
     y = torch.randint(0, args.num_classes, (batch,), device=device, generator=g)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def step(i):
         drop = (torch.rand(batch, device=device, generator=g) < 0.1).long()
-        with torch.autocast(device.type, dtype=args.amp_dtype or torch.float32, enabled=amp):
-            loss = training_loss(lambda a, t, b: fn(a, t, b, force_drop_ids=drop), x, y, generator=g, t_kind="uniform")
+        with autocast(device, args.amp_dtype):
+            loss = training_loss(lambda a, t, b: fn(a, t, b, force_drop_ids=drop), x, y, generator=g,
+                                 t_kind="uniform")
         loss.backward()
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -102,26 +99,17 @@ def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for i in range(args.warmup):
-        step(i)
-    sync()
-    warmup_s = time.perf_counter() - t0
-    times = []
-    for i in range(args.iters):
-        sync()
-        t0 = time.perf_counter()
-        step(args.warmup + i)
-        sync()
-        times.append(time.perf_counter() - t0)
+    warmup_s = timed(lambda: [step(i) for i in range(args.warmup)], device)
+    times = [timed(lambda i=i: step(args.warmup + i), device) for i in range(args.iters)]
     med = statistics.median(times)
     flops = forward_flops(model, latent, batch)
     train_flops = 3 * flops["total"]  # backward = 2 x forward for every matrix product
     peak, peak_source = peak_tflops(device, args.peak_tflops)
     achieved = train_flops / med / 1e12
     return {
-        "model": name, "latent": list(latent), "batch_size": batch, "params": sum(p.numel() for p in model.parameters()),
-        "tokens": model.x_embedder.num_patches, "precision": f"{args.dtype_name} autocast" if amp else "fp32",
+        "model": name, "latent": list(latent), "batch_size": batch,
+        "params": sum(p.numel() for p in model.parameters()), "tokens": model.x_embedder.num_patches,
+        "precision": f"{args.dtype_name} autocast" if args.amp_dtype is not None else "fp32",
         "compile": bool(args.compile), "ema": bool(args.ema), "fused_adamw": bool(opt.defaults.get("fused")),
         "step_s_median": med, "step_s_mean": statistics.mean(times), "step_s_min": min(times),
         "steps_per_s": 1 / med, "images_per_s": batch / med, "warmup": args.warmup, "warmup_s": warmup_s,
@@ -132,16 +120,13 @@ def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
 
 
 def run(args) -> list:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available")
+    device = pick_device(args.device)
     if args.iters < 1 or args.warmup < 0:
         raise UserError("--iters must be >= 1 and --warmup >= 0")
     unknown = [m for m in args.model if m not in DiT_models]
     if unknown:
         raise UserError(f"unknown DiT model {unknown[0]!r}; valid names: {', '.join(DiT_models)}")
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    args.amp_dtype, args.dtype_name = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype], dtype
+    args.amp_dtype, args.dtype_name = autocast_dtype(args.dtype, device)
     if args.compile is None:  # as training.compile: on for CUDA, off on a CPU (compiling would dominate)
         args.compile = device.type == "cuda"
     enable_tf32()
@@ -190,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
                     help="DiT's 2C output channels (configs/dit.yaml default; dit_fmnist uses --no-learn-sigma)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    ap.add_argument("--dtype", default="auto", choices=["auto", *AUTOCAST_DTYPES],
                     help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the DiT (default: on for CUDA, off on CPU)")
@@ -199,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (default: known GPUs)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--out", default="docs/dit_throughput")
+    ap.add_argument("--out", default="docs/reports/dit_throughput")
     return run_script(ap, run, argv)
 
 

@@ -1,10 +1,10 @@
 """Judge class-conditional generation with the project's Fashion-MNIST classifier.
 
     python eval/generation.py                                  # the embedded bundle, 100 per class, its default cfg
-    python eval/generation.py --ckpt runs/jobs/dit_fmnist/checkpoints/last --cfg 1 2 4 --out docs/dit_generation
+    python eval/generation.py --ckpt runs/jobs/dit_fmnist/checkpoints/last --cfg 1 2 4 --out docs/reports/dit_generation
 
 For every guidance scale it generates --per-class images of every class (1,000 for Fashion-MNIST) with fixed
-seeds and reports, with the classifier of eval/fmnist_classifier.py:
+seeds and reports, with the classifier of eval/lib/fmnist_classifier.py:
   * class accuracy of the generated samples (the classifier's label == the requested class), overall and per class,
     next to the classifier's own accuracy on the real test split (its ceiling);
   * the Fréchet distance of classifier features, generated vs the real test split, next to the same distance for
@@ -13,24 +13,18 @@ Writes <out>.json, <out>.md and <out>.png (a sample grid, one row per class, of 
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
 from dit.pipeline import BUNDLE_DIR, load_generator
-from tokenizer.common.errors import UserError, run_cli
-from tokenizer.data import FashionMNIST
-
-
-def real_images(split: str, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    data = FashionMNIST(split)
-    idx = range(len(data)) if n is None else torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    items = [data[i] for i in idx]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+from eval.lib.fmnist_classifier import feature_stats, frechet_distance, load_classifier, predict
+from eval.lib.fmnist_reference import real_reference
+from eval.lib.report import command_line, run_script, today, write_report
+from tokenizer.common.devices import pick_device
+from tokenizer.common.errors import UserError
 
 
 def markdown(result: dict) -> str:
@@ -40,13 +34,14 @@ def markdown(result: dict) -> str:
         "# Class-conditional generation on Fashion-MNIST (DiT on SSDD latents)",
         "",
         f"Generator: `{r['generator']}` ({r['dit_model']}, decoder {r['decoder']}), {r['per_class']} samples per class "
-        f"({r['per_class'] * len(names)} in all), sampler {r['sampler']} {r['steps']} steps, decoder {r['decoder_steps']} "
-        f"step(s), seed {r['seed']}. Judge: `{r['classifier']}`.",
+        f"({r['per_class'] * len(names)} in all), sampler {r['sampler']} {r['steps']} steps, decoder "
+        f"{r['decoder_steps']} step(s), seed {r['seed']}. Judge: `{r['classifier']}`.",
         f"Machine: {r['machine']}; {r['date']}. Command: `{r['command']}`",
         "",
-        f"Classifier accuracy on the real test split ({r['real']['n_test']} images): **{100 * r['real']['test_accuracy']:.2f} %**. "
-        f"Feature Fréchet distance of {r['real']['n_reference']} real training images vs the test split (the floor at "
-        f"this sample size): **{r['real']['fd_train_vs_test']:.3f}**.",
+        f"Classifier accuracy on the real test split ({r['real']['n_test']} images): "
+        f"**{100 * r['real']['test_accuracy']:.2f} %**. Feature Fréchet distance of {r['real']['n_reference']} real "
+        f"training images vs the test split (the floor at this sample size): "
+        f"**{r['real']['fd_train_vs_test']:.3f}**.",
         "",
         "| cfg scale | class accuracy of samples | feature FD vs real test | DiT time (s) | decoder time (s) |",
         "|---|---|---|---|---|",
@@ -67,35 +62,18 @@ def markdown(result: dict) -> str:
 
 
 def evaluate(args) -> dict:
-    from eval.fmnist_classifier import FeatureStats, frechet_distance, load_classifier, predict
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     gen = load_generator(args.ckpt, device=device)
     if gen.num_classes != 10:
-        raise UserError(f"this evaluation judges Fashion-MNIST generators (10 classes); {gen.source} has {gen.num_classes}")
+        raise UserError(f"this evaluation judges Fashion-MNIST generators (10 classes); {gen.source} has "
+                        f"{gen.num_classes}")
     if gen.decoder.patch_size * gen.latent_shape[1] != 32:
         raise UserError("the generator does not make 32-px images, which the Fashion-MNIST classifier needs")
     clf = load_classifier(args.classifier, device=device)
 
-    def stats(images):
-        acc = FeatureStats(clf)
-        for b in images.split(500):
-            acc.update(b.to(device))
-        return acc
-
     print("real test split ...", flush=True)
-    x_test, y_test = real_images("test", args.real_images, seed=args.seed)
-    test_pred = predict(x_test, clf)
-    test_stats = stats(x_test)
     n_gen = args.per_class * gen.num_classes
-    x_ref, _ = real_images("train", n_gen, seed=args.seed)
-    real = {
-        "n_test": len(x_test),
-        "test_accuracy": float((test_pred == y_test).float().mean()),
-        "per_class": [float((test_pred[y_test == c] == c).float().mean()) for c in range(gen.num_classes)],
-        "n_reference": n_gen,
-        "fd_train_vs_test": frechet_distance(stats(x_ref), test_stats),
-    }
+    real, test_stats = real_reference(clf, args.real_images, n_gen, args.seed)
     print(f"classifier on real test: {100 * real['test_accuracy']:.2f} %; FD {n_gen} train vs test: "
           f"{real['fd_train_vs_test']:.3f}", flush=True)
 
@@ -108,7 +86,8 @@ def evaluate(args) -> dict:
         pred = predict(images, clf)
         s = {"cfg_scale": float(cfg_scale), "accuracy": float((pred == labels).float().mean()),
              "per_class": [float((pred[labels == c] == c).float().mean()) for c in ids],
-             "fd": frechet_distance(stats(images), test_stats), "dit_s": t["dit_s"], "decoder_s": t["decoder_s"]}
+             "fd": frechet_distance(feature_stats(images, clf), test_stats), "dit_s": t["dit_s"],
+             "decoder_s": t["decoder_s"]}
         scales.append(s)
         samples[float(cfg_scale)] = images
         print(f"cfg {cfg_scale:g}: accuracy {100 * s['accuracy']:.2f} %, FD {s['fd']:.3f} "
@@ -119,7 +98,8 @@ def evaluate(args) -> dict:
     from torchvision.utils import save_image
 
     show = min(10, args.per_class)
-    grid_images = samples[best["cfg_scale"]].view(gen.num_classes, args.per_class, *samples[best["cfg_scale"]].shape[1:])
+    best_images = samples[best["cfg_scale"]]
+    grid_images = best_images.view(gen.num_classes, args.per_class, *best_images.shape[1:])
     save_image(grid_images[:, :show].flatten(0, 1), out + ".png", nrow=show, normalize=True, value_range=(-1, 1),
                padding=1)
     result = {
@@ -132,13 +112,10 @@ def evaluate(args) -> dict:
         "best_accuracy_cfg": max(scales, key=lambda s: s["accuracy"])["cfg_scale"],
         "grid": out + ".png",
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {device}, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": "python eval/generation.py " + " ".join(sys.argv[1:]) if args.command is None else args.command,
+        "date": today(),
+        "command": args.command or command_line("eval/generation.py", args.argv),
     }
-    with open(out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(out + ".md", "w") as f:
-        f.write(markdown(result))
+    write_report(out, result, markdown(result))
     print(f"wrote {out}.json, {out}.md, {out}.png")
     return result
 
@@ -147,18 +124,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", default=None, help=f"bundle directory or DiT checkpoint (default: {BUNDLE_DIR})")
     ap.add_argument("--per-class", type=int, default=100)
-    ap.add_argument("--cfg", dest="cfg_scales", type=float, nargs="+", default=None, help="guidance scales (default: the bundle's)")
+    ap.add_argument("--cfg", dest="cfg_scales", type=float, nargs="+", default=None,
+                    help="guidance scales (default: the bundle's)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", default=None)
     ap.add_argument("--decoder-steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--real-images", type=int, default=None, help="random subset of the test split (default: all 10k)")
+    ap.add_argument("--real-images", type=int, default=None,
+                    help="random subset of the test split (default: all 10k)")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--classifier", default=None, help="classifier weights (default: the committed asset)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default="docs/dit_generation", help="output path without extension")
+    ap.add_argument("--out", default="docs/reports/dit_generation", help="output path without extension")
     ap.add_argument("--command", default=None, help=argparse.SUPPRESS)
-    return run_cli(evaluate, ap.parse_args(argv))
+    return run_script(ap, evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The generation table: one DiT, several decoders of its latents, several guidance scales; quality next to speed.
 
-    python eval/generation_table.py --cfg 1 2 3 --num-samples 10000 --out docs/generation_table
+    python eval/generation_table.py --cfg 1 2 3 --num-samples 10000 --out docs/reports/generation_table
     python eval/generation_table.py --ckpt my_bundle --ref VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights pt_inception.pth --cfg 1.5 --num-samples 50000 --out results/table
 
@@ -10,9 +10,9 @@ single-step SSDD, its multi-step teacher and the KL-VAE baseline, as `python -m 
 them) decodes the same latents. Each (decoder, scale) row reports
 
   * quality: for a Fashion-MNIST generator, always (offline), the class accuracy and the Fréchet distance of the
-    project's classifier features (eval/fmnist_classifier.py) against the real test split, next to the classifier's
+    project's classifier features (eval/lib/fmnist_classifier.py) against the real test split, next to the classifier's
     own accuracy and a real-vs-real floor; with Inception weights (--inception-weights or the standard download),
-    gFID, sFID, IS, precision, recall and KID against --ref, computed as eval/gfid.py does;
+    gFID, sFID, IS, precision, recall and KID against --ref, computed as eval/gfid.py does (eval/lib/gfid.py);
   * speed of the whole pipeline: images/s over the run (batch --batch-size) split into DiT and decoder time per
     image, and the latency of one image (batch 1, median of --latency-repeats), again split;
   * the speed-up of the single-step SSDD over the multi-step teacher and over the KL-VAE, at the same scale.
@@ -34,8 +34,22 @@ import torch
 from tqdm import tqdm
 
 from dit.pipeline import BUNDLE_DIR, load_generator
-from eval.report import command_line, load_average, machine_info, markdown_table, run_script, today, write_report
+from eval.lib.adm_npz import write_sample_batch
+from eval.lib.fmnist_classifier import FeatureStats, frechet_distance, load_classifier, predict
+from eval.lib.fmnist_reference import real_reference
+from eval.lib.gfid import ImageSource, InceptionFeatures, compare, extract
+from eval.lib.report import (
+    command_line,
+    load_average,
+    machine_info,
+    markdown_table,
+    run_script,
+    save_figure,
+    today,
+    write_report,
+)
 from tokenizer.common.config import CONFIG_DIR
+from tokenizer.common.devices import pick_device
 from tokenizer.common.errors import UserError, WeightsUnavailableError
 from tokenizer.metrics import quantize, to_uint8
 
@@ -60,18 +74,9 @@ class Judge:
         self.device, self.notes, self.real = device, [], None
         self.classifier = None
         if is_fmnist(gen):
-            from eval.fmnist_classifier import FeatureStats, frechet_distance, load_classifier, predict
-            from eval.generation import real_images
-
             self.classifier = load_classifier(args.classifier, device=device)
-            self._fd, self._predict, self._stats = frechet_distance, predict, FeatureStats
-            x_test, y_test = real_images("test", args.real_images, seed=args.seed)
-            pred = predict(x_test, self.classifier)
-            self.test_stats = self.features(x_test)
-            x_ref, _ = real_images("train", min(args.num_samples, 60000), seed=args.seed)
-            self.real = {"n_test": len(x_test), "test_accuracy": float((pred == y_test).float().mean()),
-                         "n_reference": len(x_ref),
-                         "fd_train_vs_test": frechet_distance(self.features(x_ref), self.test_stats)}
+            self.real, self.test_stats = real_reference(self.classifier, args.real_images,
+                                                        min(args.num_samples, 60000), args.seed)
         else:
             self.notes.append(f"classifier metrics not computed: {gen.source} is not a Fashion-MNIST generator "
                               f"(10 classes, 32 px)")
@@ -82,8 +87,6 @@ class Judge:
         elif ref is None:
             self.notes.append("Inception metrics not computed: give --ref (an ADM reference batch or image folder)")
         else:
-            from eval.gfid import ImageSource, InceptionFeatures, extract
-
             try:
                 self.inception = InceptionFeatures(args.inception_weights, device)
             except WeightsUnavailableError as e:
@@ -94,15 +97,9 @@ class Judge:
                 self.ref_feats = extract(source, self.inception, 64, "reference") if source.count else None
                 self.ref = source.describe()
 
-    def features(self, images: torch.Tensor):
-        acc = self._stats(self.classifier)
-        for b in images.split(500):
-            acc.update(b.to(self.device))
-        return acc
-
     def start(self) -> dict:
         """A fresh accumulator for one row."""
-        return {"stats": self._stats(self.classifier) if self.classifier else None, "correct": 0, "n": 0,
+        return {"stats": FeatureStats(self.classifier) if self.classifier else None, "correct": 0, "n": 0,
                 "inception": []}
 
     def update(self, acc: dict, images: torch.Tensor, y: torch.Tensor) -> None:
@@ -110,7 +107,7 @@ class Judge:
         if self.classifier is not None:
             x = quantize(images) * 2 - 1
             acc["stats"].update(x.to(self.device))
-            acc["correct"] += int((self._predict(x, self.classifier) == y).sum())
+            acc["correct"] += int((predict(x, self.classifier) == y).sum())
         acc["n"] += len(images)
         if self.inception is not None:
             acc["inception"].append(self.inception(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)))
@@ -119,10 +116,8 @@ class Judge:
         out = {}
         if self.classifier is not None:
             out["accuracy"] = acc["correct"] / acc["n"]
-            out["fd_classifier"] = self._fd(acc["stats"], self.test_stats)
+            out["fd_classifier"] = frechet_distance(acc["stats"], self.test_stats)
         if self.inception is not None:
-            from eval.gfid import compare
-
             feats = {k: torch.cat([f[k] for f in acc["inception"]]).numpy() for k in acc["inception"][0]}
             r = compare(self.ref_feats, feats, self.ref_stats, None, device=self.device)
             out.update({k: r[k] for k in (*INCEPTION_KEYS, "inception_score_std", "kid_std")})
@@ -182,8 +177,7 @@ def plot(path: str, rows: list, metric: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 COLUMNS = [("accuracy", "class acc. ↑", "{:.2%}"), ("fd_classifier", "FD classifier ↓", "{:.3f}"),
@@ -205,7 +199,8 @@ def markdown(record: dict) -> str:
     if r["real"]:
         lines += [f"Classifier on the real test split ({r['real']['n_test']} images): "
                   f"{100 * r['real']['test_accuracy']:.2f} % accuracy; real-vs-real floor of the classifier FD "
-                  f"({r['real']['n_reference']} training images vs the test split): {r['real']['fd_train_vs_test']:.3f}.",
+                  f"({r['real']['n_reference']} training images vs the test split): "
+                  f"{r['real']['fd_train_vs_test']:.3f}.",
                   ""]
     cols = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in r["rows"])]
     lines += markdown_table(r["rows"], cols, lead=[("cfg", "cfg"), ("decoder", "decoder"),
@@ -220,7 +215,7 @@ def markdown(record: dict) -> str:
 
 
 def evaluate(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     gen = load_generator(args.ckpt, device=device)
     names = args.decoders or gen.decoder_names
     for name in names:
@@ -259,14 +254,13 @@ def evaluate(args) -> dict:
                    **judge.result(accs[name], args)}
             rows.append(row)
             if args.save_npz:
-                from eval.adm_npz import write_sample_batch
-
                 os.makedirs(args.save_npz, exist_ok=True)
                 arr = np.concatenate(kept[name])
                 slug = re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_")
                 row["npz"] = os.path.join(args.save_npz, f"{slug}_cfg{cfg_scale:g}.npz")
                 write_sample_batch(row["npz"], [arr], n, arr.shape[1:], np.arange(n) % gen.num_classes)
-            quality = ", ".join(f"{k} {row[k]:.4g}" for k in ("accuracy", "fd_classifier", "fid") if row.get(k) is not None)
+            quality = ", ".join(f"{k} {row[k]:.4g}" for k in ("accuracy", "fd_classifier", "fid")
+                                if row.get(k) is not None)
             print(f"cfg {cfg_scale:g} {name}: {quality}; {row['images_per_s']:.3g} images/s "
                   f"(DiT {row['dit_ms_per_image']:.2f} + decoder {row['decoder_ms_per_image']:.2f} ms/image), "
                   f"latency {row['latency_ms']:.1f} ms", flush=True)
@@ -279,7 +273,6 @@ def evaluate(args) -> dict:
               "notes": judge.notes + sorted({n for r in rows for n in r.get("inception_notes", [])}),
               "machine": machine, "load_average_end": load_average(),
               "date": today(), "command": command_line("eval/generation_table.py", args.argv)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plot(args.out + ".png", rows, metric, f"{gen.name}: quality vs whole-pipeline speed ({n} samples per point)")
     write_report(args.out, record, markdown(record))
     print("\n".join(lines))
@@ -298,14 +291,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--latency-repeats", type=int, default=5)
-    ap.add_argument("--ref", default=None, help="Inception reference (default for Fashion-MNIST: configs/fmnist.yaml:test)")
+    ap.add_argument("--ref", default=None,
+                    help="Inception reference (default for Fashion-MNIST: configs/fmnist.yaml:test)")
     ap.add_argument("--inception-weights", default=None, help="local Inception weights (else the standard download)")
     ap.add_argument("--no-inception", action="store_true", help="skip the Inception metrics")
     ap.add_argument("--real-images", type=int, default=None, help="random subset of the test split (default: all)")
     ap.add_argument("--classifier", default=None, help="classifier weights (default: the committed asset)")
     ap.add_argument("--save-npz", default=None, help="also write every row's samples as an ADM .npz in this folder")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default="docs/generation_table", help="output path without extension")
+    ap.add_argument("--out", default="docs/reports/generation_table", help="output path without extension")
     return run_script(ap, evaluate, argv)
 
 

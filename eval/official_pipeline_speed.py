@@ -1,8 +1,9 @@
 """Time of the whole class-to-image pipeline of the published generators: DiT-XL/2 sampling, then SD-VAE's decoder or
 an SSDD decoder on SD-VAE latents, and the speed-up of the pipeline that a one-step SSDD decoder gives.
 
-    python eval/official_pipeline_speed.py --out docs/official_pipeline_cpu                    # CPU, 1 image
-    python eval/official_pipeline_speed.py --device cuda --images 4 --measure-steps 250 --out docs/official_pipeline_h100
+    python eval/official_pipeline_speed.py --out docs/reports/official_pipeline_cpu              # CPU, 1 image
+    python eval/official_pipeline_speed.py --device cuda --images 4 --measure-steps 250 \
+        --out docs/reports/official_pipeline_h100
 
 Weights are random (speed does not depend on their values; docs/ARCHITECTURE.md §10): DiT-XL/2 at 256 px (32x32x4
 SD-VAE latents, learn_sigma, 1000 classes, t_scale 1, as the released file), the SD-VAE KL decoder (49.5 M) and the
@@ -28,8 +29,9 @@ import torch
 from dit.models import build_dit
 from dit.official import FAMILY_DEFAULTS
 from dit.pipeline import Generator, imagenet_class_names
-from eval.report import command_line, load_average, machine_info, markdown_table, run_script, today, write_report
+from eval.lib.report import command_line, load_average, machine_info, markdown_table, run_script, today, write_report
 from tokenizer import SSDD, UserError
+from tokenizer.common.devices import pick_device
 from tokenizer.latent_stats import fixed_z_stats
 
 
@@ -58,13 +60,12 @@ def build_generator(model_name: str, image_size: int, ssdd_sizes, ssdd_steps: in
 
 
 def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available")
+    device = pick_device(args.device)
     if args.images < 1 or args.measure_steps < 1 or args.repeats < 1 or min(args.steps) < 1:
         raise UserError("--images, --measure-steps, --repeats and --steps must be >= 1")
     if args.image_size % 64:
-        raise UserError(f"--image-size must be a multiple of 64 (SD-VAE f8 latents, patch 2, SSDD tokens), got {args.image_size}")
+        raise UserError(f"--image-size must be a multiple of 64 (SD-VAE f8 latents, patch 2, SSDD tokens), got "
+                        f"{args.image_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = load_average()  # a shared CPU slows every timing: recorded at both ends
@@ -98,14 +99,15 @@ def run(args) -> dict:
                          else f"{steps} x {per_step:.2f} s/step", "decoder_s": d["decoder_s"], "total_s": total,
                          "decoder_speedup": base / d["decoder_s"], "pipeline_speedup": (dit_s + base) / total})
     record = {"date": today(), "command": command_line("eval/official_pipeline_speed.py", args.argv),
-              "machine": machine_info(device), "load_average_start": load_start, "model": args.model, "image_size": args.image_size,
-              "images": args.images, "cfg_scale": args.cfg,
+              "machine": machine_info(device), "load_average_start": load_start, "model": args.model,
+              "image_size": args.image_size, "images": args.images, "cfg_scale": args.cfg,
               "sampler": "ddpm (DiT's respaced DDPM, learned variance, guidance on 3 of 4 channels)",
               "measured_dit_steps": args.measure_steps, "dit_s_measured": dit_measured_s, "dit_s_per_step": per_step,
               "decoders": decode, "rows": rows}
     extrapolated = any(r["dit_timing"] != "measured" for r in rows)
     table = markdown_table(rows, [("dit_s", "DiT (s)", "{:.1f}"), ("decoder_s", "decoder (s)", "{:.2f}"),
-                                  ("total_s", "pipeline (s)", "{:.1f}"), ("decoder_speedup", "decoder speed-up", "{:.2f}x"),
+                                  ("total_s", "pipeline (s)", "{:.1f}"),
+                                  ("decoder_speedup", "decoder speed-up", "{:.2f}x"),
                                   ("pipeline_speedup", "pipeline speed-up", "{:.3f}x")],
                            lead=[("dit_steps", "DiT steps"), ("decoder", "decoder"), ("dit_timing", "DiT time from")])
     m = record["machine"]
@@ -113,9 +115,9 @@ def run(args) -> dict:
         f"# {args.model} + decoder: time of the whole pipeline", "",
         f"{record['date']}; {m['cpu']} ({m['cpus']} CPUs, {m['torch_threads']} torch threads)"
         f"{', ' + m['gpu'] if m['gpu'] else ''}, device {m['device']}, torch {m['torch']}, load average "
-        f"{load_start} at the start and {m['load_average']} at the end (1, 5, 15 min). Random weights, {args.image_size} px, {args.images} image(s), class 207, "
-        f"cfg {args.cfg}, "
-        f"fp32. Command: `{record['command']}`", "",
+        f"{load_start} at the start and {m['load_average']} at the end (1, 5, 15 min). Random weights, "
+        f"{args.image_size} px, {args.images} image(s), class 207, cfg {args.cfg}, fp32. "
+        f"Command: `{record['command']}`", "",
         (f"DiT time: {args.measure_steps} respaced DDPM steps measured in one call ({dit_measured_s:.1f} s, "
          f"{per_step:.2f} s/step); the rows for other step counts are that per-step time multiplied, not measured "
          f"whole." if extrapolated else "DiT time: measured whole for every row."),
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed decodes per decoder")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default="docs/official_pipeline_cpu")
+    ap.add_argument("--out", default="docs/reports/official_pipeline_cpu")
     return run_script(ap, run, argv)
 
 

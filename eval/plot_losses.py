@@ -1,6 +1,6 @@
 """Plot the training losses of one or more runs (from their losses.jsonl) into a PNG.
 
-    python eval/plot_losses.py runs/jobs/fmnist_f8c4_XS --out docs/fmnist_training_loss.png
+    python eval/plot_losses.py runs/jobs/fmnist_f8c4_XS --out docs/reports/fmnist_training_loss.png
 """
 
 import argparse
@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from eval.lib.report import save_figure  # noqa: E402
 from tokenizer.common.errors import run_cli  # noqa: E402
 from tokenizer.common.runs import read_loss_log  # noqa: E402
 
@@ -32,22 +33,23 @@ def plot(args) -> None:
         for key in args.keys:
             values = [records[s][key] for s in steps if key in records[s]]
             if values:
-                ax.plot(steps[: len(values)], smooth(values, args.smooth), label=f"{os.path.basename(run.rstrip('/'))} {key}")
+                name = os.path.basename(run.rstrip("/"))
+                ax.plot(steps[: len(values)], smooth(values, args.smooth), label=f"{name} {key}")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(f"loss (moving average over {args.smooth} steps)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    save_figure(fig, args.out)
     print(f"saved {args.out}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (runs/jobs/<run_name>)")
-    ap.add_argument("--keys", nargs="+", default=["diffusion"], help="loss names to plot (diffusion, kl, lpips, repa, loss)")
+    ap.add_argument("--keys", nargs="+", default=["diffusion"],
+                    help="loss names to plot (diffusion, kl, lpips, repa, loss)")
     ap.add_argument("--smooth", type=int, default=20)
     ap.add_argument("--out", default="losses.png")
     return run_cli(plot, ap.parse_args(argv))

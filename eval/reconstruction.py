@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from eval.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
+from eval.lib.report import command_line, machine_info, markdown_table, row_notes, run_script, today, write_report
 from tokenizer.common.config import load_config
 from tokenizer.common.runs import results_dir, save_grid
 from tokenizer.common.validation import check_config

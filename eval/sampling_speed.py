@@ -1,7 +1,7 @@
 """End-to-end sampling speed at paper sizes (random weights): DiT steps plus one decode, for several decoders.
 
-    python eval/sampling_speed.py --out docs/sampling_speed_cpu                      # CPU, fp32
-    python eval/sampling_speed.py --compile --out docs/sampling_speed_h100            # GPU: bf16 autocast + compile
+    python eval/sampling_speed.py --out docs/reports/sampling_speed_cpu              # CPU, fp32
+    python eval/sampling_speed.py --compile --out docs/reports/sampling_speed_h100   # GPU: bf16 autocast + compile
 
 The paper's "3.8x faster sampling" has two readings, and both are measured here in one run:
   1. the same latent, a one-step decoder instead of a multi-step one: DiT-XL/2 on f8c4 latents (256 px -> 32x32x4,
@@ -22,18 +22,18 @@ autocast (and --compile). Writes <out>.json, <out>.md (tables and speed-ups next
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 from dit.flow import guided_velocity
 from dit.models import build_dit
-from eval.decoder_benchmark import build_decode_fn, pick_device, pick_dtype, timed_call
-from eval.report import command_line, load_average, machine_info, run_script, today, write_report
+from eval.lib.decoders import build_decode_fn
+from eval.lib.report import command_line, load_average, machine_info, run_script, save_figure, today, write_report
+from eval.lib.timing import inference, take_turns
+from tokenizer.common.devices import AUTOCAST_DTYPES, autocast_dtype, pick_device
 from tokenizer.common.errors import UserError
 from tokenizer.encoder import parse_encoder_name
 
@@ -65,7 +65,7 @@ def decoder_label(name: str, steps: int) -> str:
 
 
 def dit_timer(model_name: str, encoder: str, size: int, batch: int, cfg_scale: float, device, compile_):
-    """(row, call): one guided DiT velocity on random latents of `encoder` at `size` px, as a timed_call function."""
+    """(row, call(steps), 1): one guided DiT velocity on random latents of `encoder` at `size` px."""
     f, c = parse_encoder_name(encoder)
     torch.manual_seed(0)
     model = build_dit(model_name, input_size=size // f, in_channels=c, num_classes=1000, learn_sigma=True)
@@ -74,12 +74,12 @@ def dit_timer(model_name: str, encoder: str, size: int, batch: int, cfg_scale: f
     x = torch.randn(batch, c, size // f, size // f, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def step(_z, _steps):
+    def step(_steps):
         guided_velocity(fn, x, 0.5, y, cfg_scale, null_class=model.null_class)
 
     row = {"dit": model_name, "encoder": encoder, "latent": [c, size // f, size // f],
            "tokens": model.x_embedder.num_patches, "params": sum(p.numel() for p in model.parameters())}
-    return row, (lambda steps: step(None, steps)), 1
+    return row, step, 1
 
 
 def decoder_timer(name: str, steps: int, encoder: str, size: int, batch: int, device, compile_):
@@ -90,17 +90,15 @@ def decoder_timer(name: str, steps: int, encoder: str, size: int, batch: int, de
     return row, (lambda n: fn(z, n)), steps
 
 
-def time_round_robin(timers: list, device, amp_dtype, warmup: int, repeats: int) -> list:
-    """Median seconds of each timer's call, timed in turns (one call of each, then again, ...), so that the load of a
-    shared machine, which drifts over minutes, weighs on every configuration alike. Warm-up calls use one step."""
-    for _ in range(warmup):
-        for _, call, _ in timers:
-            timed_call(lambda _z, n, _attention: call(n), None, 1, device, amp_dtype)
-    times = [[] for _ in timers]
-    for _ in tqdm(range(repeats), desc="timing rounds"):
-        for i, (_, call, steps) in enumerate(timers):
-            times[i].append(timed_call(lambda _z, n, _attention: call(n), None, steps, device, amp_dtype))
-    return [(statistics.median(t), [round(x, 4) for x in t]) for t in times]
+def time_in_turns(timers: list, device, amp_dtype, warmup: int, repeats: int) -> list:
+    """Median seconds of each timer's call, timed in turns (one call of each, then again, ...: eval.lib.timing), so
+    that the load of a shared machine, which drifts over minutes, weighs on every configuration alike. Warm-up
+    calls use one step."""
+    take_turns({i: inference(lambda call=call: call(1), device, amp_dtype) for i, (_, call, _) in enumerate(timers)},
+               warmup, device)
+    times = take_turns({i: inference(lambda call=call, steps=steps: call(steps), device, amp_dtype)
+                        for i, (_, call, steps) in enumerate(timers)}, repeats, device, progress="timing rounds")
+    return [(statistics.median(t), [round(x, 4) for x in t]) for t in times.values()]
 
 
 def pipelines(dits: list, decoders: list, dit_steps: list, batch: int) -> list:
@@ -161,8 +159,7 @@ def plot(path: str, rows: list, dit_steps: list, title: str) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(record: dict) -> str:
@@ -198,7 +195,7 @@ def markdown(record: dict) -> str:
 
 def measure(args) -> dict:
     device = pick_device(args.device)
-    amp_dtype, dtype_name = pick_dtype(args.dtype, device)
+    amp_dtype, dtype_name = autocast_dtype(args.dtype, device)
     if args.compile and device.type != "cuda":
         raise UserError("--compile is for GPU runs only")
     dits = [parse_dit(t) for t in args.dits]
@@ -216,7 +213,7 @@ def measure(args) -> dict:
                   for encoder, model in dits]
     dec_timers = [decoder_timer(name, steps, encoder, args.size, args.batch, device, args.compile)
                   for encoder in dict.fromkeys(e for e, _ in dits) for name, steps in decoders]
-    timed = time_round_robin(dit_timers + dec_timers, device, amp_dtype, args.warmup, args.repeats)
+    timed = time_in_turns(dit_timers + dec_timers, device, amp_dtype, args.warmup, args.repeats)
     dit_rows, dec_rows = [t[0] for t in dit_timers], [t[0] for t in dec_timers]
     for row, (median, times) in zip(dit_rows + dec_rows, timed):
         row.update({"step_s": median, "step_times_s": times} if "dit" in row else {"decode_s": median,
@@ -235,7 +232,6 @@ def measure(args) -> dict:
               "paper_speedup": PAPER_SPEEDUP, "plot": args.out + ".png", "machine": machine,
               "load_average_end": load_average(), "seconds": round(time.perf_counter() - t0, 1), "date": today(),
               "command": command_line("eval/sampling_speed.py", args.argv)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plot(args.out + ".png", rows, args.dit_steps, f"Sampling time per batch of {args.batch} at {args.size} px "
          f"({machine['gpu'] or 'CPU'}, {dtype_name}; random weights)")
     md = markdown(record)
@@ -256,10 +252,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    ap.add_argument("--dtype", default="auto", choices=["auto", *AUTOCAST_DTYPES],
                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile the DiT and decoders (GPU only)")
-    ap.add_argument("--out", default="docs/sampling_speed", help="output path without extension")
+    ap.add_argument("--out", default="docs/reports/sampling_speed", help="output path without extension")
     return run_script(ap, measure, argv)
 
 

@@ -1,4 +1,4 @@
-"""Train the bundled Fashion-MNIST classifier (`eval.fmnist_classifier`) and save it as a committed asset.
+"""Train the bundled Fashion-MNIST classifier (`eval.lib.fmnist_classifier`) and save it as a committed asset.
 
     python eval/train_fmnist_classifier.py [--epochs 5] [--out eval/assets/fmnist_classifier.safetensors]
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from eval.fmnist_classifier import DEFAULT_WEIGHTS, FMNISTClassifier
+from eval.lib.fmnist_classifier import DEFAULT_WEIGHTS, FMNISTClassifier
 from tokenizer.common.checkpoint import save_weights
 from tokenizer.common.errors import run_cli
 from tokenizer.data import load_fashion_mnist
@@ -73,8 +73,10 @@ def train(args) -> None:
     total = steps_per_epoch * args.epochs
     warmup = steps_per_epoch // 4
     # Short linear warm-up, then cosine to zero: the usual recipe for a budget of a few epochs.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+    def lr_factor(s):
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
     start = time.time()
     for epoch in range(args.epochs):
@@ -100,7 +102,7 @@ def train(args) -> None:
         "epochs": str(args.epochs), "seed": str(args.seed), "train_seconds": f"{train_s:.0f}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", *sys.argv]), "torch": torch.__version__, "machine": platform.machine(),
-        "architecture": "eval.fmnist_classifier.FMNISTClassifier",
+        "architecture": "eval.lib.fmnist_classifier.FMNISTClassifier",
     }
     save_weights(model, str(args.out), metadata=meta)
     print(f"test accuracy {test_acc:.4f} on {len(y_test)} images; trained in {train_s:.0f} s; saved {args.out}")

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from dit.pipeline import ALL_METHODS, load_generator
 from dit.progress import TqdmProgress
-from eval.adm_npz import write_sample_batch
+from eval.lib.adm_npz import write_sample_batch
 from tokenizer.common.atomic import atomic_file, atomic_json, remove_stale_temporaries
 from tokenizer.common.errors import UserError, run_cli
 from tokenizer.common.training import make_accelerator

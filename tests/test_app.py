@@ -320,7 +320,7 @@ def test_browser_compare_shows_every_decoder_with_its_time(browser, served):
 
 
 def test_load_test_contacts_loopback_only(capsys):
-    from eval.app_load import main as load_test
+    from eval.stress.app_load import main as load_test
 
     for url in ("http://10.1.2.3:7860", "http://localhost:7860", "http://example.org"):
         assert load_test(["--url", url, "--requests", "2"]) == 2
@@ -330,7 +330,7 @@ def test_load_test_contacts_loopback_only(capsys):
 @pytest.mark.slow
 def test_load_test_counts_every_request(standin, tmp_path):
     """A burst larger than the queue: each request is answered or refused, none is lost, the app serves on."""
-    from eval.app_load import main as load_test
+    from eval.stress.app_load import main as load_test
 
     files, _ = standin
     out = str(tmp_path / "load")

@@ -1,11 +1,11 @@
-"""eval/cache_memory.py end to end on a tiny synthetic cache: it writes a readable cache, trains on it in a
+"""eval/stress/cache_memory.py end to end on a tiny synthetic cache: it writes a readable cache, trains on it in a
 subprocess, records the trainer's memory, and removes what it wrote."""
 
 import json
 
 import pytest
 
-from eval.cache_memory import main
+from eval.stress.cache_memory import main
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The bundled Fashion-MNIST classifier (eval/fmnist_classifier.py) and its offline Fréchet distance.
+"""The bundled Fashion-MNIST classifier (eval/lib/fmnist_classifier.py) and its offline Fréchet distance.
 
 Everything runs on the committed test subset (tokenizer/assets/fmnist_subset.npz: 1,000 test images, 100 per class,
 never seen in training), loaded explicitly so the numbers are the same with or without the Debian package.
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.fmnist_classifier import (
+from eval.lib.fmnist_classifier import (
     DEFAULT_WEIGHTS,
     FEATURE_DIM,
     FeatureStats,

@@ -169,8 +169,8 @@ def test_unknown_imagenet_name_lists_a_short_list_and_count(tmp_path):
 
 def test_generation_eval_writes_report(bundle, tmp_path):
     """eval/generation.py end to end with a random classifier (the numbers are meaningless, the plumbing is not)."""
-    import eval.fmnist_classifier as fc  # a plain import: a moved module must fail here, not skip
     import eval.generation as generation
+    import eval.lib.fmnist_classifier as fc  # a plain import: a moved module must fail here, not skip
     from tokenizer.common.checkpoint import save_weights
 
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    from eval.fmnist_classifier import FMNISTClassifier
+    from eval.lib.fmnist_classifier import FMNISTClassifier
     from tokenizer.common.checkpoint import save_weights
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""eval/gfid.py and eval/adm_npz.py: the Fréchet distance, IS, ADM precision/recall, the ADM batch format, and the
+"""eval/gfid.py and eval/lib/adm_npz.py: the Fréchet distance, IS, ADM precision/recall, the ADM batch format, and the
 whole command against torch-fidelity with a randomly initialised Inception (made at test time, never downloaded)."""
 
 import json
@@ -11,8 +11,8 @@ from helpers import ROOT
 from PIL import Image
 
 import eval.gfid as gfid_cli
-from eval.adm_npz import NpzImages, write_sample_batch
-from eval.gfid import (
+from eval.lib.adm_npz import NpzImages, write_sample_batch
+from eval.lib.gfid import (
     ImageSource,
     InceptionFeatures,
     compare,

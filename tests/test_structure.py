@@ -50,6 +50,37 @@ def test_dependencies_run_one_way_and_no_command_line_module_is_imported():
     assert not offenders, offenders
 
 
+EVAL = os.path.join(ROOT, "eval")
+EVAL_SCRIPTS = {f"eval.{f[:-3]}" for f in os.listdir(EVAL) if f.endswith(".py") and f != "__init__.py"}
+
+
+def modules_named(path: str) -> set:
+    """Every module an import in `path` names; `from eval import gfid` names eval and eval.gfid."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_no_eval_script_is_imported_and_the_stress_harnesses_only_by_tests():
+    """eval/<name>.py are command lines: nothing imports one (what scripts share lives in eval.lib); the stress
+    harnesses in eval/stress are imported by nothing outside that folder (the tests run them)."""
+    assert {"eval.gfid", "eval.decoder_benchmark", "eval.sampling_speed", "eval.generation"} <= EVAL_SCRIPTS
+    stress = os.path.join(EVAL, "stress")
+    offenders = []
+    for package in PACKAGES:
+        for path in source_files(package):
+            names = modules_named(path)
+            offenders += [f"{path} imports the script {name}" for name in sorted(names & EVAL_SCRIPTS)]
+            if os.path.dirname(path) != stress:
+                offenders += [f"{path} imports the stress harness {name}" for name in sorted(names)
+                              if name == "eval.stress" or name.startswith("eval.stress.")]
+    assert not offenders, offenders
+
+
 MACHINERY = os.path.join(ROOT, "tokenizer", "common")
 
 

@@ -221,7 +221,7 @@ ATTENTION_MODES = ("auto", "dense", "local", "flex")
 OUTSIDE = -1e7  # logit bias outside the window: exp underflows to exactly 0 in the softmax
 LOCAL_BLOCK = 8  # windowed path: each 8x8 tile of queries attends to its (8 + 2*7)^2 = 22x22 halo of keys
 # auto without FlexAttention: dense up to this many tokens, windowed above. Measured on a CPU (one thread, one
-# attention layer, widths 96 and 288; eval/attention_crossover.py, docs/attention_crossover_cpu.md): the two are
+# attention layer, widths 96 and 288; eval/attention_crossover.py, docs/reports/attention_crossover_cpu.md): the two are
 # even at 24x24 to 28x28 tokens, windowed is 1.2-1.9x faster at 32x32 (256 px) and 5.5-11x at 64x64 (512 px);
 # dense is 4-8x faster at 16x16.
 DENSE_MAX_TOKENS = 28 * 28

@@ -1,6 +1,6 @@
 """Kill campaign: does a run survive SIGKILLs at random moments, losing nothing?
 
-    nice -n 10 python eval/kill_campaign.py --kills 10 --out docs/kill_campaign
+    nice -n 10 python eval/stress/kill_campaign.py --kills 10 --out docs/reports/kill_campaign
 
 For each trainer (tokenizer.train on 64 Fashion-MNIST images with a 32-wide encoder and the XS decoder; dit.train
 with DiT-Ti/1 on the latent cache of a random tokenizer), the run is done once straight, then again under kills:
@@ -8,10 +8,10 @@ each attempt is a fresh process that is SIGKILLed, and re-run, until it finishes
 kill times: one drawn uniformly over the wall time of the latest whole uninterrupted run (the straight run at first;
 start-up included), and one while a checkpoint is being written (at the first or second temporary checkpoint
 folder the attempt creates, after 0-50 ms more). A random time can fall after a resumed attempt has finished: its
-round then ends, and when a run finishes before `--kills` kills, another round starts from scratch. Every finished round must equal the straight run:
-every step's loss record, every tensor file of checkpoints/last (and best/), the evaluation results, and the
-promised outputs present (last, best, each evaluation's results, the final sample grid) with no temporary file
-or folder left. Writes <out>.json and <out>.md.
+round then ends, and when a run finishes before `--kills` kills, another round starts from scratch. Every finished
+round must equal the straight run: every step's loss record, every tensor file of checkpoints/last (and best/), the
+evaluation results, and the promised outputs present (last, best, each evaluation's results, the final sample grid)
+with no temporary file or folder left. Writes <out>.json and <out>.md.
 """
 
 import argparse
@@ -25,10 +25,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 sys.path.insert(0, ROOT)
 
-from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report  # noqa: E402
+from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report  # noqa: E402
 from tokenizer.common.runs import read_loss_log  # noqa: E402
 
 # 32 images at batch 8: 4 steps per epoch, an evaluation (and so a best/ candidate) at every epoch end
@@ -213,7 +213,7 @@ def report(args, results: list) -> str:
                          "tmp": len(rd["temporaries_left"])})
     lead = [(k, k) for k in ("trainer", "round", "kills", "at_ckpt", "mid_write", "steps", "losses", "tensors",
                              "evals", "outputs", "tmp")]
-    lines = [f"# Kill campaign ({today()})", "", f"`{command_line('eval/kill_campaign.py', args.argv)}`", "",
+    lines = [f"# Kill campaign ({today()})", "", f"`{command_line('eval/stress/kill_campaign.py', args.argv)}`", "",
              "Columns: kills in the round; at_ckpt: kills timed to a checkpoint write; mid_write: kills that landed "
              "while a temporary checkpoint folder existed; tmp: temporary files or folders left at the end.", "",
              *markdown_table(rows, [], lead), "",
@@ -232,7 +232,7 @@ def main_campaign(args) -> dict:
     for trainer in args.trainers:
         run_args = [*TOKENIZER, f"ckpt_dir={work}"] if trainer == "tokenizer" else prepare_dit(work)
         results.append(campaign(trainer, run_args, work, args.kills, rng))
-    record = {"date": today(), "command": command_line("eval/kill_campaign.py", args.argv),
+    record = {"date": today(), "command": command_line("eval/stress/kill_campaign.py", args.argv),
               "machine": machine_info("cpu"), "seed": args.seed, "workdir": work, "results": results}
     print("wrote", *write_report(args.out, record, report(args, results)))
     if not args.keep and not args.workdir:
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="of the kill times")
     ap.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder, removed after)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    ap.add_argument("--out", default="docs/kill_campaign")
+    ap.add_argument("--out", default="docs/reports/kill_campaign")
     return run_script(ap, main_campaign, argv)
 
 

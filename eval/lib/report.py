@@ -1,16 +1,18 @@
 """What every evaluation script writes: the machine it ran on, a Markdown table, and <out>.json + <out>.md.
 
 Benchmarks and quality tables record the machine, the date and the exact command beside their numbers, so a figure
-can be traced and re-measured (docs/RESULTS.md quotes them).
+can be traced and re-measured (docs/RESULTS.md quotes them). Every report and figure is written atomically: a
+reader (or a killed run) sees the previous complete file or the new one, never half of one.
 """
 
 import datetime
-import json
 import os
 import platform
 import sys
 
 import torch
+
+from tokenizer.common.atomic import atomic_file, atomic_json
 
 
 def cpu_model() -> str:
@@ -72,11 +74,35 @@ def row_notes(rows: list) -> list:
     return sorted({n for r in rows for n in (r.get("notes") or [])})
 
 
+def write_json(path: str, record: dict) -> str:
+    """Write `record` as indented JSON to `path` (its folder created), atomically; returns the path."""
+    atomic_json(path, record)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Write `text` to `path` (its folder created), atomically; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_file(path, write)
+    return path
+
+
 def write_report(out: str, record: dict, markdown: str) -> list:
-    """Write <out>.json (the record) and <out>.md (the text); returns the two paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(record, f, indent=2)
-    with open(out + ".md", "w") as f:
-        f.write(markdown)
-    return [out + ".json", out + ".md"]
+    """Write <out>.json (the record) and <out>.md (the text), each atomically; returns the two paths."""
+    return [write_json(out + ".json", record), write_text(out + ".md", markdown)]
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+    """Save a matplotlib figure to `path` (format from its extension, folder created) atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    plt.close(fig)
+    return path

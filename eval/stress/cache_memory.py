@@ -1,7 +1,7 @@
 """Resident memory of DiT training on a large latent cache: a synthetic cache of N latents, a few dit.train steps.
 
-    python eval/cache_memory.py --entries 500000 --dir /tmp/synthetic_cache --out docs/cache_memory_cpu
-    python eval/cache_memory.py --entries 500000 --dir /tmp/synthetic_cache --keep ...   # keep the cache for reuse
+    python eval/stress/cache_memory.py --entries 500000 --dir /tmp/synthetic_cache --out docs/reports/cache_memory_cpu
+    python eval/stress/cache_memory.py --entries 500000 --dir /tmp/synthetic_cache --keep ...   # keep the cache
 
 Writes a cache in the real format (dit.cache shards + cache.json) holding `--entries` random latents of shape
 `--latent` (ImageNet-256 with f8c4: 4 x 32 x 32; entries = images x 2 with flips), made for a small randomly
@@ -27,14 +27,14 @@ import torch
 from PIL import Image
 
 from dit.cache import FORMAT, cache_metadata, shard_name, write_shard
-from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
+from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report
 from tokenizer.common.checkpoint import save_weights
 from tokenizer.common.config import load_config
 from tokenizer.common.errors import UserError
 from tokenizer.data import identify
 from tokenizer.ssdd import SSDD
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 
@@ -143,7 +143,8 @@ def watch(cmd: list, env: dict, log_path: str, cwd: str) -> dict:
     log.close()
     text = open(log_path).read()
     if proc.returncode != 0:
-        raise UserError(f"dit.train failed (exit {proc.returncode}): {text.strip().splitlines()[-1] if text.strip() else ''}")
+        last = text.strip().splitlines()[-1] if text.strip() else ""
+        raise UserError(f"dit.train failed (exit {proc.returncode}): {last}")
     return {"trainer_mb": main, "worker_peak_mb": workers, "trainer_plus_workers_pss_peak_mb": total,
             "log_tail": text[-2000:]}
 
@@ -192,14 +193,16 @@ def run(args) -> dict:
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
     machine = machine_info("cpu")
-    record = {"machine": machine, "date": today(), "command": command_line("eval/cache_memory.py", args.argv),
+    record = {"machine": machine, "date": today(), "command": command_line("eval/stress/cache_memory.py", args.argv),
               "code_root": code_root, "entries": args.entries, "latent": args.latent, "dtype": args.dtype,
               "cache_gb_on_disk": disk_gb, "model": args.model, "batch_size": args.batch_size, "steps": args.steps,
-              "workers": args.workers, "train_wall_s": wall, "random_reads": reads, "train_command": "python -m dit.train " + " ".join(cmd[3:]),
+              "workers": args.workers, "train_wall_s": wall, "random_reads": reads,
+              "train_command": "python -m dit.train " + " ".join(cmd[3:]),
               **result}
     m, w = result["trainer_mb"], result["worker_peak_mb"]
     row = {"entries": args.entries, "disk": f"{disk_gb:.2f} GB", "hwm": m["VmHWM"], "anon": m["RssAnon"],
-           "file": m["RssFile"], "workers": f"{w['count']} x {w['VmRSS']:.0f}", "total": result["trainer_plus_workers_pss_peak_mb"]}
+           "file": m["RssFile"], "workers": f"{w['count']} x {w['VmRSS']:.0f}",
+           "total": result["trainer_plus_workers_pss_peak_mb"]}
     table = markdown_table([row], [("hwm", "trainer peak RSS (VmHWM, MB)", "{:.0f}"),
                                    ("anon", "of it anonymous (MB)", "{:.0f}"), ("file", "file pages (MB)", "{:.0f}"),
                                    ("workers", "workers x peak RSS (MB)", "{}"),
@@ -227,7 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=int, default=20000, help="images per shard (configs/dit.yaml default)")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--dir", required=True, help="where the tokenizer, the cache and the run go")
-    ap.add_argument("--keep", action="store_true", help="keep the cache (a later run with the same --entries reuses it)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the cache (a later run with the same --entries reuses it)")
     ap.add_argument("--model", default="DiT-S/2")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)
@@ -235,7 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the trainer")
     ap.add_argument("--read-items", type=int, default=20000, help="random items read to time the reader")
     ap.add_argument("--code-root", default=None, help="run dit.train from this checkout (default: this one)")
-    ap.add_argument("--out", default="docs/cache_memory")
+    ap.add_argument("--out", default="docs/reports/cache_memory")
     return run_script(ap, run, argv)
 
 

@@ -1,7 +1,7 @@
 """Load test of the Gradio app: N concurrent /generate requests to a loopback app, each answered or refused.
 
-    python eval/app_load.py --requests 50 --out docs/app_load       # starts `python app/app.py` on a free loopback port
-    python eval/app_load.py --url http://127.0.0.1:7860 --requests 50 --out runs/app_load   # an app running here
+    python eval/stress/app_load.py --requests 50 --out docs/reports/app_load   # starts `python app/app.py` (free port)
+    python eval/stress/app_load.py --url http://127.0.0.1:7860 --requests 50 --out runs/app_load   # an app running
 
 All requests are released at once (a barrier), each from its own thread through one `gradio_client.Client`. Each
 ends answered (its images arrived), refused (the queue was full: Gradio answers 503 and the client raises
@@ -26,10 +26,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from eval.report import command_line, machine_info, markdown_table, run_script, today, write_report
+from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report
 from tokenizer.common.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def loopback_url(url: str) -> str:
@@ -161,7 +161,7 @@ def load_test(args) -> dict:
             except subprocess.TimeoutExpired:
                 app.kill()
     row = {**summarise(results, wall_s), "requests": args.requests, "alive_after": alive}
-    record = {"command": command_line("eval/app_load.py", args.argv), "date": today(), "url": url,
+    record = {"command": command_line("eval/stress/app_load.py", args.argv), "date": today(), "url": url,
               "machine": machine_info("cpu"), "request": request, "results": [row],
               "app": None if args.url else {"concurrency": args.concurrency, "max_queue": args.max_queue,
                                             "ckpt": args.ckpt or "embedded bundle", "device": args.device},

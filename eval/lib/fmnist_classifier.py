@@ -5,13 +5,13 @@ anyway. This CNN, trained by `eval/train_fmnist_classifier.py` on the 60k traini
 `eval/assets/fmnist_classifier.safetensors`, gives
 
 * `model.features(x)`: 128-d penultimate features, for a Fréchet distance between real and reconstructed or
-  generated images (`FeatureStats`, `frechet_distance`, `classifier_fd`);
+  generated images (`FeatureStats`, `feature_stats`, `frechet_distance`, `classifier_fd`);
 * `model(x)` / `predict(x)`: logits / labels, to judge the class accuracy of class-conditional samples.
 
 Images are what the data pipeline yields (`tokenizer.data.FashionMNIST`): (B, 3, 32, 32) in [-1, 1], the 28-px
 image padded by 2 px of background -1. The channels are averaged first, so generated RGB (or 1-channel) input works.
 
-    from eval.fmnist_classifier import load_classifier, classifier_fd
+    from eval.lib.fmnist_classifier import load_classifier, classifier_fd
     model = load_classifier()                  # the committed weights, eval mode, on CPU
     fd = classifier_fd(real, fake, model)      # (N, 3, 32, 32) tensors in [-1, 1]
 """
@@ -28,7 +28,7 @@ from torch import nn
 from tokenizer.common.checkpoint import load_weights
 from tokenizer.common.errors import UserError
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "fmnist_classifier.safetensors"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "fmnist_classifier.safetensors"  # eval/assets
 IM_SIZE = 32
 NUM_CLASSES = 10
 FEATURE_DIM = 128
@@ -133,7 +133,19 @@ class FeatureStats:
         return mu, sigma
 
 
-def frechet_distance(a: FeatureStats | torch.Tensor | np.ndarray, b: FeatureStats | torch.Tensor | np.ndarray) -> float:
+@torch.no_grad()
+def feature_stats(images: torch.Tensor, model: FMNISTClassifier | None = None, batch_size: int = 500) -> FeatureStats:
+    """`FeatureStats` of an image set (N, C, 32, 32) in [-1, 1], fed in batches on the model's device."""
+    model = model if model is not None else load_classifier()
+    device = next(model.parameters()).device
+    acc = FeatureStats(model)
+    for batch in images.split(batch_size):
+        acc.update(batch.to(device))
+    return acc
+
+
+def frechet_distance(a: FeatureStats | torch.Tensor | np.ndarray,
+                     b: FeatureStats | torch.Tensor | np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets: (N, D) arrays/tensors or `FeatureStats`.
 
     ||mu_a - mu_b||² + Tr(S_a + S_b - 2 (S_a S_b)^½) in float64, computed by torch-fidelity's own
@@ -164,11 +176,4 @@ def classifier_fd(images_a: torch.Tensor, images_b: torch.Tensor, model: FMNISTC
                   batch_size: int = 500) -> float:
     """Fréchet distance in classifier feature space between two image sets (N, C, 32, 32) in [-1, 1]."""
     model = model if model is not None else load_classifier()
-    device = next(model.parameters()).device
-    stats = []
-    for images in (images_a, images_b):
-        acc = FeatureStats(model)
-        for batch in images.split(batch_size):
-            acc.update(batch.to(device))
-        stats.append(acc)
-    return frechet_distance(*stats)
+    return frechet_distance(feature_stats(images_a, model, batch_size), feature_stats(images_b, model, batch_size))
