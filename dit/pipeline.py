@@ -246,7 +246,8 @@ class Generator:
 
         step_noise(x), when given, draws the stochastic samplers' per-step noise instead of `generator`; model_fn:
         the DiT as the sampler calls it (default the model; dit.progress wraps it to count steps)."""
-        return run_sampler(self.family, model_fn or self.model, noise, y, settings, generator, step_noise)
+        return run_sampler(self.family, model_fn or self.model, noise, y, settings, generator, step_noise,
+                           quiet=model_fn is not None)  # a counted model: dit.progress reports, not the sampler
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, decoder_noise: torch.Tensor, decoder: str | None = None,
@@ -441,8 +442,9 @@ def load_generator(path: str | os.PathLike | None = None, device=None, decoder=N
         entries = [(None, tokenizer, None)]
     latent_shape = tuple(_json_field(meta, "latent_shape"))
     # a DiT trained on a cache of SD-VAE latents (dit.cache tokenizer.checkpoint=sd-vae-ft-mse) names sdvae:<source>
-    decoders = named_decoders(entries, latent_shape[0], f"the DiT {dit_path}", sdvae_latents=str(tokenizer or "")
-                              .startswith("sdvae:"), encoder_sha256=meta.get("encoder_sha256"))
+    sdvae_latents = str(tokenizer or "").startswith("sdvae:")
+    decoders = named_decoders(entries, latent_shape[0], f"the DiT {dit_path}", sdvae_latents,
+                              encoder_sha256=meta.get("encoder_sha256"))
     defaults = {**SAMPLE_DEFAULTS, **_json_field(meta, "sample", {}), **info.get("sample", {})}
     gen = Generator(model=model, decoders=decoders, class_names=_json_field(meta, "class_names", []),
                     z_mean=float(meta["z_mean"]), z_std=float(meta["z_std"]), latent_shape=latent_shape,
