@@ -11,8 +11,15 @@ A cache is a directory (docs/ARCHITECTURE.md §9):
     shard_00000.safetensors ...   images [k * shard_size, (k + 1) * shard_size) of the split: latents (n, C, h, w),
                                   latents_flip (n, C, h, w) when flipped, labels (n,) int64; in cache.dtype
     cache.json                    what made it: encoder checkpoint + sha256 of its encoder weights, resolution,
-                                  z_stats, latent shape, class names, counts, shard list, and the identity of
-                                  its data ("data": root, split, classes, file count, fingerprint; tokenizer.data_check)
+                                  z_stats, latent shape, class names, counts, shard list, the identity of its
+                                  data ("data": root, split, classes, file count, fingerprint; tokenizer.data_check)
+                                  and its channel count ("image_channels": 1 when every image is grey, so that
+                                  generators of it make grey images)
+
+The tokenizer is this project's (a file, a run name, a released name) or SD-VAE: `tokenizer.checkpoint=sd-vae-ft-mse`
+(or sd-vae-ft-ema, `sdvae:<file>`, or an SD-VAE file in the diffusers or the original LDM layout) caches SD-VAE
+latents of any image folder with SD-VAE's fixed scaling (z_mean 0, z_std 1 / 0.18215, no z_stats.json), as DiT and
+fast-DiT train on them; the DiT then names `sdvae:<file or name>` as its tokenizer and samples decode with SD-VAE.
 
 Each data set gets its own cache: the default folder is <ckpt_dir>/latents/<kind>-<split>-<px>px-<data
 fingerprint[:8]>-<encoder hash[:12]>, and a build never replaces a cache made from other data.
@@ -46,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dit.config_checks import CACHE_DTYPES, DIT_CHECKS
+from dit.decoder_files import load_sdvae_decoder, sdvae_source
 from tokenizer.common.atomic import atomic_file, atomic_json, remove_stale_temporaries, swap_in
 from tokenizer.common.config import load_config
 from tokenizer.common.errors import UserError, one_line, run_cli
@@ -55,6 +63,7 @@ from tokenizer.common.validation import check_config
 from tokenizer.data import build_dataset
 from tokenizer.data_check import banner, short
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
+from tokenizer.latent_stats import FIXED_Z_STATS
 from tokenizer.latent_stats import read_z_stats as read_z_stats_file
 from tokenizer.ssdd import SSDD
 
@@ -68,16 +77,28 @@ BUILD_FILE = "build.json"
 
 def read_z_stats(cfg, checkpoint: str) -> dict:
     """The z_stats.json named by tokenizer.z_stats, or the checkpoint's (tokenizer.common.runs.find_result: in its run's
-    results/step<N>/, or beside it)."""
+    results/step<N>/, or beside it); for SD-VAE (`sdvae:<source>`, as `load_tokenizer` names it) its fixed scaling,
+    z_mean 0 and z_std 1 / 0.18215, as DiT and fast-DiT scale SD-VAE latents."""
+    if str(checkpoint).startswith("sdvae:") and not cfg.tokenizer.z_stats:
+        stats = FIXED_Z_STATS["sdvae"]
+        return {"z_mean": stats["z_mean"], "z_std": stats["z_std"], "path": stats["source"]}
     path = cfg.tokenizer.z_stats or find_result(checkpoint, Z_STATS_FILE)
     return read_z_stats_file(path, f"write them with: python -m tokenizer.train task=z_stats config=<the tokenizer's "
                                    f"config> ssdd.checkpoint={checkpoint} (or set tokenizer.z_stats=)")
 
 
 def load_tokenizer(cfg) -> tuple[SSDD, str]:
-    """(eval-mode SSDD, resolved checkpoint path) for tokenizer.checkpoint."""
+    """(eval-mode SSDD, resolved checkpoint path) for tokenizer.checkpoint.
+
+    SD-VAE (`sdvae`, `sdvae:<file or name>`, a known name such as sd-vae-ft-mse, or a file in either published
+    layout) gives SD-VAE's encoder and KL decoder, named `sdvae:<file or name>`: the DiT trained on its latents
+    records that name, and dit.pipeline decodes its samples with SD-VAE."""
     if not cfg.tokenizer.checkpoint:
-        raise UserError("set tokenizer.checkpoint=<SSDD file or tokenizer run_name>: its encoder makes the latents")
+        raise UserError("set tokenizer.checkpoint=<SSDD file or tokenizer run_name, or sd-vae-ft-mse>: its encoder "
+                        "makes the latents")
+    source = sdvae_source(str(cfg.tokenizer.checkpoint), cfg.ckpt_dir)
+    if source is not None:  # known names are fetched (or, offline, one line says where to place the file)
+        return load_sdvae_decoder(source), f"sdvae:{source}"
     path = resolve_checkpoint(cfg.ckpt_dir, cfg.tokenizer.checkpoint)
     model = SSDD.from_checkpoint(path).eval().requires_grad_(False)
     if not model.has_encoder:
@@ -151,7 +172,7 @@ class ShardReader:
                     raise ValueError("header longer than the file")
                 header = json.loads(f.read(n))
             self.base = 8 + n
-            self.tensors = {}
+            self.tensors, self.metadata = {}, dict(header.get("__metadata__") or {})
             for name, t in header.items():
                 if name == "__metadata__":
                     continue
@@ -287,20 +308,23 @@ def encode_normalised(model: SSDD, x: torch.Tensor, stats: dict, dtype: torch.dt
     return ((model.encode(x).mode().double() - stats["z_mean"]) / stats["z_std"]).to(dtype).cpu()
 
 
-def write_shard(path: str, tensors: dict) -> None:
+def write_shard(path: str, tensors: dict, metadata: dict | None = None) -> None:
     """Write one shard atomically (`atomic_file`: temporary file, fsync, rename): a shard file that exists is
     complete."""
-    atomic_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
+    atomic_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata))
 
 
-def encode_shard(model, dataset, start: int, stop: int, cfg, stats: dict, device, bar) -> dict:
-    """The tensors of the shard holding images [start, stop): batches of cache.batch_size from `start` on."""
+def encode_shard(model, dataset, start: int, stop: int, cfg, stats: dict, device, bar) -> tuple[dict, dict]:
+    """(the tensors, the metadata) of the shard holding images [start, stop): batches of cache.batch_size from
+    `start` on. The metadata says whether every image was grey (`image_channels` "1": R = G = B exactly, as
+    greyscale files read as RGB are), so that a generator of this data can make grey images (dit.pipeline)."""
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=cfg.cache.batch_size,
                         num_workers=cfg.dataset.num_workers, pin_memory=device.type == "cuda")
     dtype, n = DTYPES[cfg.cache.dtype], stop - start
     names = ["latents", "latents_flip"] if cfg.cache.flip else ["latents"]
-    out, i = {"labels": torch.empty(n, dtype=torch.int64)}, 0
+    out, i, grey = {"labels": torch.empty(n, dtype=torch.int64)}, 0, True
     for x, y in loader:
+        grey = grey and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all())
         x = x.to(device, non_blocking=True)
         for name in names:
             z = encode_normalised(model, x.flip(-1) if name == "latents_flip" else x, stats, dtype)
@@ -310,7 +334,7 @@ def encode_shard(model, dataset, start: int, stop: int, cfg, stats: dict, device
         out["labels"][i:i + len(x)] = torch.as_tensor(y, dtype=torch.int64)
         i += len(x)
         bar.update(len(x))
-    return out
+    return out, {"image_channels": "1" if grey else "3"}
 
 
 def build_plan(cfg, ckpt: str, enc_hash: str, stats: dict, images: int, data: dict) -> dict:
@@ -362,6 +386,7 @@ def cache_metadata(cfg, model: SSDD, ckpt: str, enc_hash: str, stats: dict, clas
     labels = torch.cat([r.read("labels") for r in readers])
     per_class = torch.bincount(labels).tolist()
     images = len(labels)
+    channels = {r.metadata.get("image_channels") for r in readers}  # "1": every image grey; None: not recorded
     return {
         "format": FORMAT,
         "encoder_checkpoint": ckpt,
@@ -376,6 +401,7 @@ def cache_metadata(cfg, model: SSDD, ckpt: str, enc_hash: str, stats: dict, clas
         "z_stats_file": stats["path"],
         "normalisation": "z_cached = (encode(x).mode() - z_mean) / z_std",
         "latent_shape": list(readers[0].shape("latents")[1:]),
+        "image_channels": None if None in channels else 1 if channels == {"1"} else 3,
         "dtype": cfg.cache.dtype,
         "flip": bool(cfg.cache.flip),
         "class_names": class_names,
@@ -440,7 +466,7 @@ def build_cache(cfg) -> str:
         for k in mine:
             start = k * size
             write_shard(os.path.join(partial, shard_name(k)),
-                        encode_shard(model, dataset, start, start + counts[k], cfg, stats, device, bar))
+                        *encode_shard(model, dataset, start, start + counts[k], cfg, stats, device, bar))
     accelerator.wait_for_everyone()
     if main:
         class_names = [str(c) for c in getattr(dataset, "classes", [])]

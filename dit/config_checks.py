@@ -1,8 +1,11 @@
 """The checks of configs/dit.yaml (used by dit.cache and dit.train before any work): the rules both trainers share
 (tokenizer.common.validation.SHARED_RULES) plus the DiT's own keys."""
 
+from dit.decoder_files import sdvae_name
 from dit.flow import METHODS
 from dit.models import DiT_models
+from tokenizer.common.errors import UserError
+from tokenizer.common.runs import resolve_checkpoint
 from tokenizer.common.validation import (
                                          MAX_STEPS,
                                          SAMPLING_LIMITS,
@@ -20,8 +23,24 @@ from tokenizer.common.validation import (
 )
 from tokenizer.config_checks import DATASET_RULES, read_given_root
 from tokenizer.flow import T_KINDS
+from tokenizer.sdvae import SDVAE_WEIGHTS
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def tokenizer_exists(cfg) -> None:
+    """tokenizer.checkpoint names a file, a run with saved weights, a released SSDD name, or SD-VAE (sdvae[:...],
+    sd-vae-ft-mse, sd-vae-ft-ema: dit.cache then caches SD-VAE latents)."""
+    spec = cfg.tokenizer.checkpoint
+    if spec and sdvae_name(str(spec), cfg.ckpt_dir) is None:
+        try:
+            resolve_checkpoint(cfg.ckpt_dir, str(spec))
+        except UserError as e:
+            if type(e) is not UserError:  # a known name that cannot be fetched says what to do itself
+                raise
+            raise UserError(f"tokenizer.checkpoint={spec}: {e}, nor SD-VAE (sdvae, sdvae:<file>, "
+                            f"{', '.join(SDVAE_WEIGHTS)})") from None
+
 
 DIT_CHECKS = trainer_checks({
     "tokenizer.checkpoint": optional(text),
@@ -57,4 +76,4 @@ DIT_CHECKS = trainer_checks({
     "sample.decoder_steps": optional(integer(1, MAX_STEPS)),
     "sample.grid_classes": optional(int_list),
     "sample.per_class": integer(1, 256),
-}, checkpoint_keys=("tokenizer.checkpoint",), folder_keys=("cache.dir",), cross=(read_given_root,))
+}, folder_keys=("cache.dir",), cross=(read_given_root, tokenizer_exists))

@@ -8,20 +8,32 @@ The files and specs a generator's `decoder` takes (`load_decoder_spec`):
   pickle), and `sdvae` / `sdvae:<file or name>`, for SD-VAE latents (default sd-vae-ft-mse);
 - a DiT/SiT generator file, refused with a hint (it belongs in --ckpt).
 Only the header of a .safetensors file is read to tell these apart; the tensors are read once, by the loader.
+
+`resolve_decoder_spec` turns what a user types (sample/generate.py and sample/sample_ddp.py --decoder, the app)
+into such a spec: also a tokenizer run name `<run>[@last|@best]` under --ckpt-dir, a released facebook/SSDD name
+(`ssdd:SDVAE_M_256`, `F8C4_M_256`) and an SD-VAE name (`sd-vae-ft-mse`); a bundle's own decoder names are picked
+by dit.pipeline.load_generator before. `sdvae_source` tells whether a tokenizer spec means SD-VAE (dit.cache
+caches SD-VAE latents with it). `run_label` names a decoder with the steps it actually ran.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
-from tokenizer.common.checkpoint import read_header
+from tokenizer.common.checkpoint import read_header, resolve_state_dir
 from tokenizer.common.errors import UserError
+from tokenizer.common.runs import resolve_checkpoint
 from tokenizer.pretrained import resolve_pretrained
-from tokenizer.sdvae import DEFAULT_SDVAE, detect_layout, read_state_file
+from tokenizer.sdvae import DEFAULT_SDVAE, SDVAE_WEIGHTS, detect_layout, read_state_file
 from tokenizer.ssdd import SSDD
 
-__all__ = ["default_decoder_steps", "decoder_label", "load_decoder", "load_sdvae_decoder", "load_decoder_spec",
-           "named_decoders"]
+__all__ = ["default_decoder_steps", "decoder_label", "run_label", "load_decoder", "load_sdvae_decoder",
+           "load_decoder_spec", "named_decoders", "resolve_decoder_spec", "sdvae_name", "sdvae_source",
+           "DECODER_FORMS"]
+
+DECODER_FORMS = ("a decoder checkpoint file, a tokenizer run name <run>[@best] under --ckpt-dir, ssdd:<file or "
+                 f"released name such as SDVAE_M_256>, sdvae or sdvae:<file or {' / '.join(SDVAE_WEIGHTS)}>")
 
 
 def default_decoder_steps(decoder: SSDD) -> int:
@@ -35,6 +47,66 @@ def decoder_label(decoder: SSDD, steps: int | None = None) -> str:
         return "SD-VAE" if decoder.encoder_name == "sdvae" else "KL-VAE"
     steps = steps or default_decoder_steps(decoder)
     return f"SSDD-{decoder.decoder_name} {steps}-step" + (" (distilled)" if decoder.single_step else "")
+
+
+def run_label(name: str, decoder: SSDD, steps: int) -> str:
+    """`name` saying the decoder steps that ran: the step count in the name replaced ('SSDD-XS 8-step (teacher)' run
+    for 4 steps -> 'SSDD-XS 4-step (teacher)'), else appended ('SSDD-M' -> 'SSDD-M (4 steps)'); a KL decoder runs
+    one pass, so its name stays."""
+    if decoder.is_kl:
+        return name
+    label, found = re.subn(r"\b\d+-step\b", f"{int(steps)}-step", name, count=1)
+    return label if found else f"{name} ({int(steps)} step{'s' if int(steps) != 1 else ''})"
+
+
+def _is_run(spec: str, ckpt_dir: str) -> bool:
+    run, _, which = spec.partition("@")
+    return resolve_state_dir(os.path.join(ckpt_dir, "jobs", run, "checkpoints", which or "last")) is not None
+
+
+def sdvae_name(spec, ckpt_dir: str = "runs") -> str | None:
+    """The SD-VAE weights a spec names without reading any file: `sdvae` (the default, sd-vae-ft-mse), `sdvae:<file
+    or name>`, or a known name (sd-vae-ft-mse, sd-vae-ft-ema) that is neither a file nor a run; else None."""
+    text = str(spec).strip()
+    if text == "sdvae" or text.startswith("sdvae:"):
+        return text.partition(":")[2] or DEFAULT_SDVAE
+    if text in SDVAE_WEIGHTS and not os.path.exists(text) and not _is_run(text, ckpt_dir):
+        return text
+    return None
+
+
+def sdvae_source(spec, ckpt_dir: str = "runs") -> str | None:
+    """`sdvae_name`, or a file holding an SD-VAE autoencoder in either published layout (its header read); else
+    None (this project's checkpoints, runs, released SSDD names)."""
+    name = sdvae_name(spec, ckpt_dir)
+    if name is not None or not os.path.isfile(str(spec)):
+        return name
+    path = str(spec)
+    try:
+        keys = read_header(path)[0] if path.endswith(".safetensors") else list(read_state_file(path))
+    except UserError:
+        return None  # not a weight file at all: the loader that follows says so
+    return path if detect_layout(keys) is not None else None
+
+
+def resolve_decoder_spec(spec, ckpt_dir: str = "runs", names=()) -> str:
+    """A decoder as a user types it -> a spec `load_decoder_spec` takes: `sdvae[:...]` and SD-VAE names ->
+    `sdvae:<file or name>`; a file -> itself; `ssdd:<file or released name>` -> kept; a tokenizer run
+    `<run>[@last|@best]` under ckpt_dir -> its EMA weights; a released SSDD name -> fetched. Else a one-line
+    UserError listing the forms (and `names`, the decoders a bundle offers by name)."""
+    text = str(spec).strip()
+    name = sdvae_name(text, ckpt_dir)
+    if name is not None:
+        return f"sdvae:{name}"
+    if text.startswith("ssdd:") or os.path.isfile(text):
+        return text
+    try:
+        return resolve_checkpoint(ckpt_dir, text)
+    except UserError as e:
+        if type(e) is not UserError:  # a known name that cannot be fetched: its own message says what to do
+            raise
+        offered = f"; this generator offers: {', '.join(names)}" if names else ""
+        raise UserError(f"decoder {text!r} not found: give {DECODER_FORMS}{offered}") from None
 
 
 def load_decoder(path: str, latent_channels: int, what: str, sdvae_latents: bool = False,
@@ -82,12 +154,13 @@ def load_sdvae_decoder(source: str = DEFAULT_SDVAE) -> SSDD:
 
 def load_decoder_spec(spec, latent_channels: int, what: str, sdvae_latents: bool = False,
                       encoder_sha256: str | None = None) -> SSDD:
-    """A decoder from a spec: `sdvae`, `sdvae:<file or name>`, `ssdd:<file>`, or a checkpoint file."""
+    """A decoder from a spec: `sdvae`, `sdvae:<file or name>`, an SD-VAE name, `ssdd:<file>`, or a checkpoint file."""
     text = str(spec)
-    if text == "sdvae" or text.startswith("sdvae:"):
+    name = sdvae_name(text)
+    if name is not None:
         if not sdvae_latents:
             raise UserError(f"{what} does not make SD-VAE latents, so the SD-VAE decoder cannot decode them")
-        return load_sdvae_decoder(text.partition(":")[2] or DEFAULT_SDVAE)
+        return load_sdvae_decoder(name)
     text = resolve_pretrained(text) or text  # a released facebook/SSDD name -> its file in the Hugging Face cache
     return load_decoder(text.removeprefix("ssdd:"), latent_channels, what, sdvae_latents, encoder_sha256)
 

@@ -9,6 +9,9 @@ or tokenizer run name; default: the tokenizer the DiT was trained on). A whole-m
 the same encoder as the one that made the DiT's latents (checked by the sha256 of its encoder weights); a
 distilled single-step decoder of the same encoder passes that check and makes the bundle decode in one step.
 --cfg / --steps / --sampler / --decoder-steps set the bundle's default sampler (else the run's `sample:` config).
+bundle.json records `image_channels`, the channel count of the training data (from the latent cache the DiT run
+trained on, else 1 for Fashion-MNIST, else 3; --image-channels sets it): with 1, the generator's decoded images are
+made grey (dit.pipeline), as its data was.
 
 --extra-decoder "NAME=CKPT[:STEPS]" (repeatable) adds further decoders of the same latents, e.g. the multi-step
 teacher and the KL-VAE baseline next to the distilled default, so that `Generator.compare` and
@@ -42,7 +45,7 @@ import torch
 from dit.decoder_files import decoder_label, default_decoder_steps
 from dit.flow import METHODS
 from dit.hub import push_to_hub, read_results, write_hub_files
-from dit.pipeline import DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, load_dit
+from dit.pipeline import DECODER_FILE, DIT_FILE, INFO_FILE, SAMPLE_DEFAULTS, _json_field, image_channels, load_dit
 from tokenizer.common.atomic import atomic_json, remove_stale_temporaries
 from tokenizer.common.checkpoint import file_record, read_metadata, save_weights
 from tokenizer.common.downloads import hub_repo_id
@@ -121,6 +124,11 @@ def export(args) -> dict:
     figures = read_results(args.results)  # before any work: a bad --results file stops here
     dit_path = resolve_dit(args.dit, args.ckpt_dir)
     model, meta = load_dit(dit_path)
+    if str(args.decoder or meta["tokenizer_checkpoint"]).startswith("sdvae:"):
+        raise UserError(f"{dit_path} was trained on SD-VAE latents ({meta['tokenizer_checkpoint']}): a bundle ships "
+                        f"an SSDD decoder of this project's latents; sample from the run itself with "
+                        f"sample/generate.py --ckpt {dit_path}")
+    channels = args.image_channels or image_channels({}, meta, dit_path)  # of the data: 1 makes samples grey
     dec_path = resolve_checkpoint(args.ckpt_dir, args.decoder or meta["tokenizer_checkpoint"])
     decoder = SSDD.from_checkpoint(dec_path).eval()
     enc_check = check_decoder(decoder, dec_path, meta)
@@ -180,6 +188,7 @@ def export(args) -> dict:
         "latent_shape": _json_field(meta, "latent_shape"),
         "im_size": int(meta["im_size"]),
         "dataset": meta.get("dataset"),
+        "image_channels": channels,
         "z_mean": float(meta["z_mean"]),
         "z_std": float(meta["z_std"]),
         "encoder_sha256": meta["encoder_sha256"],
@@ -227,6 +236,9 @@ def main(argv=None) -> int:
                     "'SSDD-XS 1-step (distilled)')")
     ap.add_argument("--extra-decoder", action="append", default=None, metavar="NAME=CKPT[:STEPS]",
                     help="a further decoder of the same latents (repeatable); CKPT a file or tokenizer run name")
+    ap.add_argument("--image-channels", type=int, choices=(1, 3), default=None,
+                    help="channels of the training data, recorded in bundle.json (1: samples are made grey); default: "
+                         "from the DiT run's latent cache, else 1 for fmnist, else 3")
     ap.add_argument("--hub", action="store_true", help="also write the Hugging Face Hub files: model card "
                     "README.md, config.json, samples.png")
     ap.add_argument("--results", action="append", default=None, metavar="JSON",

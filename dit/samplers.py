@@ -42,12 +42,13 @@ ALL_METHODS = tuple(dict.fromkeys(m for methods in FAMILY_METHODS.values() for m
 
 
 def run_sampler(family: str, model_fn, noise: torch.Tensor, y: torch.Tensor, settings: dict,
-                generator: Optional[torch.Generator] = None, step_noise=None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, step_noise=None, quiet: bool = False) -> torch.Tensor:
     """Sample with `family`'s sampler settings["sampler"] from noise (B, C, H, W) for labels y (B,); settings as
     `Generator.sampler_settings` makes them. step_noise(x), when given, draws the per-step noise of the stochastic
-    samplers instead of `generator`."""
+    samplers instead of `generator`. quiet: no sampler's own progress bar (the caller reports progress itself)."""
     spec = SAMPLER_FAMILIES[family]
+    options = {**spec.options, **({"progress": False} if quiet and "progress" in spec.options else {})}
     return spec.sample(model_fn, noise, y, steps=settings["steps"], method=settings["sampler"],
                        cfg_scale=settings["cfg_scale"], cfg_channels=settings["cfg_channels"],
                        guidance_interval=settings["guidance_interval"], generator=generator, step_noise=step_noise,
-                       **{key: settings[key] for key in spec.settings}, **spec.options)
+                       **{key: settings[key] for key in spec.settings}, **options)

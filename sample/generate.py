@@ -3,6 +3,7 @@
     python sample/generate.py --class sneaker
     python sample/generate.py --class 7 9 "ankle boot" --num 8 --seed 1 --cfg 2 --steps 50 --sampler euler
     python sample/generate.py --ckpt runs/jobs/dit_fmnist/checkpoints/last --class bag --decoder-steps 1
+    python sample/generate.py --class bag --decoder KL-VAE --decoder "SSDD-XS 8-step (teacher)" --decoder-steps 4
     # the published ImageNet generators on SD-VAE latents, decoded by SD-VAE and by an SSDD decoder side by side
     python sample/generate.py --ckpt DiT-XL-2-256x256.pt --class 207 "golden retriever" \
         --decoder sdvae --decoder ssdd:SDVAE_M_256.safetensors --decoder-steps 1
@@ -11,12 +12,14 @@
 --class takes ids or names (case-insensitive; the dataset's names stored with the model, and for 1000-class models
 the ImageNet names). --ckpt also takes DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt and SiT-XL-2-256x256.pt (fetched to
 the torch cache where a network exists) or such a file (prefix dit: or sit: if its name does not say). --decoder
-(repeatable) takes sdvae[:<file or name>], ssdd:<file> or a checkpoint file. Writes <out>/grid.png (one row per
-class; with several decoders, their grids side by side, each also in <out>/<decoder>/) and one PNG per image;
-prints the DiT time and each decoder's time separately. Noise is drawn on the CPU from --seed, so results repeat
-across devices. Every argument is checked before any work (a request that needs more memory than the machine has is
-refused with the numbers), long runs show progress, and images with non-finite values (damaged weights) are refused,
-not written.
+(repeatable) takes what sample/sample_ddp.py and dit.export take: a decoder name of the bundle (KL-VAE), a tokenizer
+run name <run>[@best] under --ckpt-dir, a checkpoint file, ssdd:<file or released name>, sdvae[:<file or name>].
+Writes <out>/grid.png (one row per class; with several decoders, their grids side by side, each also in
+<out>/<decoder>/, named with the steps it ran) and one PNG per image; prints the DiT time and each decoder's time
+separately, after progress bars per DiT step and per decoder batch. Noise is drawn on the CPU from --seed, so
+results repeat across devices. Every argument is checked before any work (a request that needs more memory than the
+machine has is refused with the numbers), and images with non-finite values (damaged weights) are refused, not
+written. A generator of greyscale data (Fashion-MNIST: the embedded bundle) writes grey images.
 """
 
 import argparse
@@ -27,9 +30,9 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from dit.pipeline import ALL_METHODS, BUNDLE_DIR, load_generator
+from dit.progress import TqdmProgress
 from tokenizer.common.devices import check_device, check_memory
 from tokenizer.common.errors import UserError, run_cli
 from tokenizer.common.validation import check_output_dir, check_sampling_args, in_range
@@ -73,12 +76,6 @@ def side_by_side(paths: list, out: str) -> str:
     return out
 
 
-def describe_decoder(dec) -> str:
-    if dec.is_kl:
-        return "SD-VAE" if dec.encoder_name == "sdvae" else "KL-VAE"
-    return f"SSDD {dec.decoder_name}"
-
-
 # ----------------------------------------------------------------------------- argument checks
 
 
@@ -102,21 +99,6 @@ def check_output_memory(args, n_classes: int, image_shape: tuple, n_decoders: in
                  advice="ask for fewer images (--num, --class) or a smaller --scale")
 
 
-class Progress:
-    """tqdm bars for Generator's `progress(phase, done, total)` callback: one bar per phase (DiT, then decoder)."""
-
-    def __init__(self):
-        self.bars = {}
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        bar = self.bars.get(phase)
-        if bar is None:
-            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="img", dynamic_ncols=True)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-
 def refuse_non_finite(images: torch.Tensor) -> None:
     """Non-finite values would be written as black images: refuse them (nothing is written)."""
     bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
@@ -128,7 +110,7 @@ def refuse_non_finite(images: torch.Tensor) -> None:
 
 def generate(args) -> None:
     check_args(args)
-    gen = load_generator(args.ckpt, device=args.device, decoder=args.decoder)
+    gen = load_generator(args.ckpt, device=args.device, decoder=args.decoder, ckpt_dir=args.ckpt_dir)
     if args.classes is None:
         if gen.num_classes > 16:
             raise UserError(f"give --class (ids or names); {gen._choices()}")
@@ -139,15 +121,20 @@ def generate(args) -> None:
     compare = len(gen.decoders) > 1 and (args.compare or len(args.decoder or []) > 1)
     check_output_memory(args, len(ids), gen.image_shape, len(gen.decoders) if compare else 1)
     print(f"classes: {', '.join(f'{i} ({m})' for i, m in zip(ids, names))}; {args.num} per class, seed {args.seed}")
-    if not compare:  # the default decoder
-        images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
-                                 sampler=args.sampler, decoder_steps=args.decoder_steps, progress=Progress())
-        by_decoder = {t["decoder"]: images}
-        per_decoder = {t["decoder"]: t}
-    else:  # the same latents through every decoder given, or every decoder of the bundle with --compare
-        by_decoder, t = gen.compare(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
-                                    sampler=args.sampler, decoder_steps=args.decoder_steps, progress=Progress())
-        per_decoder = t["decoders"]
+    bars = TqdmProgress()  # a bar per DiT step, then per decoder batch, each with its own rate
+    try:
+        if not compare:  # the default decoder (the first one given)
+            images, t = gen.generate(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps,
+                                     sampler=args.sampler, decoder_steps=args.decoder_steps, progress=bars)
+            by_decoder = {t["decoder"]: images}
+            per_decoder = {t["decoder"]: {**t, "label": t["decoder_label"]}}
+        else:  # the same latents through every decoder given, or every decoder of the bundle with --compare
+            by_decoder, t = gen.compare(ids, num=args.num, seed=args.seed, cfg_scale=args.cfg_scale,
+                                        steps=args.steps, sampler=args.sampler, decoder_steps=args.decoder_steps,
+                                        progress=bars)
+            per_decoder = t["decoders"]
+    finally:
+        bars.close()
     for images in by_decoder.values():  # before anything is written
         refuse_non_finite(images)
     n = t["images"]
@@ -156,11 +143,10 @@ def generate(args) -> None:
     grids = []
     try:
         for name, images in by_decoder.items():
-            d = per_decoder[name]
-            dec = gen.pick_decoder(name)[1]
-            print(f"decoder {f'({describe_decoder(dec)})' if len(by_decoder) == 1 else name}: {d['decoder_s']:.2f} s "
-                  f"for {n} images ({d['decoder_steps']} step{'s' if d['decoder_steps'] > 1 else ''})")
-            out = args.out if len(by_decoder) == 1 else os.path.join(args.out, slug(name))
+            d = per_decoder[name]  # its label says the steps it ran ('SSDD-XS 4-step (teacher)' at --decoder-steps 4)
+            print(f"decoder {d['label']}: {d['decoder_s']:.2f} s for {n} images "
+                  f"({d['decoder_steps']} step{'s' if d['decoder_steps'] > 1 else ''})")
+            out = args.out if len(by_decoder) == 1 else os.path.join(args.out, slug(d["label"]))
             grids.append(save_outputs(images, ids, names, args.num, out, args.scale))
         if len(grids) > 1:
             both = side_by_side(grids, os.path.join(args.out, "grid.png"))
@@ -169,8 +155,8 @@ def generate(args) -> None:
     if len(grids) == 1:
         print(f"saved {grids[0]} and {n} single images in {args.out}")
     else:
-        print(f"saved {both} ({', '.join(by_decoder)} left to right) and each decoder's grid and {n} single images "
-              f"in {args.out}/<decoder>/")
+        print(f"saved {both} ({', '.join(d['label'] for d in per_decoder.values())} left to right) and each "
+              f"decoder's grid and {n} single images in {args.out}/<decoder>/")
 
 
 def main(argv=None) -> int:
@@ -191,9 +177,11 @@ def main(argv=None) -> int:
                          f"DiT-XL-2-512x512.pt, SiT-XL-2-256x256.pt or such a file [dit:|sit:]<file> "
                          f"(default: {BUNDLE_DIR})")
     ap.add_argument("--decoder", action="append", default=None, metavar="SPEC",
-                    help="decoder to decode with, repeatable (each writes its own grid): a checkpoint file, "
-                         "ssdd:<file>, sdvae or sdvae:<file or name> (default: the bundle's; SD-VAE for published "
-                         "generators)")
+                    help="decoder to decode with, repeatable (each writes its own grid): a decoder name of the "
+                         "bundle (e.g. KL-VAE, as bundle.json lists them), a checkpoint file, a tokenizer run name "
+                         "<run>[@best] under --ckpt-dir, ssdd:<file or released name such as SDVAE_M_256>, sdvae or "
+                         "sdvae:<file or name> (default: the bundle's; SD-VAE for published generators)")
+    ap.add_argument("--ckpt-dir", default="runs", help="where --decoder run names are looked up (<dir>/jobs/<run>)")
     ap.add_argument("--compare", action="store_true",
                     help="decode the same latents with every decoder the bundle offers (e.g. the distilled 1-step "
                          "SSDD, its multi-step teacher, the KL-VAE) and write their grids side by side")

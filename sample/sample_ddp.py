@@ -5,10 +5,11 @@
     python eval/gfid.py configs/fmnist.yaml:test samples/fmnist_cfg2.npz --out samples/fmnist_cfg2.json
 
 --ckpt takes whatever `dit.pipeline.load_generator` takes (a bundle directory, a DiT checkpoint); --decoder picks
-one of its decoders by name, or is a decoder checkpoint file. Writes <out>/ (one PNG per sample, named by its index,
-and sampling.json with the settings) and, once every sample exists, <out>.npz: `arr_0` uint8 (N, H, W, 3) in index
-order and `arr_1` the labels (the format of guided-diffusion's samplers, which the ADM evaluator and eval/gfid.py
-read).
+one of its decoders by name, or is any decoder sample/generate.py takes (a file, a tokenizer run name, ssdd:<...>,
+sdvae[:...]). Writes <out>/ (one PNG per sample, named by its index, and sampling.json with the settings) and, once
+every sample exists, <out>.npz: `arr_0` uint8 (N, H, W, 3) in index order and `arr_1` the labels (the format of
+guided-diffusion's samplers, which the ADM evaluator and eval/gfid.py read). Progress: a bar of the samples of all
+processes and, below it, the current batch's DiT steps and decoding (dit/progress.py), each with its true rate.
 
 Reproducibility. Sample i has class i mod num_classes (class-balanced; any num_classes consecutive samples hold
 every class once, so IS splits of consecutive samples are balanced too) and its noise comes from its own CPU
@@ -40,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.pipeline import ALL_METHODS, load_generator
+from dit.progress import TqdmProgress
 from eval.lib.adm_npz import write_sample_batch
 from tokenizer.common.atomic import atomic_file, atomic_json, remove_stale_temporaries
 from tokenizer.common.errors import UserError, run_cli
@@ -101,9 +103,8 @@ def sample(args) -> dict:
     accelerator = make_accelerator("no")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     check_args(args)
-    decoder_file = args.decoder if args.decoder and os.path.isfile(args.decoder) else None
-    gen = load_generator(args.ckpt, device=accelerator.device, decoder=decoder_file)
-    decoder_name, _, default_steps = gen.pick_decoder(None if decoder_file else args.decoder)
+    gen = load_generator(args.ckpt, device=accelerator.device, decoder=args.decoder, ckpt_dir=args.ckpt_dir)
+    decoder_name, _, default_steps = gen.pick_decoder(None)  # the one asked for, else the bundle's default
     decoder_steps = default_steps if args.decoder_steps is None else args.decoder_steps
     s = gen.sampler_settings(args.cfg_scale, args.steps, args.sampler)
     n, batch, out = args.num_fid_samples, args.per_proc_batch_size, args.out.rstrip("/")
@@ -127,13 +128,17 @@ def sample(args) -> dict:
               f"in {out}; {world} process(es) x batch {batch}", flush=True)
     dit_s = decoder_s = 0.0
     bad = []
-    with tqdm(total=sum(len(r) for _, r in todo), desc="sampling", unit="img", disable=not main) as bar:
+    # the run's bar (images of every process) and, below it, the current batch's DiT steps and decoder batch
+    steps_bar = TqdmProgress(leave=False, position=1, disable=not main)
+    with tqdm(total=sum(len(r) for _, r in todo), desc="sampling", unit="img", disable=not main, position=0) as bar:
         for _, indices in mine:
             y = torch.tensor([i % gen.num_classes for i in indices])
             noise, decoder_noise = gen.draw_sample_noise(indices, args.seed)
             step_noise = gen.step_noise(indices, args.seed)  # used only by stochastic samplers
-            z, t = gen.sample_latents(y, noise, s, args.seed, batch_size=len(indices), step_noise=step_noise)
-            images, dec = gen.decode(z, decoder_noise, decoder_name, decoder_steps, batch_size=len(indices))
+            z, t = gen.sample_latents(y, noise, s, args.seed, batch_size=len(indices), step_noise=step_noise,
+                                      progress=steps_bar)
+            images, dec = gen.decode(z, decoder_noise, decoder_name, decoder_steps, batch_size=len(indices),
+                                     progress=steps_bar)
             dit_s, decoder_s = dit_s + t, decoder_s + dec["decoder_s"]
             finite = (torch.isfinite(z.flatten(1)).all(1).cpu() & dec["finite"]).tolist()
             pixels = to_uint8(images)
@@ -145,6 +150,7 @@ def sample(args) -> dict:
             bar.update(min(len(indices) * world, bar.total - bar.n))
             if bad:
                 bar.set_postfix_str(f"{len(bad)} non-finite")
+    steps_bar.close()
     accelerator.wait_for_everyone()
     if not main:
         return {}
@@ -181,7 +187,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", choices=ALL_METHODS, default=None,
                     help="default: the model's (this project's DiT: a flow sampler; DiT-XL/2: ddpm or ddim; "
                          "SiT: sde or ode)")
-    ap.add_argument("--decoder", default=None, help="a decoder name of the bundle, or a decoder checkpoint file")
+    ap.add_argument("--decoder", default=None,
+                    help="a decoder name of the bundle (e.g. KL-VAE), a decoder checkpoint file, a tokenizer run name "
+                         "<run>[@best] under --ckpt-dir, ssdd:<file or released name>, sdvae[:<file or name>]")
+    ap.add_argument("--ckpt-dir", default="runs", help="where --decoder run names are looked up (<dir>/jobs/<run>)")
     ap.add_argument("--decoder-steps", type=int, default=None, help="default: the decoder's (1 when distilled)")
     ap.add_argument("--per-proc-batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

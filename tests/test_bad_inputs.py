@@ -294,7 +294,9 @@ def test_full_output_disk_is_one_line(ctx, capsys, monkeypatch):
 def test_generation_shows_progress(ctx, capsys, tmp_path):
     rc, err = run_case(ctx, "generate", ["--class", "bag", "--num", "2", "--steps", "1", "--decoder-steps", "1",
                                          "--device", "cpu", "--out", str(tmp_path / "g")], capsys)
-    assert rc == 0 and "dit: 100%" in err and "2/2" in err and "SSDD-XS 1-step (distilled): 100%" in err, err
+    # the DiT counts its sampler steps (1), the decoder its images (2)
+    assert rc == 0 and "DiT: 100%" in err and "1/1 [" in err and "SSDD-XS 1-step (distilled): 100%" in err, err
+    assert "2/2 [" in err and "step/s]" in err and "img/s]" in err, err
 
 
 def test_every_config_key_has_a_rule():

@@ -6,11 +6,12 @@ import os
 
 import pytest
 import torch
-from helpers import ROOT, make_tokenizer, tiny_args
+from helpers import ROOT, make_folder, make_tokenizer, tiny_args
 from PIL import Image
 
 from dit.cache import LatentCache
 from dit.cache import main as cache_main
+from dit.pipeline import load_generator
 from dit.train import main as train_main
 from tokenizer import SSDD
 from tokenizer.data import FMNIST_CLASSES, FashionMNIST
@@ -36,6 +37,7 @@ def test_cache_metadata(built):
     assert data["class_names"] == list(FMNIST_CLASSES) and data["subset"] == "balanced"
     assert directory.name == f"fmnist-train-32px-{data['fingerprint'][:8]}-{meta['encoder_sha256'][:12]}"
     assert meta["im_size"] == 32 and meta["latent_shape"] == [4, 4, 4]
+    assert meta["image_channels"] == 1  # Fashion-MNIST is grey: every image R = G = B
     assert meta["z_mean"] == 0.1 and meta["z_std"] == 0.5 and meta["flip"] is True
     assert meta["class_names"] == list(FMNIST_CLASSES) and meta["num_classes"] == 10
     assert meta["images"] == 24 and meta["entries"] == 48
@@ -94,8 +96,26 @@ def test_training_refuses_cache_of_another_resolution(built, capsys):
     capsys.readouterr()
     meta = json.load(open(tmp / "folder_cache" / "cache.json"))
     assert meta["class_names"] == ["apple", "sky"] and meta["entries"] == 16 and meta["im_size"] == 32
+    assert meta["image_channels"] == 3  # colour images
     rc = train_main([*folder, "dataset.im_size=64", "run_name=r", "training.max_steps=1"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "32-px" in err and "dataset.im_size=64" in err, err
     # the same cache at its own resolution trains
     assert train_main([*folder, "dataset.im_size=32", "run_name=r32", "training.max_steps=2"]) == 0
+
+
+def test_a_dit_of_grey_data_makes_grey_images(built, tmp_path):
+    """The cache records that an image folder is grey; the DiT run trained on it finds that through its data.json,
+    and its samples are grey (R = G = B) whatever the decoder's three channels do."""
+    _, tok, _ = built
+    root = make_folder(tmp_path / "grey", classes=("dark", "light"), train=4, val=0)
+    common = [*tiny_args(tok, tmp_path), "dataset.name=imagefolder", f"dataset.root={root}", "training.batch_size=4",
+              "sample.grid_classes=null"]
+    assert cache_main(common) == 0
+    (directory,) = [p for p in (tmp_path / "latents").iterdir() if p.is_dir()]
+    assert json.load(open(directory / "cache.json"))["image_channels"] == 1
+    assert train_main([*common, "run_name=grey", "training.max_steps=1"]) == 0
+    gen = load_generator(str(tmp_path / "jobs" / "grey" / "checkpoints" / "last"), device="cpu")
+    assert gen.image_channels == 1
+    images, _ = gen.generate(["light"], num=2, seed=0, steps=1, decoder_steps=1)
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])

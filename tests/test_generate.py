@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_dit, make_kl_decoder, make_tokenizer
@@ -95,7 +96,8 @@ def test_generate_end_to_end(bundle, tmp_path, capsys):
                         "--scale", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "DiT" in printed and "decoder (SSDD XS)" in printed and " s for 4 latents (euler, 2 steps, cfg 3)" in printed
+    assert "DiT" in printed and "decoder SSDD-XS 8-step: " in printed
+    assert " s for 4 latents (euler, 2 steps, cfg 3)" in printed
     assert "(8 steps)" in printed  # the multi-step decoder's default when the bundle does not set decoder steps
     singles = sorted(p for p in os.listdir(dest) if p != "grid.png")
     assert singles == ["0007_sneaker_0.png", "0007_sneaker_1.png", "0009_ankle-boot_0.png", "0009_ankle-boot_1.png"]
@@ -241,3 +243,40 @@ def test_compare_decodes_the_same_latents_with_every_decoder(tmp_path):
     assert torch.equal(gen.decode(z, dec_noise, "KL-VAE")[0], images["KL-VAE"])
     with pytest.raises(UserError, match="offers"):
         gen.decode(z, dec_noise, "nope")
+
+
+def test_embedded_bundle_makes_grey_images(tmp_path):
+    """The embedded generator learnt Fashion-MNIST, grey images: bundle.json says so (image_channels 1), and every
+    decoder's samples are grey exactly (R = G = B), the mean of the decoder's three channels."""
+    info = json.load(open(BUNDLE_DIR / "bundle.json"))
+    assert info["image_channels"] == 1 and info["dataset"] == "fmnist"
+    gen = load_generator(device="cpu")
+    assert gen.image_channels == 1
+    by_decoder, _ = gen.compare([7, 2], num=2, seed=0, steps=2)
+    for name, images in by_decoder.items():
+        assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]), name
+    # grey(colour output) == grey output: only the channels' mean, nothing else changed
+    colour = Generator(**{**gen.__dict__, "image_channels": 3})
+    default = gen.decoder_names[0]
+    grey, _ = gen.generate([7], num=3, seed=4, steps=2)
+    rgb, _ = colour.generate([7], num=3, seed=4, steps=2)
+    assert not torch.equal(rgb[:, 0], rgb[:, 1])  # the decoder alone tints the images
+    assert torch.equal(grey, rgb.mean(1, keepdim=True).expand_as(rgb)), default
+    # and so are the PNGs that generate.py writes
+    assert generate.main(["--class", "bag", "--num", "2", "--steps", "2", "--out", str(tmp_path / "g"),
+                          "--device", "cpu"]) == 0
+    for name in ("0008_bag_0.png", "0008_bag_1.png", "grid.png"):
+        pixels = np.asarray(Image.open(tmp_path / "g" / name))
+        assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all(), name
+
+
+def test_export_records_the_data_channels(bundle, tmp_path):
+    """bundle.json image_channels: 1 for a DiT of Fashion-MNIST (no latent cache to ask), or as --image-channels
+    says; a generator of colour data keeps its colours."""
+    out, tok, dit = bundle
+    assert json.load(open(out / "bundle.json"))["image_channels"] == 1  # make_dit's metadata: dataset fmnist
+    assert export_main(["--dit", dit, "--out", str(tmp_path / "rgb"), "--image-channels", "3"]) == 0
+    assert json.load(open(tmp_path / "rgb" / "bundle.json"))["image_channels"] == 3
+    colour = load_generator(str(tmp_path / "rgb"), device="cpu")
+    images, _ = colour.generate([7], num=2, seed=0, steps=1, decoder_steps=1)
+    assert colour.image_channels == 3 and not torch.equal(images[:, 0], images[:, 1])

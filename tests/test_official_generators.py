@@ -141,13 +141,14 @@ def test_generate_script_with_sdvae_and_ssdd_side_by_side(official_files, sdvae_
     printed = capsys.readouterr().out
     assert "DiT (DiT-Ti/2" in printed and "(ddpm, 2 steps, cfg 4)" in printed
     assert "decoder SD-VAE (vae-ft-mse-840000-ema-pruned.ckpt): " in printed and " s for 2 images (1 step)" in printed
-    assert "decoder SSDD-XS: " in printed
+    assert "decoder SSDD-XS (1 step): " in printed  # the steps it ran, in its label and its folder
     sdvae_dir = "sd-vae-vae-ft-mse-840000-ema-pruned-ckpt"
-    assert sorted(os.listdir(out)) == ["grid.png", sdvae_dir, "ssdd-xs"]
+    assert sorted(os.listdir(out)) == ["grid.png", sdvae_dir, "ssdd-xs-1-step"]
     one = Image.open(out / sdvae_dir / "grid.png").size
     assert one == (2 + 66, 2 + 2 * 66)  # 1 column x 2 rows of 64 px
     assert Image.open(out / "grid.png").size == (2 * one[0] + 8, one[1])
-    assert sorted(os.listdir(out / "ssdd-xs")) == ["0207_golden-retriever_0.png", "grid.png"]  # the same class twice
+    # the same class twice
+    assert sorted(os.listdir(out / "ssdd-xs-1-step")) == ["0207_golden-retriever_0.png", "grid.png"]
     # the same file in the diffusers layout gives the same SD-VAE images
     rc = generate.main(["--ckpt", official_files["dit"], "--class", "207", "--num", "1", "--steps", "2",
                         "--decoder", "sdvae:" + sdvae_files["diffusers"], "--out", str(tmp_path / "d"), "--scale", "1"])
