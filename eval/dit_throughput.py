@@ -11,7 +11,7 @@ only with --grad-clip (DiT clips nothing). On CUDA: bf16 autocast, TF32 and torc
 and eager unless asked. After --warmup steps, --iters steps are timed one by one (CUDA synchronised); the median
 gives steps/s. FLOPs: the matmul and attention FLOPs of one forward pass counted analytically (`forward_flops`,
 checked against torch's FLOP counter in the tests) times 3 for forward + backward; MFU divides the achieved
-FLOP/s by the GPU's dense bf16 peak (`PEAK_TFLOPS`, or --peak-tflops). Writes <out>.json and <out>.md.
+FLOP/s by the GPU's dense bf16 peak (`eval.lib.flops.PEAK_TFLOPS`, or --peak-tflops). Writes <out>.json and <out>.md.
 """
 
 import argparse
@@ -20,18 +20,13 @@ import sys
 
 import torch
 
-from dit.flow import training_loss
-from dit.models import DiT_models, build_dit
+from dit.models import DiT_models
+from eval.lib.flops import datasheet_peak_tflops
 from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report
-from tokenizer.common.devices import AUTOCAST_DTYPES, autocast, autocast_dtype, pick_device, timed
-from tokenizer.common.ema import EMA
+from eval.lib.train_steps import dit_train_step
+from tokenizer.common.devices import AUTOCAST_DTYPES, autocast_dtype, pick_device, timed
 from tokenizer.common.errors import UserError
-from tokenizer.common.training import build_optimizer, enable_tf32
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; the first name found in
-# torch.cuda.get_device_name() wins, so the specific variants come first.
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-               ("A100", 312.0), ("L40S", 362.05), ("A10G", 70.0), ("L4", 121.0)]
+from tokenizer.common.training import enable_tf32
 
 
 def forward_flops(model, latent, batch: int) -> dict:
@@ -62,45 +57,17 @@ def forward_flops(model, latent, batch: int) -> dict:
 def peak_tflops(device: torch.device, override: float | None):
     if override is not None:
         return override, "--peak-tflops"
-    if device.type != "cuda":
-        return None, None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS:
-        if key in name:
-            return value, f"dense bf16 peak of the {key} (data sheet)"
-    return None, None
+    return datasheet_peak_tflops(device)
 
 
 def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
-    c, h, w = latent
-    torch.manual_seed(0)
-    model = build_dit(name, input_size=(h, w), in_channels=c, num_classes=args.num_classes,
-                      learn_sigma=args.learn_sigma).to(device)
-    model.train()
-    opt = build_optimizer(list(model.named_parameters()), "adamw", 1e-4, 0.0)
-    ema = EMA(model, 0.9999, 0) if args.ema else None
-    fn = torch.compile(model) if args.compile else model
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(batch, c, h, w, device=device, generator=g)
-    y = torch.randint(0, args.num_classes, (batch,), device=device, generator=g)
-
-    def step(i):
-        drop = (torch.rand(batch, device=device, generator=g) < 0.1).long()
-        with autocast(device, args.amp_dtype):
-            loss = training_loss(lambda a, t, b: fn(a, t, b, force_drop_ids=drop), x, y, generator=g,
-                                 t_kind="uniform")
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model, i + 1)
-
+    train = dit_train_step(name, latent, batch, device, args.amp_dtype, args.compile, num_classes=args.num_classes,
+                           learn_sigma=args.learn_sigma, ema=args.ema, grad_clip=args.grad_clip)
+    model = train.model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    warmup_s = timed(lambda: [step(i) for i in range(args.warmup)], device)
-    times = [timed(lambda i=i: step(args.warmup + i), device) for i in range(args.iters)]
+    warmup_s = timed(lambda: [train.run(i) for i in range(args.warmup)], device)
+    times = [timed(lambda i=i: train.run(args.warmup + i), device) for i in range(args.iters)]
     med = statistics.median(times)
     flops = forward_flops(model, latent, batch)
     train_flops = 3 * flops["total"]  # backward = 2 x forward for every matrix product
@@ -110,7 +77,7 @@ def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
         "model": name, "latent": list(latent), "batch_size": batch,
         "params": sum(p.numel() for p in model.parameters()), "tokens": model.x_embedder.num_patches,
         "precision": f"{args.dtype_name} autocast" if args.amp_dtype is not None else "fp32",
-        "compile": bool(args.compile), "ema": bool(args.ema), "fused_adamw": bool(opt.defaults.get("fused")),
+        "compile": bool(args.compile), "ema": bool(args.ema), "fused_adamw": train.info["fused_adamw"],
         "step_s_median": med, "step_s_mean": statistics.mean(times), "step_s_min": min(times),
         "steps_per_s": 1 / med, "images_per_s": batch / med, "warmup": args.warmup, "warmup_s": warmup_s,
         "iters": args.iters, "train_tflop_per_step": train_flops / 1e12, "achieved_tflops": achieved,
