@@ -9,7 +9,7 @@ dropout 0.1), backward, AdamW (the trainer's `build_optimizer`: fused on CUDA), 
 only with --grad-clip (DiT clips nothing). On CUDA: bf16 autocast, TF32 and torch.compile of the DiT (as
 `training.compile`), with SDPA attention (timm's fused path: FlashAttention for bf16 on recent GPUs); on CPU fp32
 and eager unless asked. After --warmup steps, --iters steps are timed one by one (CUDA synchronised); the median
-gives steps/s. FLOPs: the matmul and attention FLOPs of one forward pass counted analytically (`forward_flops`,
+gives steps/s. FLOPs: the matmul and attention FLOPs of one forward pass counted analytically (`dit_forward_flops`,
 checked against torch's FLOP counter in the tests) times 3 for forward + backward; MFU divides the achieved
 FLOP/s by the GPU's dense bf16 peak (`eval.lib.flops.PEAK_TFLOPS`, or --peak-tflops). Writes <out>.json and <out>.md.
 """
@@ -23,35 +23,10 @@ import torch
 from dit.models import DiT_models
 from eval.lib.flops import datasheet_peak_tflops
 from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report
-from eval.lib.train_steps import dit_train_step
+from eval.lib.train_steps import dit_forward_flops, dit_train_step
 from tokenizer.common.devices import AUTOCAST_DTYPES, autocast_dtype, pick_device, timed
 from tokenizer.common.errors import UserError
 from tokenizer.common.training import enable_tf32
-
-
-def forward_flops(model, latent, batch: int) -> dict:
-    """FLOPs of one forward pass of `model` (a DiT) on `batch` latents (C, H, W): 2 per multiply-add.
-
-    Counts every Linear and the patch convolution (what torch's FLOP counter sees on a CPU) and, separately, the
-    attention matrix products QK^T and AV (4 T^2 h per block and image). Returns {"dense", "attention", "total"}.
-    """
-    c, h_lat, w_lat = latent
-    p = model.x_embedder.patch_size
-    p = p[0] if isinstance(p, tuple) else p
-    hidden = model.blocks[0].attn.qkv.in_features
-    depth = len(model.blocks)
-    tokens = (h_lat // p) * (w_lat // p)
-    out_ch = model.final_layer.linear.out_features  # p * p * C_out
-    freq = model.t_embedder.mlp[0].in_features
-    per_image = (tokens * c * p * p * hidden  # patch embedding
-                 + freq * hidden + hidden * hidden  # timestep MLP
-                 + depth * (6 * hidden * hidden  # adaLN modulation (once per image)
-                            + tokens * 3 * hidden * hidden + tokens * hidden * hidden  # qkv, output projection
-                            + tokens * 2 * 4 * hidden * hidden)  # MLP, ratio 4
-                 + 2 * hidden * hidden + tokens * hidden * out_ch)  # final adaLN and projection
-    attention = depth * 2 * tokens * tokens * hidden  # QK^T and AV, multiply-adds
-    dense, attention = 2 * batch * per_image, 2 * batch * attention
-    return {"dense": dense, "attention": attention, "total": dense + attention}
 
 
 def peak_tflops(device: torch.device, override: float | None):
@@ -69,7 +44,7 @@ def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
     warmup_s = timed(lambda: [train.run(i) for i in range(args.warmup)], device)
     times = [timed(lambda i=i: train.run(args.warmup + i), device) for i in range(args.iters)]
     med = statistics.median(times)
-    flops = forward_flops(model, latent, batch)
+    flops = dit_forward_flops(model, latent, batch)
     train_flops = 3 * flops["total"]  # backward = 2 x forward for every matrix product
     peak, peak_source = peak_tflops(device, args.peak_tflops)
     achieved = train_flops / med / 1e12

@@ -34,13 +34,13 @@ class TrainStep:
 
     model: torch.nn.Module
     run: Callable[[int], None]
-    loss: Callable[[], torch.Tensor]  # the step's loss (forward only)
+    loss: Callable[..., torch.Tensor]  # loss(net=None): the step's loss through `net` (default: the trained one)
     batch: int
     info: dict = field(default_factory=dict)
 
     def count_flops(self) -> int:
-        with torch.compiler.set_stance("force_eager"):
-            flops = count_flops(lambda: self.loss().backward())
+        with torch.compiler.set_stance("force_eager"):  # in-place compiled modules run eagerly too
+            flops = count_flops(lambda: self.loss(self.model).backward())
         self.model.zero_grad(set_to_none=True)
         return flops
 
@@ -62,10 +62,11 @@ def dit_train_step(name: str, latent, batch: int, device, amp_dtype, compile_: b
     x = torch.randn(batch, c, h, w, device=device, generator=g)
     y = torch.randint(0, num_classes, (batch,), device=device, generator=g)
 
-    def loss():
+    def loss(net=None):
+        net = fn if net is None else net
         drop = (torch.rand(batch, device=device, generator=g) < 0.1).long()
         with autocast(device, amp_dtype):
-            return training_loss(lambda a, t, b: fn(a, t, b, force_drop_ids=drop), x, y, generator=g,
+            return training_loss(lambda a, t, b: net(a, t, b, force_drop_ids=drop), x, y, generator=g,
                                  t_kind="uniform")
 
     def run(i: int) -> None:
@@ -103,7 +104,7 @@ def tokenizer_train_step(decoder: str, encoder: str, px: int, batch: int, device
         opt.train()
     x = torch.rand(batch, 3, px, px, device=device, generator=torch.Generator(device).manual_seed(seed)) * 2 - 1
 
-    def loss(step: int = 0):
+    def loss(net=None, step: int = 0):  # the decoder is compiled in place: `net` is always `model`
         with autocast(device, amp_dtype):
             out = model(x, generator=step_generator(seed, step, 0, device))
             unknown = set(out.losses) - set(TOKENIZER_LOSS_WEIGHTS)
@@ -112,7 +113,7 @@ def tokenizer_train_step(decoder: str, encoder: str, px: int, batch: int, device
             return sum(TOKENIZER_LOSS_WEIGHTS[k] * v for k, v in out.losses.items())
 
     def run(i: int) -> None:
-        loss(i).backward()
+        loss(model, i).backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(named_params(model), grad_clip)
         opt.step()
@@ -124,6 +125,31 @@ def tokenizer_train_step(decoder: str, encoder: str, px: int, batch: int, device
             "trained_params": sum(p.numel() for _, p in named), "compile": bool(compile_), "grad_clip": grad_clip,
             "losses": "diffusion (+ kl when the encoder trains); LPIPS and REPA off (pretrained weights)"}
     return TrainStep(model, run, loss, batch, info)
+
+
+def dit_forward_flops(model, latent, batch: int) -> dict:
+    """FLOPs of one forward pass of `model` (a DiT) on `batch` latents (C, H, W): 2 per multiply-add.
+
+    Counts every Linear and the patch convolution (what torch's FLOP counter sees on a CPU) and, separately, the
+    attention matrix products QK^T and AV (4 T^2 h per block and image). Returns {"dense", "attention", "total"}.
+    """
+    c, h_lat, w_lat = latent
+    p = model.x_embedder.patch_size
+    p = p[0] if isinstance(p, tuple) else p
+    hidden = model.blocks[0].attn.qkv.in_features
+    depth = len(model.blocks)
+    tokens = (h_lat // p) * (w_lat // p)
+    out_ch = model.final_layer.linear.out_features  # p * p * C_out
+    freq = model.t_embedder.mlp[0].in_features
+    per_image = (tokens * c * p * p * hidden  # patch embedding
+                 + freq * hidden + hidden * hidden  # timestep MLP
+                 + depth * (6 * hidden * hidden  # adaLN modulation (once per image)
+                            + tokens * 3 * hidden * hidden + tokens * hidden * hidden  # qkv, output projection
+                            + tokens * 2 * 4 * hidden * hidden)  # MLP, ratio 4
+                 + 2 * hidden * hidden + tokens * hidden * out_ch)  # final adaLN and projection
+    attention = depth * 2 * tokens * tokens * hidden  # QK^T and AV, multiply-adds
+    dense, attention = 2 * batch * per_image, 2 * batch * attention
+    return {"dense": dense, "attention": attention, "total": dense + attention}
 
 
 def named_params(model: torch.nn.Module) -> list:
