@@ -18,9 +18,13 @@ Sections, in this order (--sections picks some), with random weights throughout 
                    compiled decoder, schedule-free RAdam, grad clip 0.1, EMA (LPIPS and REPA off: no weights)
 
 Time budget: each section has a wall-clock budget (--budget NAME=SECONDS; defaults in BUDGETS) and the run one in
-all (--total-budget); a section checks before each item (a model to build, compile or time) and, once its budget
-or the run's is spent, skips the rest with a note naming what was skipped. An item that raises (a compile failure,
-out of memory) is recorded with its one-line error and the run goes on; the exit status is then non-zero.
+all (--total-budget); a section checks before each item (a model to build, compile, warm up or time) and, once its
+budget or the run's is spent, skips the rest with a note naming what was skipped. A compile is not started with
+less than a minute of its section left (it could not be stopped halfway), and timed rounds are cut to what fits.
+The reports are rewritten after every section, so a run killed from outside keeps the sections it finished. An item
+that raises (a compile failure, out of memory) is recorded with its error and the run goes on; the exit status is
+then non-zero. Budgets hold the run under 8 minutes on an H100 if compiles take about a minute each; the report
+gives every first-call time, so the budgets can be set from the first run.
 
 Compilation: torch's `recompiles` log is on (reasons on stderr), and each section and each timed group records its
 recompiles with their reasons, graphs, graph breaks and Dynamo/Inductor and Python warnings (eval/lib/compile_log.py);
@@ -35,6 +39,7 @@ Writes <out>.json and <out>.md (the figures in the shape of RESULTS' GPU rows, e
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -144,6 +149,7 @@ def free_memory(device) -> None:
     training step cannot use) and cached CUDA blocks go."""
     torch._dynamo.reset()
     clear_attention_cache()
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -214,25 +220,25 @@ def decoder_rows(ctx, compiled: bool) -> list:
             z, noise = decoder_inputs(size["decoder_batch"], latent, px, dev)
             call = inference(lambda fn=fn, z=z, noise=noise: fn(z, noise, 1), dev, ctx.amp)
             mark = ctx.log.mark()
+            reset_peak_memory(dev)
             warm = attempt(ctx.errors, what, lambda c=call: [timed(c, dev) for _ in range(size["decoder_warmup"])])
             if warm is not None:
-                calls[d], first[d] = call, (warm[0], warm[-1], ctx.log.since(mark))
+                calls[d], first[d] = call, (warm[0], warm[-1], ctx.log.since(mark), peak_memory_gib(dev))
         group = f"timing the {'compiled' if compiled else 'eager'} decoders at {px} px"
         rounds = ctx.budget.rounds(group, size["decoder_repeats"], sum(f[1] for f in first.values()))
         if not calls or rounds < 1:
             continue
-        reset_peak_memory(dev)
         times, timed_compile = time_group(ctx, calls, rounds)
         for d, t in times.items():
             med = statistics.median(t)
-            first_s, _, warm_compile = first[d]
+            first_s, _, warm_compile, peak_gib = first[d]
             rows.append({"decoder": d, "label": label(d, size["kl_base"]), "px": px, "batch": size["decoder_batch"],
                          "compiled": compiled, "params": built[d][1], "median_s": med,
                          "times_s": [round(x, 5) for x in t], "images_per_s": size["decoder_batch"] / med,
                          "ms_per_image": 1000 * med / size["decoder_batch"], "first_call_s": round(first_s, 3),
                          "warmup_recompiles": warm_compile["recompiles"], "warmup_graphs": warm_compile["graphs"],
                          "recompiles_while_timed": timed_compile["recompiles"],
-                         "peak_memory_gib": peak_memory_gib(dev)})
+                         "peak_memory_gib": peak_gib})  # of its warm-up calls
     return rows
 
 
