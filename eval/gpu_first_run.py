@@ -58,6 +58,7 @@ from tokenizer.common.devices import AUTOCAST_DTYPES, autocast_dtype, pick_devic
 from tokenizer.common.errors import UserError
 from tokenizer.common.training import enable_tf32
 from tokenizer.decoder import DECODER_SIZES, clear_attention_cache
+from tokenizer.encoder import parse_encoder_name
 
 SECTIONS = ["peaks", "decoders", "dit_train", "pipeline", "tokenizer_train"]
 BUDGETS = {"peaks": 15, "decoders": 200, "dit_train": 100, "pipeline": 45, "tokenizer_train": 100}  # seconds
@@ -316,7 +317,7 @@ def section_pipeline(ctx) -> dict:
     px, batch, steps = size["pipeline_px"], size["pipeline_batch"], size["pipeline_steps"]
     if not ctx.budget.allows(f"building {size['dit']} and the decoders"):
         return {}
-    f, c = 8, 4
+    f, c = parse_encoder_name(ENCODER)
     torch.manual_seed(0)
     dit = build_dit(size["dit"], input_size=px // f, in_channels=c, num_classes=1000, learn_sigma=True)
     with torch.no_grad():  # off DiT's zero init, so the decoders get latents that are not all zero
@@ -332,12 +333,15 @@ def section_pipeline(ctx) -> dict:
     def sample():
         return flow_sample(dit, noise, y, steps=steps, method="euler", cfg_scale=CFG_SCALE)
 
+    def sample_and_decode(decode):
+        return lambda: decode(sample(), image_noise, 1)
+
     calls = {"DiT only": inference(sample, dev, ctx.amp)}
     for d, (fn, _, _) in decoders.items():
-        calls[f"DiT + {label(d, size['kl_base'])}"] = inference(lambda f=fn: f(sample(), image_noise, 1), dev, ctx.amp)
+        calls[f"DiT + {label(d, size['kl_base'])}"] = inference(sample_and_decode(fn), dev, ctx.amp)
     if not ctx.budget.allows("the pipeline warm-up"):
         return {}
-    warm = attempt(ctx.errors, "pipeline warm-up", lambda: {k: timed(c, dev) for k, c in calls.items()})
+    warm = attempt(ctx.errors, "pipeline warm-up", lambda: {k: timed(call, dev) for k, call in calls.items()})
     rounds = 0 if warm is None else ctx.budget.rounds("timing the pipelines", size["pipeline_repeats"],
                                                        sum(warm.values()))
     if rounds < 1:
