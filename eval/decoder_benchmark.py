@@ -8,9 +8,11 @@
 
 Weights are random: speed and memory do not depend on their values, so no checkpoint is needed. For each
 configuration (decoder, steps, resolution, batch) the decode call runs `--warmup` times untimed, then `--repeats`
-times timed; images/s is batch / median time. CUDA is synchronised around every call; peak memory is
-torch.cuda.max_memory_allocated on GPU and the peak RSS (VmHWM, reset through /proc/self/clear_refs) on CPU, both
-reported as the increase over what was held before decoding (the model weights are excluded). Configurations
+times timed; images/s is batch / median time. The latents and SSDD's starting noise are drawn on the device before
+any timing (drawing and copying them is not decoding). CUDA is synchronised around every call; peak memory is
+torch.cuda.max_memory_allocated on GPU and the peak RSS (VmHWM, reset through /proc/self/clear_refs before each
+configuration's memory call) on CPU, reported both as the increase over what was held before decoding (the model
+weights and inputs excluded) and as all the memory held at that peak (resident MB). Configurations
 that run out of memory or whose estimated time exceeds --max-seconds-per-config are recorded as skipped; on a CPU,
 so are SSDD configurations whose attention would need more than --max-memory-gb (estimated before running, since
 there the out-of-memory killer, not an exception, would end the run). The index tensors of the attention are
@@ -32,7 +34,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from eval.lib.decoders import build_decode_fn
+from eval.lib.decoders import build_decode_fn, decoder_inputs
 from eval.lib.report import (
     command_line,
     load_average,
@@ -143,6 +145,10 @@ class CpuPeakMemory:
     def peak_mb(self) -> float:
         return (self._status_kb("VmHWM") - self.baseline_kb) / 1024
 
+    def resident_peak_mb(self) -> float:
+        """The whole process's peak resident memory since `start` (torch, the model, inputs and the decode)."""
+        return self._status_kb("VmHWM") / 1024
+
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
@@ -150,9 +156,11 @@ def is_oom(e: BaseException) -> bool:
     )
 
 
-def decode_call(fn, z, cfg, device, amp_dtype):
-    """One decode of the latents `z` with the configuration's steps and attention path, as a timeable call."""
-    return inference(lambda: fn(z, cfg["steps"], cfg["attention"]), device, amp_dtype)
+def decode_call(fn, inputs, cfg, device, amp_dtype):
+    """One decode of `inputs` (latents and SSDD's starting noise, both already on the device: drawing and copying
+    them is not part of decoding) with the configuration's steps and attention path, as a timeable call."""
+    z, noise = inputs
+    return inference(lambda: fn(z, noise, cfg["steps"], cfg["attention"]), device, amp_dtype)
 
 
 class CostModel:
@@ -219,7 +227,8 @@ def attention_memory_skip(cfg, device, args) -> str | None:
 
 
 def prepare(cfg, fn, device, amp_dtype, args, costs: CostModel):
-    """Skip checks, first call and warm-up of one configuration: a skipped row (dict), or (z, first call seconds)."""
+    """Skip checks, first call and warm-up of one configuration: a skipped row (dict), or (inputs, first call
+    seconds)."""
     n_calls = args.warmup + args.repeats
     too_big = attention_memory_skip(cfg, device, args)
     if too_big:
@@ -228,9 +237,8 @@ def prepare(cfg, fn, device, amp_dtype, args, costs: CostModel):
     if est is not None and est * n_calls > args.max_seconds_per_config:
         return {"status": "skipped", "reason": f"time budget: estimated {est * n_calls:.0f} s for {n_calls} calls "
                 f"> --max-seconds-per-config {args.max_seconds_per_config:g}"}
-    c, f = cfg["latent"]
-    z = torch.randn(cfg["batch"], c, cfg["px"] // f, cfg["px"] // f, device=device)
-    call = decode_call(fn, z, cfg, device, amp_dtype)
+    inputs = decoder_inputs(cfg["batch"], cfg["latent"], cfg["px"], device)
+    call = decode_call(fn, inputs, cfg, device, amp_dtype)
     first = timed(call, device)
     costs.add(cfg, first)
     # The first call may include one-off work (compilation, kernel selection); only a clear overrun stops here.
@@ -240,12 +248,13 @@ def prepare(cfg, fn, device, amp_dtype, args, costs: CostModel):
                           f"--max-seconds-per-config {args.max_seconds_per_config:g}"}
     for _ in range(args.warmup - 1):
         timed(call, device)
-    return z, first
+    return inputs, first
 
 
-def peak_memory(cfg, fn, z, device, amp_dtype, cpu_mem: CpuPeakMemory):
-    """(MB above what was held before, how measured) of one call made with the attention index cache cleared, so
-    the peak includes the index tensors the path builds for this grid."""
+def peak_memory(cfg, fn, inputs, device, amp_dtype, cpu_mem: CpuPeakMemory):
+    """(MB above what was held before, MB held in all at the peak, how measured) of one call made with the attention
+    index cache cleared, so the peak includes the index tensors the path builds for this grid. On a CPU "in all" is
+    the process's resident peak over this call alone (VmHWM reset before it), on CUDA the allocated peak."""
     clear_attention_cache()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -253,12 +262,13 @@ def peak_memory(cfg, fn, z, device, amp_dtype, cpu_mem: CpuPeakMemory):
         base = torch.cuda.memory_allocated(device)
     elif cpu_mem.available:
         cpu_mem.start()
-    timed(decode_call(fn, z, cfg, device, amp_dtype), device)
+    timed(decode_call(fn, inputs, cfg, device, amp_dtype), device)
     if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda_max_allocated_above_model"
+        peak = torch.cuda.max_memory_allocated(device)
+        return (peak - base) / 2**20, peak / 2**20, "cuda_max_allocated_above_model"
     if cpu_mem.available:
-        return cpu_mem.peak_mb(), "rss_hwm_above_baseline"
-    return None, "unavailable"
+        return cpu_mem.peak_mb(), cpu_mem.resident_peak_mb(), "rss_hwm_above_baseline"
+    return None, None, "unavailable"
 
 
 def measure_group(group, fn, device, amp_dtype, args, costs: CostModel, cpu_mem: CpuPeakMemory) -> list:
@@ -268,7 +278,7 @@ def measure_group(group, fn, device, amp_dtype, args, costs: CostModel, cpu_mem:
     and their ratio holds even when absolute times do not; then one more call each measures peak memory.
     """
     rows = [None] * len(group)
-    live = {}  # index -> (z, first)
+    live = {}  # index -> (inputs, first)
 
     def out_of_memory(i, e) -> bool:  # out-of-memory ends this configuration only; anything else re-raises
         if not is_oom(e):
@@ -296,19 +306,19 @@ def measure_group(group, fn, device, amp_dtype, args, costs: CostModel, cpu_mem:
     calls = {i: decode_call(fn, live[i][0], group[i], device, amp_dtype) for i in live}
     times = take_turns(calls, args.repeats, device, skip=out_of_memory)
     for i in list(live):
-        z, first = live[i]
+        inputs, first = live[i]
         cfg = group[i]
-        memory = guarded(i, lambda cfg=cfg, z=z: peak_memory(cfg, fn, z, device, amp_dtype, cpu_mem))
+        memory = guarded(i, lambda cfg=cfg, inputs=inputs: peak_memory(cfg, fn, inputs, device, amp_dtype, cpu_mem))
         if memory is None:
             continue
-        peak, mem_kind = memory
+        peak, resident, mem_kind = memory
         t = times[i]
         median = statistics.median(t)
         costs.add(cfg, median)
         rows[i] = {"status": "ok", "images_per_s": cfg["batch"] / median, "ms_per_image": 1000 * median / cfg["batch"],
                    "median_s": median, "times_s": [round(x, 5) for x in t], "spread": round(max(t) / min(t), 3),
                    "first_call_s": round(first, 4), "peak_mb": None if peak is None else round(peak, 1),
-                   "memory": mem_kind}
+                   "resident_peak_mb": None if resident is None else round(resident, 1), "memory": mem_kind}
     return rows
 
 
@@ -511,22 +521,25 @@ def markdown(report) -> str:
     out = [f"# Decoder throughput ({where})", "",
            f"{report['date']}, torch {m['torch']}, {s['dtype']}, encoder {s['encoder']}, "
            f"warm-up {s['warmup']}, median of {s['repeats']}{', torch.compile' if s['compile'] else ''}; "
-           f"{WEIGHTS_NOTE}. Peak MB: memory above the loaded model during decoding "
-           f"({'CUDA max allocated' if m['gpu'] else 'peak RSS'}). Load average (1, 5, 15 min) at start "
+           f"{WEIGHTS_NOTE}. Peak MB: memory above the loaded model during decoding; resident MB: all the "
+           f"memory held at that peak, model and inputs included "
+           f"({'CUDA max allocated' if m['gpu'] else 'peak RSS of the process, reset before each configuration'}). "
+           f"Load average (1, 5, 15 min) at start "
            f"{m['load_average']}, at end {m.get('load_average_end')}.", "",
            f"Command: `{report['command']}`", ""]
     if report.get("user_note"):
         out += [f"Note: {report['user_note']}", ""]
-    out += ["| decoder | steps | px | batch | images/s | ms/image | peak MB | attention path |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += ["| decoder | steps | px | batch | images/s | ms/image | peak MB | resident MB | attention path |",
+            "|---|---|---|---|---|---|---|---|---|"]
     noisy = False
     for r in report["rows"]:
         if r["status"] == "ok":
             peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+            resident = "n/a" if r.get("resident_peak_mb") is None else f"{r['resident_peak_mb']:.0f}"
             mark = noisy_mark(r)
             noisy = noisy or bool(mark)
             out.append(f"| {r['label']} | {r['steps']} | {r['px']} | {r['batch']} | {r['images_per_s']:.3g}{mark} | "
-                       f"{r['ms_per_image']:.1f} | {peak} | {r.get('attention_path') or '-'} |")
+                       f"{r['ms_per_image']:.1f} | {peak} | {resident} | {r.get('attention_path') or '-'} |")
     skipped = [r for r in report["rows"] if r["status"] != "ok"]
     if skipped:
         out += ["", "Skipped:", ""]

@@ -9,9 +9,9 @@ dropout 0.1), backward, AdamW (the trainer's `build_optimizer`: fused on CUDA), 
 only with --grad-clip (DiT clips nothing). On CUDA: bf16 autocast, TF32 and torch.compile of the DiT (as
 `training.compile`), with SDPA attention (timm's fused path: FlashAttention for bf16 on recent GPUs); on CPU fp32
 and eager unless asked. After --warmup steps, --iters steps are timed one by one (CUDA synchronised); the median
-gives steps/s. FLOPs: the matmul and attention FLOPs of one forward pass counted analytically (`forward_flops`,
+gives steps/s. FLOPs: the matmul and attention FLOPs of one forward pass counted analytically (`dit_forward_flops`,
 checked against torch's FLOP counter in the tests) times 3 for forward + backward; MFU divides the achieved
-FLOP/s by the GPU's dense bf16 peak (`PEAK_TFLOPS`, or --peak-tflops). Writes <out>.json and <out>.md.
+FLOP/s by the GPU's dense bf16 peak (`eval.lib.flops.PEAK_TFLOPS`, or --peak-tflops). Writes <out>.json and <out>.md.
 """
 
 import argparse
@@ -20,89 +20,31 @@ import sys
 
 import torch
 
-from dit.flow import training_loss
-from dit.models import DiT_models, build_dit
+from dit.models import DiT_models
+from eval.lib.flops import datasheet_peak_tflops
 from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report
-from tokenizer.common.devices import AUTOCAST_DTYPES, autocast, autocast_dtype, pick_device, timed
-from tokenizer.common.ema import EMA
+from eval.lib.train_steps import dit_forward_flops, dit_train_step
+from tokenizer.common.devices import AUTOCAST_DTYPES, autocast_dtype, pick_device, timed
 from tokenizer.common.errors import UserError
-from tokenizer.common.training import build_optimizer, enable_tf32
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; the first name found in
-# torch.cuda.get_device_name() wins, so the specific variants come first.
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-               ("A100", 312.0), ("L40S", 362.05), ("A10G", 70.0), ("L4", 121.0)]
-
-
-def forward_flops(model, latent, batch: int) -> dict:
-    """FLOPs of one forward pass of `model` (a DiT) on `batch` latents (C, H, W): 2 per multiply-add.
-
-    Counts every Linear and the patch convolution (what torch's FLOP counter sees on a CPU) and, separately, the
-    attention matrix products QK^T and AV (4 T^2 h per block and image). Returns {"dense", "attention", "total"}.
-    """
-    c, h_lat, w_lat = latent
-    p = model.x_embedder.patch_size
-    p = p[0] if isinstance(p, tuple) else p
-    hidden = model.blocks[0].attn.qkv.in_features
-    depth = len(model.blocks)
-    tokens = (h_lat // p) * (w_lat // p)
-    out_ch = model.final_layer.linear.out_features  # p * p * C_out
-    freq = model.t_embedder.mlp[0].in_features
-    per_image = (tokens * c * p * p * hidden  # patch embedding
-                 + freq * hidden + hidden * hidden  # timestep MLP
-                 + depth * (6 * hidden * hidden  # adaLN modulation (once per image)
-                            + tokens * 3 * hidden * hidden + tokens * hidden * hidden  # qkv, output projection
-                            + tokens * 2 * 4 * hidden * hidden)  # MLP, ratio 4
-                 + 2 * hidden * hidden + tokens * hidden * out_ch)  # final adaLN and projection
-    attention = depth * 2 * tokens * tokens * hidden  # QK^T and AV, multiply-adds
-    dense, attention = 2 * batch * per_image, 2 * batch * attention
-    return {"dense": dense, "attention": attention, "total": dense + attention}
+from tokenizer.common.training import enable_tf32
 
 
 def peak_tflops(device: torch.device, override: float | None):
     if override is not None:
         return override, "--peak-tflops"
-    if device.type != "cuda":
-        return None, None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS:
-        if key in name:
-            return value, f"dense bf16 peak of the {key} (data sheet)"
-    return None, None
+    return datasheet_peak_tflops(device)
 
 
 def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
-    c, h, w = latent
-    torch.manual_seed(0)
-    model = build_dit(name, input_size=(h, w), in_channels=c, num_classes=args.num_classes,
-                      learn_sigma=args.learn_sigma).to(device)
-    model.train()
-    opt = build_optimizer(list(model.named_parameters()), "adamw", 1e-4, 0.0)
-    ema = EMA(model, 0.9999, 0) if args.ema else None
-    fn = torch.compile(model) if args.compile else model
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(batch, c, h, w, device=device, generator=g)
-    y = torch.randint(0, args.num_classes, (batch,), device=device, generator=g)
-
-    def step(i):
-        drop = (torch.rand(batch, device=device, generator=g) < 0.1).long()
-        with autocast(device, args.amp_dtype):
-            loss = training_loss(lambda a, t, b: fn(a, t, b, force_drop_ids=drop), x, y, generator=g,
-                                 t_kind="uniform")
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model, i + 1)
-
+    train = dit_train_step(name, latent, batch, device, args.amp_dtype, args.compile, num_classes=args.num_classes,
+                           learn_sigma=args.learn_sigma, ema=args.ema, grad_clip=args.grad_clip)
+    model = train.model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    warmup_s = timed(lambda: [step(i) for i in range(args.warmup)], device)
-    times = [timed(lambda i=i: step(args.warmup + i), device) for i in range(args.iters)]
+    warmup_s = timed(lambda: [train.run(i) for i in range(args.warmup)], device)
+    times = [timed(lambda i=i: train.run(args.warmup + i), device) for i in range(args.iters)]
     med = statistics.median(times)
-    flops = forward_flops(model, latent, batch)
+    flops = dit_forward_flops(model, latent, batch)
     train_flops = 3 * flops["total"]  # backward = 2 x forward for every matrix product
     peak, peak_source = peak_tflops(device, args.peak_tflops)
     achieved = train_flops / med / 1e12
@@ -110,7 +52,7 @@ def measure(name: str, latent, batch: int, device: torch.device, args) -> dict:
         "model": name, "latent": list(latent), "batch_size": batch,
         "params": sum(p.numel() for p in model.parameters()), "tokens": model.x_embedder.num_patches,
         "precision": f"{args.dtype_name} autocast" if args.amp_dtype is not None else "fp32",
-        "compile": bool(args.compile), "ema": bool(args.ema), "fused_adamw": bool(opt.defaults.get("fused")),
+        "compile": bool(args.compile), "ema": bool(args.ema), "fused_adamw": train.info["fused_adamw"],
         "step_s_median": med, "step_s_mean": statistics.mean(times), "step_s_min": min(times),
         "steps_per_s": 1 / med, "images_per_s": batch / med, "warmup": args.warmup, "warmup_s": warmup_s,
         "iters": args.iters, "train_tflop_per_step": train_flops / 1e12, "achieved_tflops": achieved,

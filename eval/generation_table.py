@@ -14,7 +14,8 @@ them) decodes the same latents. Each (decoder, scale) row reports
     own accuracy and a real-vs-real floor; with Inception weights (--inception-weights or the standard download),
     gFID, sFID, IS, precision, recall and KID against --ref, computed as eval/gfid.py does (eval/lib/gfid.py);
   * speed of the whole pipeline: images/s over the run (batch --batch-size) split into DiT and decoder time per
-    image, and the latency of one image (batch 1, median of --latency-repeats), again split;
+    image, and the latency of one image (batch 1, median of --latency-repeats), again split; the SSDD decoders'
+    starting noise is on the device before their timed calls (copying it there is not decoding);
   * the speed-up of the single-step SSDD over the multi-step teacher and over the KL-VAE, at the same scale.
 
 Samples are scored as 8-bit images (what a PNG holds). Writes <out>.json, <out>.md and <out>.png (quality against
@@ -129,6 +130,7 @@ def latency(gen, name: str, steps: int, settings: dict, repeats: int) -> tuple[f
     """Median seconds of the DiT and of the decoder for one image (batch 1), after one untimed call."""
     y = torch.zeros(1, dtype=torch.long)
     noise, decoder_noise = gen.draw_sample_noise([0], 0)
+    decoder_noise = decoder_noise.to(gen.device)  # copied before the timed decode: not part of decoding
     dit, dec = [], []
     for r in range(repeats + 1):
         z, t = gen.sample_latents(y, noise, settings, batch_size=1)
@@ -236,6 +238,7 @@ def evaluate(args) -> dict:
             step_noise = gen.step_noise(idx, args.seed)  # used only by stochastic samplers
             z, t = gen.sample_latents(y, noise, settings, args.seed, batch_size=len(idx), step_noise=step_noise)
             dit_s += t
+            decoder_noise = decoder_noise.to(gen.device)  # once per batch, outside the decoders' timed calls
             for name in names:
                 images, d = gen.decode(z, decoder_noise, name, batch_size=len(idx))
                 dec_s[name] += d["decoder_s"]

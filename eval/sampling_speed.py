@@ -30,7 +30,7 @@ import torch
 
 from dit.flow import guided_velocity
 from dit.models import build_dit
-from eval.lib.decoders import build_decode_fn
+from eval.lib.decoders import build_decode_fn, decoder_inputs
 from eval.lib.report import command_line, load_average, machine_info, run_script, save_figure, today, write_report
 from eval.lib.timing import inference, take_turns
 from tokenizer.common.devices import AUTOCAST_DTYPES, autocast_dtype, pick_device
@@ -83,11 +83,12 @@ def dit_timer(model_name: str, encoder: str, size: int, batch: int, cfg_scale: f
 
 
 def decoder_timer(name: str, steps: int, encoder: str, size: int, batch: int, device, compile_):
-    """(row, call(steps), steps): one decode of random latents."""
-    fn, params, (c, f) = build_decode_fn(name, encoder, 128, device, compile_)
-    z = torch.randn(batch, c, size // f, size // f, device=device)
+    """(row, call(steps), steps): one decode of random latents, from SSDD noise drawn on the device beforehand
+    (drawing it and copying it to the device is not decoding, and the KL-VAE pays neither)."""
+    fn, params, latent = build_decode_fn(name, encoder, 128, device, compile_)
+    z, noise = decoder_inputs(batch, latent, size, device)
     row = {"decoder": name, "steps": steps, "label": decoder_label(name, steps), "encoder": encoder, "params": params}
-    return row, (lambda n: fn(z, n)), steps
+    return row, (lambda n: fn(z, noise, n)), steps
 
 
 def time_in_turns(timers: list, device, amp_dtype, warmup: int, repeats: int) -> list:

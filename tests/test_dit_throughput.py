@@ -6,7 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit.models import build_dit
-from eval.dit_throughput import forward_flops, main
+from eval.dit_throughput import main
+from eval.lib.train_steps import dit_forward_flops as forward_flops
 
 
 def test_forward_flops_match_torch_counter(one_thread):
