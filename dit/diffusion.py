@@ -9,8 +9,9 @@ sample as they were trained:
     model       (x_k, k as a float, y) -> (eps, v): eps prediction in the first C channels; with learn_sigma the
                 next C channels v in [-1, 1] interpolate the log-variance between the posterior variance (v = -1)
                 and beta_k (v = +1): log var = (v + 1)/2 log beta_k + (1 - v)/2 log beta~_k  ("learned range")
-    respacing   a subset S of the 1000 steps ("250": evenly spaced with a fractional stride, both ends kept;
-                "ddim50": the integer stride of the DDIM paper; "a,b,c": counts per equal section); the respaced
+    respacing   a subset S of the 1000 steps ("250": evenly spaced with a fractional stride, both ends kept,
+                rounding a running float sum of the stride as DiT does; "ddim50": the integer stride of the DDIM
+                paper, the first stride giving exactly 50 steps; "a,b,c": counts per equal section); the respaced
                 process has beta'_i = 1 - alpha_bar_{s_i} / alpha_bar_{s_{i-1}}, so its alpha_bar are the base
                 ones at S, and the model is still fed the ORIGINAL step index s_i
     DDPM step   x0 = sqrt(1/alpha_bar) x - sqrt(1/alpha_bar - 1) eps (not clipped: DiT samples with
@@ -75,10 +76,22 @@ def space_timesteps(num_timesteps: int, spec) -> list[int]:
         section = size + (1 if i < extra else 0)
         if not 1 <= count <= section:
             raise UserError(f"cannot take {count} steps from a section of {section} (respacing {spec!r})")
-        stride = 1.0 if count == 1 else (section - 1) / (count - 1)  # fractional stride: both section ends kept
-        kept += [start + round(j * stride) for j in range(count)]
+        kept += [start + k for k in _evenly_spaced(section, count)]
         start += section
     return sorted(set(kept))
+
+
+def _evenly_spaced(size: int, count: int) -> list[int]:
+    """`count` of the indices 0 .. size - 1 with the fractional stride (size - 1) / (count - 1), both ends kept (one
+    index: 0), as DiT's released respacing picks them: a running float sum of the stride, rounded at each index.
+    The float sum's rounding errors accumulate, so this differs from round(j * stride) for some counts (278 of the
+    1000 counts of one 1000-step section; e.g. 21 steps keep 499 where round(10 * 49.95) = 500)."""
+    stride = 1.0 if count == 1 else (size - 1) / (count - 1)
+    kept, position = [], 0.0
+    for _ in range(count):
+        kept.append(round(position))  # Python's round: halves to even, as DiT's
+        position += stride
+    return kept
 
 
 class DiscreteSchedule:

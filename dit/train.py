@@ -30,7 +30,7 @@ from dit.models import build_dit
 from tokenizer.common.config import load_config
 from tokenizer.common.ema import EMA
 from tokenizer.common.errors import UserError, run_cli
-from tokenizer.common.runs import LossLog, default_run_name, save_grid
+from tokenizer.common.runs import LossLog, default_run_name, save_grid, unlock_runs
 from tokenizer.common.tracking import ImageLog
 from tokenizer.common.training import (
     build_optimizer,
@@ -162,7 +162,7 @@ def train(cfg):
     modules = {"dit": raw_model, "dit_ema": ema.model}  # the files of a training state
     accelerator.init_trackers("tensorboard")
     tb = ImageLog(accelerator) if accelerator.is_main_process else None  # grids to every tracker of log_with
-    loss_log = LossLog(out_dir, accelerator, training.log_freq) if accelerator.is_main_process else None
+    loss_log = LossLog(out_dir, accelerator, training.log_freq, step) if accelerator.is_main_process else None
 
     # Sample grids: fixed classes and fixed noise (drawn on the CPU), so grids of different steps compare.
     shown = grid_classes(cfg, num_classes)
@@ -231,7 +231,10 @@ def run(argv: list[str]) -> None:
     cfg = check_config(load_config("dit.yaml", argv), DIT_CHECKS)
     if cfg.run_name is None:
         cfg.run_name = default_run_name()
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        unlock_runs()  # the run's lock (start_run took it), also when training stops with an error
 
 
 def main(argv=None) -> int:

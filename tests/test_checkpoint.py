@@ -46,13 +46,14 @@ def test_decoder_only_file_decodes_like_the_full_model_and_refuses_to_encode(tmp
         again.encode(torch.zeros(1, 3, 32, 32))
 
 
-def test_other_architecture_lists_mismatched_keys(tmp_path):
+def test_other_architecture_names_counts_and_a_few_keys(tmp_path):
     path = str(tmp_path / "s.safetensors")
     save_weights(small(decoder="S"), path)
     with pytest.raises(CheckpointMismatchError) as err:
         small(decoder="XS").load_checkpoint(path)
-    msg = str(err.value)
-    assert "\n" not in msg and "mis-shaped" in msg and "decoder.conv_in.weight" in msg
+    msg = str(err.value)  # counts and a few names, never the hundreds of keys
+    assert "\n" not in msg and "mis-shaped keys" in msg and len(msg) < 200 + len(path), msg
+    assert msg.count("decoder.") - path.count("decoder.") <= 2
     # f16 encoder has one more level: its extra keys are reported as unexpected
     save_weights(small(encoder="f16c4"), path)
     with pytest.raises(CheckpointMismatchError, match="unexpected"):

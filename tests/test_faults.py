@@ -185,7 +185,7 @@ def test_half_written_log_line_is_cut_before_appending(tmp_path):
         def log(self, *a, **k):
             pass
 
-    log = LossLog(str(tmp_path), Quiet(), every=100)
+    log = LossLog(str(tmp_path), Quiet(), every=100, start_step=1)  # resumed at step 1
     log.write({"step": 2, "loss": 0.25})
     log.close()
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n'

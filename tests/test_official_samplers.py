@@ -35,6 +35,41 @@ def test_linear_schedule_and_respacing():
         space_timesteps(1000, "fast")
 
 
+def dits_respacing(size, count):
+    """DiT's released rule for one section, from its description: the fractional stride (size - 1) / (count - 1)
+    (1 for a single step) added to a running float sum that starts at 0.0; each kept index is that sum rounded."""
+    frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+    cur_idx, taken = 0.0, []
+    for _ in range(count):
+        taken.append(round(cur_idx))
+        cur_idx += frac_stride
+    return taken
+
+
+def test_respacing_keeps_dits_steps_for_every_count():
+    differ_from_product = []
+    for count in range(1, 1001):
+        kept = space_timesteps(1000, count)
+        assert kept == dits_respacing(1000, count), count
+        assert space_timesteps(1000, str(count)) == kept and DiscreteSchedule(count).timesteps == kept
+        assert len(kept) == count and kept[0] == 0 and (count == 1 or kept[-1] == 999)
+        stride = 1.0 if count == 1 else 999 / (count - 1)
+        if kept != [round(j * stride) for j in range(count)]:
+            differ_from_product.append(count)
+    # the float sum's rounding errors: 278 counts keep other steps than rounding j * stride would
+    assert len(differ_from_product) == 278 and differ_from_product[:4] == [21, 23, 31, 35]
+    # hand-checked: 21 steps, stride 49.95; ten additions give 499.49999999999994, so DiT keeps 499 (not 500)
+    kept21 = space_timesteps(1000, 21)
+    assert kept21[10] == 499 and 500 not in kept21 and kept21[:3] == [0, 50, 100] and kept21[-1] == 999
+    for count in (25, 50, 100, 250):  # the common counts are as before
+        assert space_timesteps(1000, count) == [round(j * 999 / (count - 1)) for j in range(count)]
+    assert space_timesteps(1000, 1) == [0] and space_timesteps(1000, 1000) == list(range(1000))
+    # counts per section: sizes 334, 333, 333 (the remainder to the first), each section by the same rule
+    expected = dits_respacing(334, 10) + [334 + k for k in dits_respacing(333, 21)] + \
+        [667 + k for k in dits_respacing(333, 35)]
+    assert space_timesteps(1000, "10,21,35") == sorted(expected)
+
+
 def test_respaced_alphas_are_the_base_alphas_at_the_kept_steps():
     base = np.cumprod(1 - linear_betas())
     for spec in ("250", "ddim50", 1000):
@@ -140,7 +175,8 @@ class GaussianVelocity:
         self.mu, self.sigma, self.times = mu, sigma, []
 
     def __call__(self, x, s, y):
-        assert s.dtype == torch.float32 and 0 <= float(s.min()) and float(s.max()) <= 1  # SiT time, unscaled
+        # SiT time, unscaled (the adaptive ODE's last step also evaluates a little past s = 1)
+        assert s.dtype == torch.float32 and 0 <= float(s.min()) and float(s.max()) <= 2
         self.times.append(float(s[0]))
         s = s.view(-1, 1, 1, 1)
         var = s ** 2 * self.sigma ** 2 + (1 - s) ** 2
@@ -160,8 +196,10 @@ def test_sit_ode_samplers_integrate_the_known_flow(method, steps, tol):
     if method == "euler":  # ... to data at s = 1 (Euler's last evaluation is at the last interval's start)
         assert max(model.times) == pytest.approx((steps - 2) / (steps - 1))
         assert stats["nfe"] == steps - 1
-    else:
+    elif method == "heun":
         assert max(model.times) == pytest.approx(1.0)
+    else:  # torchdiffeq's dopri5 steps past s = 1 and interpolates back, as SiT's ODE does
+        assert max(model.times) > 1.0
     if method == "heun":
         assert stats["nfe"] == 2 * (steps - 1)
     if method == "ode":  # SiT's tolerances bound an RMS error; tighter ones converge to the exact map
@@ -205,7 +243,87 @@ def test_sit_guidance_three_channels_and_interval_in_project_time():
     assert calls == [(0.0, 1), (0.5, 2)]
 
 
-def test_dopri5_on_a_linear_ode():
-    x0 = torch.tensor([1.0, -2.0, 0.5])
-    out = sit.dopri5(lambda x, t: -x * (1 + t), x0, 0.0, 1.0, atol=1e-8, rtol=1e-6)
-    assert torch.allclose(out, x0 * math.exp(-1.5), rtol=1e-5)
+class ShiftedGaussianVelocity(GaussianVelocity):
+    """GaussianVelocity with a class-dependent mean (mu for the classes, mu_null for the null class 10) and a small
+    nonlinear term, so that guidance changes the flow and the 4th channel's conditional and unconditional velocities
+    differ (the two halves of SiT's doubled ODE state part)."""
+
+    def __init__(self, mu, mu_null, sigma):
+        super().__init__(mu, sigma)
+        self.mu_null, self.batches = mu_null, []
+
+    def __call__(self, x, s, y):
+        self.batches.append(len(y))
+        mu = torch.where(y == self.null_class, self.mu_null, self.mu).view(-1, 1, 1, 1)
+        self.times.append(float(s[0]))
+        s = s.view(-1, 1, 1, 1)
+        var = s ** 2 * self.sigma ** 2 + (1 - s) ** 2
+        return mu + (s * self.sigma ** 2 - (1 - s)) / var * (x - s * mu) + 0.1 * torch.tanh(x)
+
+
+def sits_released_ode(model, noise, y, cfg_scale, num_steps=250):
+    """SiT's released ODE sampling, from its description: with cfg_scale > 1 the batch is doubled ([z; z], labels
+    [y; null]) and the network is run on [first half; first half], the first 3 channels guided in both halves, the
+    4th from each half's own pass; torchdiffeq's dopri5 with atol [1e-6], rtol [1e-3] over num_steps output times
+    linspace(0, 1); the time fed is ones(batch) * t; the last output's first half is the sample."""
+    from torchdiffeq import odeint
+
+    guided = cfg_scale > 1
+    z, labels = (torch.cat([noise, noise]), torch.cat([y, torch.full_like(y, 10)])) if guided else (noise, y)
+
+    def model_fn(x, t):
+        if not guided:
+            return model(x, t, labels)[:, :4]
+        half = x[: len(x) // 2]
+        out = model(torch.cat([half, half]), t, labels)[:, :4]
+        cond, uncond = out[:, :3].split(len(out) // 2)
+        half_eps = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([half_eps, half_eps]), out[:, 3:]], dim=1)
+
+    calls = [0]
+
+    def fn(t, x):
+        calls[0] += 1
+        return model_fn(x, torch.ones(x.size(0)) * t)
+
+    samples = odeint(fn, z, torch.linspace(0, 1, num_steps), method="dopri5", atol=[1e-6], rtol=[1e-3])
+    return (samples[-1].chunk(2)[0] if guided else samples[-1]), calls[0]
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_sit_ode_is_sits_released_dopri5(cfg_scale):
+    torch.manual_seed(0)
+    noise, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    model = ShiftedGaussianVelocity(1.5, -0.5, 0.5)
+    stats = {}
+    ours = sit.sample(model, noise, y, method="ode", cfg_scale=cfg_scale, stats=stats)
+    assert model.batches == [6 if cfg_scale > 1 else 3] * stats["nfe"]  # guided: one batch of 2B per evaluation
+    theirs, calls = sits_released_ode(model, noise, y, cfg_scale)
+    assert torch.equal(ours, theirs) and stats["nfe"] == calls  # same steps, same result, bit for bit
+    if cfg_scale > 1:  # the error norm covers the doubled state: integrating the B rows alone steps otherwise
+        from torchdiffeq import odeint
+
+        single = odeint(lambda t, x: sit.guided_velocity(model, x, float(t), y, cfg_scale, (0.0, 1.0), 10, 3),
+                        noise, torch.tensor([0.0, 1.0]), method="dopri5", atol=1e-6, rtol=1e-3)[-1]
+        assert not torch.equal(ours, single)
+
+
+def test_sit_ode_guided_gaussian_flow_and_interval():
+    # cond mean 1.5, null mean 0: the guided velocity is the Gaussian flow of mean 4 * 1.5 = 6 on the 3 guided
+    # channels; the 4th channel follows the conditional flow (SiT's cfg_channels=3)
+    torch.manual_seed(0)
+    noise, y = torch.randn(4, 4, 8, 8), torch.zeros(4, dtype=torch.long)
+
+    class Shifted(ShiftedGaussianVelocity):
+        def __call__(self, x, s, y):
+            return super().__call__(x, s, y) - 0.1 * torch.tanh(x)  # the exact Gaussian flows
+
+    model = Shifted(1.5, 0.0, 0.5)
+    out = sit.sample(model, noise, y, method="ode", cfg_scale=4.0, atol=1e-9, rtol=1e-7)
+    assert (out[:, :3] - (6.0 + 0.5 * noise[:, :3])).abs().max() < 1e-4
+    assert (out[:, 3] - (1.5 + 0.5 * noise[:, 3])).abs().max() < 1e-4
+    # guidance only for t = 1 - s in [0, 0.5]: unguided evaluations are single conditional passes of B rows, and
+    # the evaluations past s = 1 are guided as s = 1 is
+    model = Shifted(1.5, 0.0, 0.5)
+    sit.sample(model, noise, y, method="ode", cfg_scale=4.0, guidance_interval=(0.0, 0.5))
+    assert [b for b in model.batches] == [8 if s >= 0.5 else 4 for s in model.times] and max(model.times) > 1

@@ -53,6 +53,11 @@ def _torchvision_weights_file(net: str) -> str:
     return enum.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
 
 
+# What a user sets when LPIPS weights cannot be had: AlexNet is the eval metric, the others (VGG) the training loss.
+LPIPS_HINTS = {"alex": "set eval.lpips_weights=<full LPIPS state dict>, or eval.lpips=false to skip the metric"}
+LPIPS_LOSS_HINT = "set aux_losses.lpips_weights=<full LPIPS state dict>, or losses.lpips=0 to train without it"
+
+
 def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | Path | None = None) -> nn.Module:
     """A frozen, eval-mode ``lpips.LPIPS`` (v0.1, with linear heads).
 
@@ -83,8 +88,8 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, weights_path: str | P
                 where = cache_path(name)
                 raise WeightsUnavailableError(
                     f"LPIPS ({net}) needs the torchvision ImageNet weights {name}, which could not be loaded or "
-                    f"downloaded ({one_line(err, with_type=True)[:120]}); put the file at {where}, give a full LPIPS "
-                    f"state dict as weights_path, or switch LPIPS off (training: losses.lpips=0)"
+                    f"downloaded ({one_line(err, with_type=True)[:120]}); put the file at {where}, or "
+                    f"{LPIPS_HINTS.get(net, LPIPS_LOSS_HINT)}"
                 ) from None
         else:
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
@@ -163,8 +168,8 @@ class DinoV2Teacher(nn.Module):
             except Exception as err:  # no network / not in the HF cache
                 raise WeightsUnavailableError(
                     f"DINOv2 teacher weights (hf-hub timm/{self.MODEL_NAME}) could not be loaded or downloaded "
-                    f"({one_line(err, with_type=True)[:120]}); give aux_losses.repa.dino_weights=<file> or switch REPA "
-                    f"off with losses.repa=0"
+                    f"({one_line(err, with_type=True)[:120]}); set aux_losses.repa.dino_weights=<file>, or "
+                    f"losses.repa=0 to train without REPA"
                 ) from None
         else:
             model = timm.create_model(self.MODEL_NAME, pretrained=False, **kwargs)

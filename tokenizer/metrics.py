@@ -66,14 +66,16 @@ def pad_to_pow2(x: torch.Tensor, min_size: int = 64) -> torch.Tensor:
 
 
 def load_inception(weights_path: str | Path | None = None, device="cpu", features=("2048",),
-                   purpose: str = "rFID", hint: str = "pass inception_weights_path") -> torch.nn.Module:
+                   purpose: str = "rFID",
+                   hint: str = "set eval.inception_weights=<file>, or eval.fid=false to skip rFID") -> torch.nn.Module:
     """torch-fidelity's InceptionV3 feature extractor (`features`: its names, '2048' pool features by default).
     weights_path=None: torch-fidelity's standard download (cached in $TORCH_HOME/hub/checkpoints). Raises
-    WeightsUnavailableError (one line: what to place where, or `hint`) when it cannot be had."""
+    WeightsUnavailableError (one line: what to place where, or `hint`: the config key or flag the user sets) when
+    it cannot be had."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if weights_path is not None and not Path(weights_path).is_file():
-        raise WeightsUnavailableError(f"Inception weights file not found: {weights_path}")
+        raise WeightsUnavailableError(f"Inception weights file not found: {weights_path}; {hint}")
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=
                                           None if weights_path is None else str(weights_path), verbose=False)

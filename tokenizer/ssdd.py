@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenizer.common.checkpoint import check_state_dict, load_weights, read_metadata, read_weights, save_weights
+from tokenizer.common.checkpoint import (
+    check_state_dict,
+    load_weights,
+    read_header,
+    read_metadata,
+    read_shapes,
+    read_weights,
+    save_weights,
+)
 from tokenizer.common.downloads import RELEASED_SSDD, fetch_released, released_architecture, released_name
 from tokenizer.common.errors import UserError
 from tokenizer.decoder import DECODER_SIZES, SSDDDecoder
@@ -60,6 +68,42 @@ def infer_decoder_size(state: dict, z_channels: int, source: str = "the file") -
             return size
     raise UserError(f"{source} holds no SSDD decoder for {z_channels}-channel latents of any size "
                     f"({', '.join(DECODER_SIZES)}); pass decoder='M'-style to see the mismatching keys")
+
+
+ARCHITECTURE_KEYS = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels")
+
+
+def checkpoint_architecture(path: str, encoder: str | None = None, strict: bool = False) -> dict:
+    """What a checkpoint says of its architecture: the `ARCHITECTURE_KEYS` its safetensors metadata records
+    (integers as integers), or for a released file without metadata those its name gives (F8C4_M_256); {} for a
+    file of another format or without either.
+
+    A file that records no decoder (a released `F8C4_M_256`-style file) but holds `decoder.*` weights gets its
+    decoder size from their shapes (`infer_decoder_size`, header only), for the latents of its recorded encoder
+    or else of `encoder`; an SD-VAE autoencoder or (unless `strict`) a decoder of no known size is left without
+    one. Likewise the encoder's width is read from its first convolution.
+    """
+    if not str(path).endswith(".safetensors"):
+        return {}
+    keys, meta = read_header(path)
+    arch = {k: meta[k] for k in ARCHITECTURE_KEYS if k in meta}
+    if not arch:  # a released file carries no metadata: its name says what it is
+        arch = released_architecture(os.path.basename(path)) or {}
+    for key in ("encoder_base_channels", "kl_base_channels"):
+        if key in arch:
+            arch[key] = int(arch[key])
+    encoder = arch.get("encoder", encoder)
+    has_decoder = any(k.startswith("decoder.") for k in keys)
+    if "encoder_base_channels" not in arch and encoder != SDVAE_ENCODER and "encoder.conv_in.weight" in keys:
+        arch["encoder_base_channels"] = read_shapes(path)["encoder.conv_in.weight"][0]  # the encoder's first width
+    if "decoder" not in arch and encoder and has_decoder and detect_layout(keys) is None:
+        shapes = {k: torch.empty(shape, device="meta") for k, shape in read_shapes(path).items()}
+        try:
+            arch["decoder"] = infer_decoder_size(shapes, parse_encoder_name(encoder)[1], path)
+        except UserError:  # not an SSDD decoder of any size: the caller's own choice stands, unless `strict`
+            if strict:
+                raise
+    return arch
 
 
 @dataclass
@@ -230,22 +274,20 @@ class SSDD(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
         """Build from a file this project wrote (architecture in its metadata), a released file (architecture from
-        its name, e.g. F8C4_M_256.safetensors, or from `encoder=`/`decoder=`), or a release name (fetched)."""
+        its name, e.g. F8C4_M_256.safetensors, or from `encoder=`/`decoder=`; a decoder size from its shapes), or a
+        release name (fetched)."""
         path = str(path)
         if not os.path.isfile(path) and released_name(path) is not None:
             path = fetch_released(path)
         meta = read_metadata(path)
-        arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels", "kl_base_channels") if k in meta}
-        if not arch:  # a released file carries no metadata: its name says what it is
-            arch = released_architecture(os.path.basename(path)) or {}
-            clash = {k: v for k, v in overrides.items() if k in arch and str(v).lower() != arch[k].lower()}
+        released = None if any(k in meta for k in ARCHITECTURE_KEYS) else released_architecture(os.path.basename(path))
+        if released:  # a released file carries no metadata: its name says what it is
+            clash = {k: v for k, v in overrides.items() if k in released and str(v).lower() != released[k].lower()}
             if clash:
                 raise UserError(f"{path} is the released SSDD model {released_name(os.path.basename(path))} "
-                                f"(encoder {arch['encoder']}, decoder {arch['decoder']}), not "
+                                f"(encoder {released['encoder']}, decoder {released['decoder']}), not "
                                 + ", ".join(f"{k} {v}" for k, v in clash.items()))
-        arch.update(overrides)
-        if "decoder" not in arch and "encoder" in arch:  # a released decoder-only file: its size from its shapes
-            arch["decoder"] = infer_decoder_size(read_weights(path)[0], parse_encoder_name(arch["encoder"])[1], path)
+        arch = checkpoint_architecture(path, overrides.get("encoder"), strict="decoder" not in overrides) | overrides
         if "encoder" not in arch or "decoder" not in arch:
             raise UserError(f"{path} does not say its architecture: pass encoder='f8c4'-style and decoder='M'-style")
         for key in ("encoder_base_channels", "kl_base_channels"):

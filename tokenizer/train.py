@@ -10,7 +10,13 @@ Every knob is in configs/ssdd.yaml (checked before any work: tokenizer.common.va
 results/step<N>/ (each evaluation's metrics; task=eval and task=z_stats of a run's checkpoint write there too).
 Re-running with the same run_name resumes exactly: data order, noise and timesteps are functions of
 (seed, step, rank), and the model, EMA, optimiser and RNG states are restored from checkpoints/last; a re-run of a
-finished run completes its final evaluation and best/ if a kill left them out.
+finished run completes its final evaluation and best/ if a kill left them out. One job writes a run at a time
+(`<run>/.lock`: a second job with the same run_name stops in one line).
+
+The architecture (ssdd.encoder, ssdd.decoder and their widths) is that of the checkpoints a task loads: the run's
+own when it resumes, ssdd.checkpoint (eval, z_stats, the teacher of distillation) and ssdd.encoder_checkpoint (e.g.
+the KL-VAE baseline), so `task=eval ssdd.checkpoint=<a run trained with ssdd.decoder=S>` needs no ssdd.decoder=S;
+a value given on the command line that contradicts the checkpoint stops in one line.
 """
 
 import json
@@ -31,8 +37,10 @@ from tokenizer.common.runs import (
     default_run_name,
     resolve_checkpoint,
     results_dir,
+    run_dir,
     save_grid,
     step_results_dir,
+    unlock_runs,
 )
 from tokenizer.common.tracking import ImageLog
 from tokenizer.common.training import (
@@ -51,7 +59,13 @@ from tokenizer.common.validation import check_config
 from tokenizer.config_checks import SSDD_CHECKS
 from tokenizer.data import build_dataset
 from tokenizer.data_check import banner, check_run_data, write_run_data
-from tokenizer.evaluation import load_for_eval, model_from_config, reconstruct_split
+from tokenizer.evaluation import (
+    adopt_checkpoint_architecture,
+    command_line_keys,
+    load_for_eval,
+    model_from_config,
+    reconstruct_split,
+)
 from tokenizer.latent_stats import FILE_NAME as Z_STATS_FILE
 from tokenizer.latent_stats import compute_z_stats
 from tokenizer.losses import PatchDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
@@ -64,8 +78,8 @@ EVAL_FILE = "eval_training.json"  # the in-training evaluation of a step, in <ru
 
 
 def build_teacher(cfg) -> SSDD:
-    """The frozen multi-step teacher of distillation: the model of `ssdd.checkpoint`, never checkpointed
-    (docs/ARCHITECTURE.md §6)."""
+    """The frozen multi-step teacher of distillation: the model of `ssdd.checkpoint` (its architecture from the
+    file), never checkpointed (docs/ARCHITECTURE.md §6)."""
     if not cfg.ssdd.checkpoint:
         raise UserError("distill_teacher=true needs ssdd.checkpoint=<file or run_name> of the multi-step teacher")
     if cfg.ssdd.decoder == "kl":
@@ -191,7 +205,7 @@ def train(cfg):
     modules = state_modules(raw_model, ema, aux, disc)
     accelerator.init_trackers("tensorboard")
     tb = ImageLog(accelerator) if accelerator.is_main_process else None  # grids to every tracker of log_with
-    loss_log = LossLog(out_dir, accelerator, training.log_freq) if accelerator.is_main_process else None
+    loss_log = LossLog(out_dir, accelerator, training.log_freq, step) if accelerator.is_main_process else None
     fixed_x = torch.stack([val_set[i][0] for i in range(min(cfg.show_samples, len(val_set)))]).to(device)
     # Samples and evals show 1-step next to N-step decodes; a distilled student is judged at one step only.
     step_counts = [1] if teacher is not None or raw_model.is_kl else sorted({1, cfg.ssdd.fm_sampler.steps})
@@ -323,8 +337,8 @@ def task_eval(cfg):
 
 
 def task_z_stats(cfg):
-    """Scalar mean and (unbiased) std of `.mode()` latents over the eval split, in float64; saved beside the
-    checkpoint."""
+    """Scalar mean and (unbiased) std of `.mode()` latents over the eval split, in float64; saved in the checkpoint's
+    results folder."""
     spec = cfg.ssdd.checkpoint or cfg.ssdd.encoder_checkpoint
     if not spec:
         raise UserError("task=z_stats needs ssdd.checkpoint= or ssdd.encoder_checkpoint=")
@@ -345,11 +359,26 @@ def task_z_stats(cfg):
 TASKS = {"train": train, "eval": task_eval, "z_stats": task_z_stats}
 
 
+def own_state(cfg) -> str | None:
+    """The model file of the run's checkpoints/last when `task=train` resumes one (its architecture goes on)."""
+    if cfg.task != "train":
+        return None
+    found = resolve_state_dir(os.path.join(run_dir(cfg.ckpt_dir, cfg.run_name), "checkpoints", "last"))
+    path = os.path.join(found, "model_ae.safetensors") if found else None
+    return path if path and os.path.isfile(path) else None
+
+
 def run(argv: list[str]) -> None:
     cfg = check_config(load_config("ssdd.yaml", argv), SSDD_CHECKS)
     if cfg.run_name is None:
         cfg.run_name = default_run_name()
-    TASKS[cfg.task](cfg)
+    # Every task builds the architecture of the checkpoints it loads; a key set here that contradicts them stops.
+    adopt_checkpoint_architecture(cfg, command_line_keys(argv), own_state(cfg))
+    cfg = check_config(cfg, SSDD_CHECKS)  # again: the cross-checks see the adopted architecture
+    try:
+        TASKS[cfg.task](cfg)
+    finally:
+        unlock_runs()
 
 
 def main(argv=None) -> int:

@@ -101,6 +101,15 @@ def read_metadata(path: str) -> dict:
     return read_header(path)[1]
 
 
+def read_shapes(path: str) -> dict:
+    """{tensor name: shape} of a safetensors file, from its header only (no tensor is read)."""
+    read_header(path)  # a user-facing error if unreadable
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def read_weights(path: str) -> tuple[dict, dict]:
     """Return (state_dict, metadata) of a safetensors file; a user-facing error if unreadable.
 
@@ -116,30 +125,29 @@ def read_weights(path: str) -> tuple[dict, dict]:
         raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
 
 
-def _preview(items: list, limit: int = 6) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+def mismatch_summary(missing: list, unexpected: list, misshaped: list, examples: int = 2) -> str:
+    """'56 missing, 468 mis-shaped keys (e.g. decoder.a (64,) in the file vs (32,), decoder.b missing)': the counts
+    and a few names, never the whole list (a decoder of another size differs in hundreds of keys).
+    `misshaped` holds (key, shape in the file, shape in the model)."""
+    counts = [f"{len(keys)} {label}" for keys, label in ((missing, "missing"), (unexpected, "unexpected"),
+                                                         (misshaped, "mis-shaped")) if keys]
+    named = [f"{k} {a} in the file vs {b}" for k, a, b in misshaped[:1]] + [f"{k} missing" for k in missing[:1]]
+    named += [f"{k} unexpected" for k in unexpected[:1]]
+    named += [k for k, _, _ in misshaped[1:]][: max(examples - len(named), 0)]
+    return f"{', '.join(counts)} keys (e.g. {', '.join(named[:examples])})"
 
 
 def check_state_dict(module: torch.nn.Module, state: dict, source: str, what: str) -> None:
-    """Raise CheckpointMismatchError listing missing, unexpected and mis-shaped keys (one line)."""
+    """Raise CheckpointMismatchError with the counts of missing, unexpected and mis-shaped keys and a few of their
+    names (one short line: `mismatch_summary`)."""
     own = module.state_dict()
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
-    misshaped = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    )
+    misshaped = sorted((k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
+                       if k in state and tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing [{_preview(missing)}]")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected [{_preview(unexpected)}]")
-        if misshaped:
-            parts.append(f"{len(misshaped)} mis-shaped (file vs model) [{_preview(misshaped)}]")
-        raise CheckpointMismatchError(f"{source} does not fit {what}: " + "; ".join(parts))
+        summary = mismatch_summary(missing, unexpected, misshaped)
+        raise CheckpointMismatchError(f"{source} does not fit {what}: {summary}")
 
 
 def load_weights(module: torch.nn.Module, path: str, what: str | None = None, prefix: str = "") -> dict:
@@ -155,11 +163,33 @@ def load_weights(module: torch.nn.Module, path: str, what: str | None = None, pr
     return meta
 
 
+def umask() -> int:
+    """This process's file-creation mask (read from /proc where it can be, so no other thread sees it change)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, with the permissions of any other new file (0o666 less the umask, so 0644
+    by default): safetensors creates its file 0600, which would leave weights unreadable to those who may read
+    the JSON beside them."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())
+
+
 def write_weights(module_or_state, path: str, metadata: dict | None = None) -> None:
     """Write contiguous CPU tensors (shared storage broken) and string metadata to safetensors (not atomic)."""
     state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    save_file(state, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    write_safetensors(state, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def save_weights(module_or_state, path: str, metadata: dict | None = None) -> None:
@@ -239,7 +269,7 @@ def save_training_state(directory: str, modules: dict, optimizer, state: dict, m
             write_weights(module, os.path.join(tmp, f"model_{key}.safetensors"), metadata)
         for file, opt in _optimizer_files(optimizer).items():
             tensors, plain = _flatten_optimizer(opt.state_dict())
-            save_file(
+            write_safetensors(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 os.path.join(tmp, file),
                 metadata={"structure": json.dumps(plain), "optimizer": optimizer_name(opt)},
@@ -272,6 +302,6 @@ def load_training_state(directory: str, modules: dict, optimizer=None) -> dict:
             opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["structure"])))
         except (KeyError, ValueError) as e:  # another optimiser, or other parameter groups
             raise CheckpointMismatchError(f"{os.path.join(found, file)} does not fit the optimiser of this config: "
-                                          f"{one_line(e)}") from None
+                                          f"{one_line(e)[:200]}") from None
     set_rng_state(state.pop("rng"))
     return state

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from tokenizer.common.checkpoint import load_training_state, resolve_state_dir, save_training_state
 from tokenizer.common.errors import CheckpointMismatchError, UserError, one_line
-from tokenizer.common.runs import record_start, run_dir
+from tokenizer.common.runs import lock_run, record_start, run_dir
 from tokenizer.common.tracking import make_trackers
 
 OPTIMIZERS = ("radam_schedulefree", "adamw")
@@ -33,10 +33,25 @@ def enable_tf32() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started for this job (accelerate launch / torchrun set LOCAL_RANK and
+    WORLD_SIZE in each)."""
+    if "LOCAL_RANK" not in os.environ:
+        return 1
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_dir: str | None = None,
                      log_with: str = "tensorboard", project: str = "ssdd", run_name: str | None = None):
     """An accelerate Accelerator; mixed precision only on GPU (CPU autocast is far slower); with a log_dir, the
-    trackers of `log_with` (tensorboard | wandb | all, tokenizer.common.tracking) logging there."""
+    trackers of `log_with` (tensorboard | wandb | all, tokenizer.common.tracking) logging there.
+
+    Several processes launched on a machine without GPUs form one CPU job (gloo), as with ACCELERATE_USE_CPU=true:
+    without it accelerate would start each as a job of its own, all writing the same run.
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -44,15 +59,22 @@ def make_accelerator(mixed_precision: str = "no", grad_accumulate: int = 1, log_
     if log_dir is not None:
         kw = dict(log_with=make_trackers(log_with, log_dir, project, run_name),
                   project_config=ProjectConfiguration(project_dir=log_dir, logging_dir=log_dir))
+    if launched_processes() > 1 and not torch.cuda.is_available():
+        kw["cpu"] = True
     mp = mixed_precision if torch.cuda.is_available() else "no"
     enable_tf32()
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accumulate, **kw)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accumulate, **kw)
+    if accelerator.num_processes < launched_processes():
+        raise UserError(f"{launched_processes()} processes were launched but they do not form one job (each would "
+                        f"work alone on {accelerator.device}); on a machine without GPUs set ACCELERATE_USE_CPU=true")
+    return accelerator
 
 
 def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1, project: str = "ssdd"):
     """(accelerator, run directory) of `cfg.run_name` under `cfg.ckpt_dir`: print the config and the process layout,
     and create the directory. The accelerator logs there with `cfg.log_with`'s trackers. Nothing of an existing run
-    is changed yet: `record_start` writes config.yaml once the trainer knows the run can go on (`resume_run`)."""
+    is changed yet: `resume_run` makes this job the run's one writer and writes config.yaml once it knows the run
+    can go on."""
     out_dir = run_dir(cfg.ckpt_dir, cfg.run_name)
     accelerator = make_accelerator(mixed_precision, grad_accumulate, log_dir=out_dir,
                                    log_with=cfg.get("log_with", "tensorboard"), project=project, run_name=cfg.run_name)
@@ -62,6 +84,23 @@ def start_run(cfg, mixed_precision: str = "no", grad_accumulate: int = 1, projec
               f"mixed precision: {accelerator.mixed_precision}")
         os.makedirs(out_dir, exist_ok=True)
     return accelerator, out_dir
+
+
+def claim_run(accelerator, out_dir: str) -> None:
+    """Make this job the one writer of the run in `out_dir` (`tokenizer.common.runs.lock_run`): the main process
+    takes the lock and the other ranks trust it; when it cannot, every rank stops with its one-line reason."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            lock_run(out_dir)
+        except UserError as e:
+            refusal = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise UserError(refusal)
 
 
 def build_optimizer(named_params, name: str, lr: float, weight_decay: float):
@@ -196,7 +235,8 @@ def resume_run(accelerator, cfg, out_dir: str, modules: dict, optimizers) -> dic
     """Resume the run in `out_dir` from checkpoints/last (None for a new run), then record this start.
 
     A state that does not fit this config (another architecture or optimiser) is refused before anything of the
-    run is changed; only then does the main process tidy what killed processes left and write config.yaml
+    run is changed; only then does this job become the run's one writer (`claim_run`: a second job stops here,
+    also without changing anything) and the main process tidy what killed processes left and write config.yaml
     (`tokenizer.common.runs.record_start`).
     """
 
@@ -205,6 +245,7 @@ def resume_run(accelerator, cfg, out_dir: str, modules: dict, optimizers) -> dic
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"run {out_dir} holds a training state of another model or optimiser than this "
                                       f"config (nothing was changed; use another run_name): {one_line(e)}") from None
+    claim_run(accelerator, out_dir)
     if accelerator.is_main_process:
         record_start(cfg, out_dir)
         if state is not None:
