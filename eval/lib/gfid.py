@@ -149,7 +149,7 @@ class ImageSource:
 
     def _check_headers(self) -> None:
         """Before any work: every file of the folder opens as an image, and (without image_size) all have one size.
-        Reads headers only (~0.5 s per 10,000 files)."""
+        Reads headers only: listing and headers of 10,000 32-px PNGs took 0.3 s of CPU (0.6 s on 2 busy cores)."""
         first = _header_size(self.files[0])
         for f in self.files[1:]:
             size = _header_size(f)
