@@ -3,18 +3,21 @@ whole command against torch-fidelity with a randomly initialised Inception (made
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import CLASSES, ROOT, make_folder
 from PIL import Image
 
 import eval.gfid as gfid_cli
 from eval.lib.adm_npz import NpzImages, write_sample_batch
 from eval.lib.gfid import (
+    FEATURE_DIM,
     ImageSource,
     InceptionFeatures,
+    center_crop,
     compare,
     extract,
     frechet_distance,
@@ -22,6 +25,7 @@ from eval.lib.gfid import (
     inception_score,
     manifold_radii,
     precision_recall,
+    small_set_warning,
 )
 from tokenizer.common.errors import UserError
 
@@ -158,8 +162,106 @@ def test_image_sources_folder_npz_and_dataset_split(tmp_path):
         list(ImageSource(str(folder)).batches(10))
     with pytest.raises(UserError, match="neither"):
         ImageSource(str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="no PNG"):
-        ImageSource(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images .* in .*empty nor in its sub-folders"):
+        ImageSource(str(tmp_path / "empty"))
+
+
+def test_a_class_folder_tree_gives_every_image_of_every_class(tmp_path, capsys):
+    """<root>/val of the ImageNet layout (PNG and JPEG of a few sizes, .JPEG in capitals): every image of every class
+    folder, in class order; images of several sizes need --image-size, asked for before any work."""
+    root = make_folder(tmp_path / "photos", train=1, val=6)
+    (root / "val" / "owl" / "notes.txt").write_text("not an image")  # other files are not images
+    (root / "val" / "owl" / "deeper").mkdir()
+    Image.new("RGB", (40, 36), (255, 0, 0)).save(root / "val" / "owl" / "deeper" / "zz.png")  # any depth
+    with pytest.raises(UserError, match=r"images differ in size \(.*\); pass --image-size N"):
+        ImageSource(str(root / "val"))
+    tree = ImageSource(str(root / "val"), image_size=16)
+    assert tree.count == 4 * 6 + 1 and tree.classes == CLASSES
+    assert "image folder, 4 sub-folders, 25 images, brought to 16x16" in tree.describe()
+    x = np.concatenate(list(tree.batches(7)))
+    assert x.shape == (25, 16, 16, 3) and x.dtype == np.uint8
+    # make_folder fills class c with grey 40 + 50 c: the images come class by class, each class's files sorted
+    levels = [int(round(im.mean())) for im in x[:24]]
+    assert levels == [40 + 50 * c for c in range(4) for _ in range(6)], levels
+    assert x[24].reshape(-1, 3).mean(0).round().tolist() == [255, 0, 0]  # owl/deeper/zz.png comes last
+    # the whole command reads the tree too (here it stops at the missing weights, after the sources were read)
+    out = tmp_path / "r.json"
+    assert gfid_cli.main([str(root / "val"), str(root / "val"), "--image-size", "16", "--inception-weights",
+                          str(tmp_path / "none.pth"), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "image folder, 4 sub-folders, 25 images" in captured.out and "none.pth" in captured.err
+    assert captured.err.count("warning: ") == 2 and not out.exists()
+
+
+def test_center_crop_resizes_the_shorter_side_and_keeps_the_centre():
+    a = np.zeros((60, 100, 3), np.uint8)  # H 60, W 100: left 50 columns black, right 50 white
+    a[:, 50:] = 255
+    out = center_crop(Image.fromarray(a), 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert (out[:, :6] < 10).all() and (out[:, -6:] > 245).all()  # the centre of the image, black | white
+    same = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert np.array_equal(center_crop(Image.fromarray(same), 16), same)  # already N x N: unchanged
+    tall = center_crop(Image.new("RGB", (20, 90), (7, 8, 9)), 8)
+    assert tall.shape == (8, 8, 3) and (tall == [7, 8, 9]).all()
+
+
+def test_a_bad_folder_is_refused_before_any_work_and_changes_nothing(tmp_path, capsys):
+    """Unreadable files, folders without images and bad sizes: one line, before Inception is loaded; an earlier
+    result at --out stays as it was."""
+    good = make_folder(tmp_path / "good", train=1, val=2)
+    corrupt = make_folder(tmp_path / "corrupt", train=1, val=2)
+    (corrupt / "val" / "dog" / "zz.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "r.json"
+    out.write_text('{"fid": 1.0}')
+    before = (out.read_bytes(), out.stat().st_mtime_ns)
+    (tmp_path / "nothing" / "cat").mkdir(parents=True)
+    cases = [(str(corrupt / "val"), "cannot read image .*zz.png"), (str(tmp_path / "nothing"), "no images"),
+             (str(good / "val"), "images differ in size"), (str(tmp_path / "missing"), "neither an image folder")]
+    for ref, message in cases:
+        args = [ref, str(good / "val"), "--inception-weights", str(tmp_path / "none.pth"), "--out", str(out)]
+        if "differ" not in message:
+            args += ["--image-size", "16"]
+        assert gfid_cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and re.search(message, err), (ref, err)
+        assert "none.pth" not in err  # refused before the (missing) Inception weights were looked for
+    assert gfid_cli.main([str(good / "val"), str(good / "val"), "--image-size", "0"]) == 2
+    assert "--image-size must be a positive" in capsys.readouterr().err
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+
+
+def test_small_sets_are_warned_about():
+    class Source:  # what small_set_warning reads of an ImageSource
+        def __init__(self, count, stats=None):
+            self.count, self.stats = count, stats
+
+        fid_from_images = ImageSource.fid_from_images
+
+    line = small_set_warning(Source(64), "samples")
+    assert line.startswith("samples: 64 images for 2,048-dimensional") and "singular" in line and "\n" not in line
+    assert small_set_warning(Source(FEATURE_DIM), "reference") is not None  # rank 2,047 < 2,048: still singular
+    assert small_set_warning(Source(FEATURE_DIM + 1), "samples") is None
+    stats = {"mu": np.zeros(FEATURE_DIM), "sigma": np.eye(FEATURE_DIM)}
+    assert small_set_warning(Source(100, stats), "reference") is None  # FID from its precomputed statistics
+
+
+def test_config_split_form_and_help_explain_themselves(tmp_path, capsys):
+    """CONFIG.yaml:SPLIT as --help explains it: a file with a dataset section gives that split of the folder, as the
+    tokenizer's evaluation prepares it."""
+    root = make_folder(tmp_path / "photos", train=1, val=3)
+    (tmp_path / "mine.yaml").write_text(f"dataset: {{root: {root}, im_size: 32}}\n")
+    src = ImageSource(str(tmp_path / "mine.yaml") + ":val")
+    assert src.split == "val" and src.count == 12 and "dataset split val, 12 images" in src.describe()
+    x = np.concatenate(list(src.batches(5)))
+    assert x.shape == (12, 32, 32, 3) and int(round(x[0].mean())) == 40  # cat: grey 40, centre-cropped
+    assert ImageSource(str(tmp_path / "mine.yaml")).split == "val"  # default: the config's eval.split
+    with pytest.raises(SystemExit):
+        gfid_cli.main(["--help"])
+    text = capsys.readouterr().out
+    for needle in ("class-folder tree", "CONFIG.yaml[:SPLIT]", "configs/fmnist.yaml:test", "mine.yaml:val",
+                   "--image-size N", "precomputed mu/sigma", "2,048", '"warnings"', ".webp"):
+        assert needle in text, needle
 
 
 # ----------------------------------------------------------------------------------------------------- with Inception
@@ -192,10 +294,13 @@ def test_gfid_against_torch_fidelity_and_adm_npz(folders, inception_file, tmp_pa
     out = tmp_path / "r.json"
     assert gfid_cli.main([str(root / "a"), str(root / "shifted"), "--inception-weights", str(inception_file),
                           "--out", str(out), "--batch-size", "8"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    line = captured.out.strip().splitlines()[-1]
     assert line.startswith("FID ") and "sFID" in line and "precision" in line
+    assert "warning: reference: 20 images" in captured.err and "warning: samples: 20 images" in captured.err
     r = json.load(open(out))
-    assert set(r) >= {"fid", "sfid", "inception_score", "precision", "recall", "kid", "notes", "command"}
+    assert set(r) >= {"fid", "sfid", "inception_score", "precision", "recall", "kid", "notes", "command", "warnings"}
+    assert [w.split(":")[0] for w in r["warnings"]] == ["reference", "samples"]
     assert r["fid"] > 1.0 + 100 * abs(same["fid"]) and r["sfid"] > 0 and r["n_samples"] == 20
     assert any("mixed_6/conv" in n for n in r["notes"])
     theirs = torch_fidelity.calculate_metrics(input1=str(root / "shifted"), input2=str(root / "a"), fid=True,
@@ -218,6 +323,15 @@ def test_gfid_against_torch_fidelity_and_adm_npz(folders, inception_file, tmp_pa
     r2 = json.load(open(out2))
     assert r2["fid"] == pytest.approx(r["fid"], rel=1e-9) and r2["sfid"] == pytest.approx(r["sfid"], rel=1e-9)
     assert r2["precision"] == r["precision"] and any("precomputed" in n for n in r2["notes"])
+    assert [w.split(":")[0] for w in r2["warnings"]] == ["samples"]  # the reference's FID comes from its mu/sigma
+
+    # a class-folder tree of the same images (10 per class folder) gives the same features, in the same order
+    tree = tmp_path / "tree"
+    for i, im in enumerate(x):
+        (tree / f"class{i // 10}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tree / f"class{i // 10}" / f"{i:03d}.png")
+    from_tree = extract(ImageSource(str(tree)), inception, 8)
+    assert all(np.array_equal(from_tree[k], feats["a"][k]) for k in feats["a"])
 
 
 def test_gfid_without_weights_is_one_line(tmp_path, capsys):
@@ -225,8 +339,9 @@ def test_gfid_without_weights_is_one_line(tmp_path, capsys):
     folder.mkdir()
     Image.fromarray(_images(1, 0)[0]).save(folder / "0.png")
     assert gfid_cli.main([str(folder), str(folder), "--inception-weights", str(tmp_path / "none.pth")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and "none.pth" in err
+    *warnings, err = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error:") and "none.pth" in err
+    assert [w.split(":")[:2] for w in warnings] == [["warning", " reference"], ["warning", " samples"]]  # 1 image each
 
 
 def test_compare_reports_what_it_cannot_compute():
