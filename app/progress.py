@@ -1,10 +1,10 @@
 """Honest progress for the app: a bar that moves per DiT step and per decoder, an ETA from time measured on this
 machine, and the stop checks (time limit, client gone) that end a job between two layers of a network.
 
-`Generator.generate/compare` report progress per batch only, so the app watches the networks themselves: forward
-hooks, installed once per generator, count the DiT's evaluations (one or two per sampler step, see `dit_evaluations`)
-and let a job stop between two layers; the generator's per-batch callback (`Job.stage_done`) says when the DiT
-and each decoder are done. The hooks act only for the thread running a `Job` (`with job:`), so concurrent requests
+The app also watches the networks themselves: forward hooks, installed once per generator, count the DiT's
+evaluations (one or two per sampler step: `dit.progress.dit_evaluations`, the table the CLIs' bars use too) and let
+a job stop between two layers; the generator's progress callback (`Job.stage_done`, the `dit.progress` protocol)
+says when the DiT and each decoder are done. The hooks act only for the thread running a `Job` (`with job:`), so concurrent requests
 on one shared model each see their own.
 
 The ETA: during the DiT, the remaining evaluations at this run's own pace so far; for the decoders, their measured
@@ -17,22 +17,11 @@ import weakref
 
 from torch import nn
 
-# Model evaluations per sampler call, by family and sampler (dit/flow.py, dit/diffusion.py, dit/sit.py); None: an
-# adaptive solver whose count is only known at the end. tests/test_app.py checks this table against the samplers.
-EVALS_PER_RUN = {
-    ("flow", "euler"): lambda s: s, ("flow", "heun"): lambda s: 2 * s, ("flow", "sde"): lambda s: s,
-    ("dit", "ddpm"): lambda s: s, ("dit", "ddim"): lambda s: s,
-    ("sit", "euler"): lambda s: s - 1, ("sit", "heun"): lambda s: 2 * (s - 1), ("sit", "sde"): lambda s: s,
-    ("sit", "ode"): lambda s: None,
-}
+from dit.progress import EVALUATIONS as EVALS_PER_RUN  # noqa: F401  (the one table, shared with the CLIs)
+from dit.progress import dit_evaluations  # noqa: F401
+
 REPORT_EVERY = 0.1  # seconds between two progress messages (Gradio sends the latest one on its own clock anyway)
 POLL_EVERY = 0.25  # seconds between two calls of a job's `gone` check (it takes a lock)
-
-
-def dit_evaluations(family: str, sampler: str, steps: int) -> int | None:
-    """How often the DiT is called for one batch: `steps` for Euler-type samplers, twice that for Heun."""
-    count = EVALS_PER_RUN.get((family, sampler))
-    return count(steps) if count else None
 
 
 class Stopped(Exception):
