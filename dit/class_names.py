@@ -42,9 +42,13 @@ def resolve_class_ids(specs, class_names: list, num_classes: int) -> list[int]:
         specs = [specs]
     table, ids = None, []
     for spec in specs:
-        text = str(spec).strip()
-        if text.lstrip("-").isdigit():
-            cid = int(text)
+        is_int = isinstance(spec, int) and not isinstance(spec, bool)
+        text = None if is_int else str(spec).strip()
+        digits = text if text is not None and not text.startswith("-") else (text or "")[1:]
+        if is_int or (digits.isascii() and digits.isdigit()):  # ASCII digits only: "١" or "²" is a name
+            if text is not None and len(digits) > 12:  # no int() of a 5,000-digit string; surely out of range
+                raise UserError(f"class {text[:12]}... is outside this model's classes 0..{num_classes - 1}")
+            cid = int(spec) if text is None else int(text)
             if not 0 <= cid < num_classes:
                 raise UserError(f"class {cid} is outside this model's classes 0..{num_classes - 1} "
                                 f"({class_choices(class_names, num_classes)})")
@@ -53,9 +57,10 @@ def resolve_class_ids(specs, class_names: list, num_classes: int) -> list[int]:
         table = table if table is not None else name_table(class_names, num_classes)  # built once, when needed
         cid = table.get(text.lower())
         if cid is None:
-            close = difflib.get_close_matches(text.lower(), list(table), n=3, cutoff=0.6)
+            close = difflib.get_close_matches(text.lower(), list(table), n=3, cutoff=0.6) if len(text) <= 100 else []
             hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-            raise UserError(f"unknown class name {text!r}; {hint}valid names: "
+            shown = text if len(text) <= 40 else text[:40] + "..."  # never echo a long input back whole
+            raise UserError(f"unknown class name {shown!r}; {hint}valid names: "
                             f"{class_choices(class_names, num_classes)}")
         ids.append(cid)
     if not ids:

@@ -280,3 +280,21 @@ def test_export_records_the_data_channels(bundle, tmp_path):
     colour = load_generator(str(tmp_path / "rgb"), device="cpu")
     images, _ = colour.generate([7], num=2, seed=0, steps=1, decoder_steps=1)
     assert colour.image_channels == 3 and not torch.equal(images[:, 0], images[:, 1])
+
+
+def test_class_strings_that_are_not_ascii_ids_are_names_and_long_ones_are_cut():
+    """'--5', '²', '١' are not ids (so they are unknown names, one line); a 5,000-digit id is out of range without
+    int() of the whole string; a long name is echoed cut short."""
+    from dit.class_names import resolve_class_ids
+
+    names = [f"c{i}" for i in range(10)]
+    assert resolve_class_ids(["3", 4, "07", "c2"], names, 10) == [3, 4, 7, 2]
+    for spec in ("--5", "²", "١", True):
+        with pytest.raises(UserError, match="unknown class name"):
+            resolve_class_ids([spec], names, 10)
+    with pytest.raises(UserError, match="outside this model's classes") as e:
+        resolve_class_ids(["9" * 5000], names, 10)
+    assert len(str(e.value)) < 100
+    with pytest.raises(UserError) as e:
+        resolve_class_ids(["x" * 100_000], names, 10)
+    assert len(str(e.value)) < 400

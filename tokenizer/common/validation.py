@@ -49,7 +49,11 @@ class Rule:
 def show(value) -> str:
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value)
-    return repr(value) if isinstance(value, str) else str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        # str() of a huge int is slow, and Python refuses it past 4,300 digits
+        return f"an integer of {len(hex(value)) - 2} hex digits"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 def _bounds(lo, hi, above=None) -> str:
