@@ -13,9 +13,11 @@ also warms the decoder up. The latents and SSDD's starting noise are drawn on th
 every (decoder, batch) call takes turns (eval/lib/timing.py: one call of each, --warmup untimed rounds, then
 --repeats timed ones), so a shared machine's drifting load weighs on all alike and the ratios hold; each time is the
 median of its rounds. Achieved GFLOP/s = counted GFLOP per image x images/s. The peak is a large matrix product in
-the run's precision (fp32 on a CPU, on the run's threads; the autocast dtype on a GPU) timed at the start and at the
-end of the run; the better of the two is the peak. Writes <out>.json, <out>.md and <out>.png (achieved GFLOP/s per
-decoder and batch, the peak as a line).
+the run's precision (fp32 on a CPU, on the run's threads; the autocast dtype on a GPU), timed five times at the start
+and at the end of the run and once after every decoder call of the timed rounds: the best of all is the machine's
+peak; the median of those taken in turns is what the matrix product got under the same load as the decoders, and
+each decoder's share of it holds on a shared machine better than its share of the peak. Writes <out>.json, <out>.md
+and <out>.png (achieved GFLOP/s per decoder and batch, both peaks as lines).
 """
 
 import argparse
@@ -26,7 +28,7 @@ import time
 import torch
 
 from eval.lib.decoders import DIFFUSERS, DecoderUnavailable, build_decode_fn, decoder_inputs
-from eval.lib.flops import count_flops_by_op, matmul_peak
+from eval.lib.flops import count_flops_by_op, matmul_call, matmul_peak
 from eval.lib.report import command_line, load_average, machine_info, run_script, save_figure, today, write_report
 from eval.lib.timing import inference, take_turns
 from tokenizer.common.devices import AUTOCAST_DTYPES, autocast_dtype, pick_device
@@ -81,14 +83,17 @@ def markdown(record: dict) -> str:
              f"(1, 5, 15 min) {m['load_average']} at the start, {record['load_average_end']} at the end.", "",
              f"Command: `{record['command']}`", "",
              f"Measured matmul peak: **{p['gflops']:.1f} GFLOP/s** ({p['n']}x{p['n']} {p['dtype']} products"
-             f"{threads}; best call: {p['start_gflops']:.1f} at the start, {p['end_gflops']:.1f} at the end).", "",
-             "| decoder | params | batch | GFLOP/image | images/s | ms/image | GFLOP/s | of the peak |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{threads}; best call: {p['start_gflops']:.1f} at the start, {p['end_gflops']:.1f} at the end, "
+             f"{p['in_turns_best_gflops']:.1f} in turns with the decoders). In turns, under the decoders' load: "
+             f"**{p['in_turns_gflops']:.1f} GFLOP/s** (median of {p['in_turns_calls']} products, one after each "
+             "timed decoder call).", "",
+             "| decoder | params | batch | GFLOP/image | images/s | ms/image | GFLOP/s | of the peak | "
+             "of the matmul in turns |", "|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         mark = " *" if r["spread"] > NOISY_SPREAD else ""
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.1f} M | {r['batch']} | {r['gflop_per_image']:.1f} | "
                      f"{r['images_per_s']:.4g}{mark} | {r['ms_per_image']:.1f} | {r['gflops']:.1f} | "
-                     f"{100 * r['peak_fraction']:.0f} % |")
+                     f"{100 * r['peak_fraction']:.0f} % | {100 * r['in_turns_fraction']:.0f} % |")
     lines += ["", "Throughput ratios (same run, same batch):", "", *(record["ratios"] or ["- none"])]
     lines += ["", "Where the counted FLOPs are (share of each decoder's count):", ""]
     for name, ops in record["flops_by_op"].items():
@@ -115,7 +120,8 @@ def plot(path: str, record: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.6))
     names = [f"{r['label']}, batch {r['batch']}" for r in rows]
     ax.barh(names, [r["gflops"] for r in rows], color=["C1" if r["decoder"] in KL_DECODERS else "C0" for r in rows])
-    ax.axvline(record["peak"]["gflops"], color="k", linestyle="--", label="measured matmul peak")
+    ax.axvline(record["peak"]["gflops"], color="k", linestyle="--", label="matmul peak (best call)")
+    ax.axvline(record["peak"]["in_turns_gflops"], color="k", linestyle=":", label="matmul in turns (median)")
     ax.invert_yaxis()
     ax.set_xlabel("achieved GFLOP/s (counted FLOPs x images/s)")
     ax.tick_params(axis="y", labelsize=8)
@@ -170,13 +176,20 @@ def run(args) -> dict:
         flops[d] = total / batches[0]
         by_op[label(d, args.steps, args.kl_base_channels)] = ops
         print(f"{label(d, args.steps, args.kl_base_channels)}: {flops[d] / 1e9:.1f} GFLOP per image", flush=True)
-    times = take_turns({(d, b): call(d, b) for d in built for b in batches}, args.repeats, device,
-                       warmup=args.warmup, progress="rounds")
+    matmul, matmul_flop = matmul_call(device, peak_dtype, args.peak_size)
+    calls = {}
+    for d in built:
+        for b in batches:  # each decoder call followed by a matrix product, which then meets the same load
+            calls[(d, b)] = call(d, b)
+            calls[("matmul", d, b)] = matmul
+    times = take_turns(calls, args.repeats, device, warmup=args.warmup, progress="rounds")
     peak_end = matmul_peak(device, peak_dtype, args.peak_size)
-    peak_tflops = max(peak_start["tflops"], peak_end["tflops"])
+    in_turns = [matmul_flop / t / 1e12 for key, ts in times.items() if key[0] == "matmul" for t in ts]
+    peak_tflops = max(peak_start["tflops"], peak_end["tflops"], *in_turns)
+    in_turns_tflops = statistics.median(in_turns)
 
     rows = []
-    for (d, b), t in times.items():
+    for (d, b), t in ((k, t) for k, t in times.items() if k[0] != "matmul"):
         median = statistics.median(t)
         ips = b / median
         gflops = flops[d] / 1e9 * ips
@@ -184,14 +197,17 @@ def run(args) -> dict:
                      "steps": 1 if d in KL_DECODERS else args.steps, "batch": b, "params": built[d][1],
                      "gflop_per_image": flops[d] / 1e9, "median_s": median, "times_s": [round(x, 5) for x in t],
                      "spread": round(max(t) / min(t), 3), "images_per_s": ips, "ms_per_image": 1000 * median / b,
-                     "gflops": gflops, "peak_fraction": gflops / (1000 * peak_tflops)})
+                     "gflops": gflops, "peak_fraction": gflops / (1000 * peak_tflops),
+                     "in_turns_fraction": gflops / (1000 * in_turns_tflops)})
     record = {"machine": machine, "date": today(), "command": command_line("eval/decoder_efficiency.py", args.argv),
               "settings": {"size": args.size, "batch_sizes": batches, "steps": args.steps, "encoder": args.encoder,
                            "kl_base_channels": args.kl_base_channels, "dtype": dtype_name, "warmup": args.warmup,
                            "repeats": args.repeats, "device": str(device)},
               "peak": {"gflops": 1000 * peak_tflops, "start_gflops": 1000 * peak_start["tflops"],
-                       "end_gflops": 1000 * peak_end["tflops"], "n": peak_start["n"], "dtype": peak_start["dtype"],
-                       "threads": peak_start["threads"], "start": peak_start, "end": peak_end},
+                       "end_gflops": 1000 * peak_end["tflops"], "in_turns_gflops": 1000 * in_turns_tflops,
+                       "in_turns_best_gflops": 1000 * max(in_turns), "in_turns_calls": len(in_turns),
+                       "n": peak_start["n"], "dtype": peak_start["dtype"], "threads": peak_start["threads"],
+                       "start": peak_start, "end": peak_end},
               "rows": rows, "ratios": ratio_lines(rows), "flops_by_op": by_op, "notes": notes,
               "note": "random weights; FLOPs by torch's counter (matrix products, convolutions, attention)",
               "plot": args.out + ".png", "load_average_end": load_average(),

@@ -2,6 +2,7 @@
 
     flops = count_flops(lambda: decoder(z))             # matmuls, convolutions, attention: 2 per multiply-add
     peak = matmul_peak(device, torch.float32)           # {"tflops", "n", "dtype", "threads", ...}, measured now
+    call, flop = matmul_call(device, torch.float32)     # the same product, to time in turns with other calls
     tflops, source = datasheet_peak_tflops(device)      # dense bf16 tensor-core peak from NVIDIA's data sheets
 
 torch's counter (`torch.utils.flop_counter.FlopCounterMode`) counts matrix products, convolutions and the fused
@@ -62,13 +63,12 @@ def count_flops_by_op(fn: Callable) -> tuple[int, dict]:
     return int(counter.get_total_flops()), by_op
 
 
-def matmul_peak(device, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> dict:
-    """The machine's matrix-multiply throughput now: the best of `repeats` timed (n x n) @ (n x n) products.
+def matmul_call(device, dtype=torch.float32, n: int | None = None) -> tuple:
+    """(call, FLOPs of one call): (n x n) @ (n x n) products on `device` in `dtype`, for timing.
 
     n defaults to 2048 on a CPU (17 GFLOP a product: large enough for the BLAS kernel to reach its rate, short on
-    one thread) and 8192 on a GPU, where each timed call runs 10 products back to back (launch latency amortised).
-    The CPU uses torch's current thread count (recorded); on CUDA fp32 products use TF32 where it is enabled
-    (recorded). The best call is the peak; the median is recorded beside it (a shared machine lowers both).
+    one thread) and 8192 on a GPU, where a call runs 10 products back to back (launch latency amortised). The CPU
+    uses torch's current thread count; on CUDA fp32 products use TF32 where it is enabled.
     """
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 2048)
@@ -82,6 +82,14 @@ def matmul_peak(device, dtype=torch.float32, n: int | None = None, repeats: int 
         for _ in range(per_call):
             torch.mm(a, b, out=out)
 
+    return call, 2 * n**3 * per_call
+
+
+def matmul_peak(device, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> dict:
+    """The machine's matrix-multiply throughput now: the best of `repeats` timed `matmul_call`s after one untimed
+    (the median is recorded beside it: a shared machine lowers both), with the threads and TF32 setting used."""
+    device = torch.device(device)
+    call, flop = matmul_call(device, dtype, n)
     call()  # warm-up: kernel selection, page faults
     times = []
     for _ in range(repeats):
@@ -90,10 +98,9 @@ def matmul_peak(device, dtype=torch.float32, n: int | None = None, repeats: int 
         call()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    flop = 2 * n**3 * per_call
     return {"tflops": flop / min(times) / 1e12, "tflops_median": flop / statistics.median(times) / 1e12,
-            "n": n, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "n": n or (8192 if device.type == "cuda" else 2048), "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" and dtype == torch.float32
             else None, "seconds": [round(t, 5) for t in times]}
 
