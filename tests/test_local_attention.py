@@ -134,7 +134,8 @@ def test_windowed_work_grows_linearly():
         n = side * side
         assert dense_index(8, side, side, "cpu").shape == (n, n)
         tiles = (side // LOCAL_BLOCK) ** 2
-        assert local_index(8, LOCAL_BLOCK, side, side, "cpu").shape == (tiles, LOCAL_BLOCK ** 2, 22 * 22)
+        index, key_outside = local_index(8, LOCAL_BLOCK, side, side, "cpu")  # one tile's index, per-tile key masks
+        assert index.shape == (LOCAL_BLOCK ** 2, 22 * 22) and key_outside.shape == (tiles, 1, 22 * 22)
 
 
 def test_attention_from_config():
