@@ -1,4 +1,5 @@
-"""SSDD pixel-space diffusion decoder (docs/ARCHITECTURE.md §3): a U-Net whose middle block is a local-attention transformer.
+"""SSDD pixel-space diffusion decoder (docs/ARCHITECTURE.md §3): a U-Net whose middle block is a local-attention
+transformer.
 
 The decoder predicts the flow-matching velocity v(x_t, t, z) of an image x_t (B, 3, H, W) at noise level t,
 conditioned on the encoder latent z (B, C, h, w). It is independent of the encoder factor F = H / h: the
@@ -16,20 +17,22 @@ Conditioning paths:
     first LayerNorm (AdaLN).
   * t: sinusoidal embedding -> MLP -> scale/shift after every ResNet's second GroupNorm (not in the transformer).
 
-Parameter names follow the released checkpoints (diffusers-like: down_blocks.i.resnets.j, ...) so official checkpoints load.
+Parameter names follow the released checkpoints (diffusers-like: down_blocks.i.resnets.j, ...) so official
+checkpoints load.
 """
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.common.errors import UserError
+from tokenizer.common.errors import UserError, one_line
 
-# One table for all sizes (docs/ARCHITECTURE.md §3). Level width = ceil(channels * mult / 32) * 32; the transformer runs at
-# the last width. heads = 4 for S (explicit in the original), else min(16, max(4, width_mid // 64)).
+# One table for all sizes (docs/ARCHITECTURE.md §3). Level width = ceil(channels * mult / 32) * 32; the transformer
+# runs at the last width. heads = 4 for S (explicit in the original), else min(16, max(4, width_mid // 64)).
 DECODER_SIZES = {
     "XS": dict(channels=32, ch_mult=(1, 2, 3, 3), depth=8, heads=4),
     "S": dict(channels=48, ch_mult=(1, 2, 3, 3), depth=8, heads=4),
@@ -179,9 +182,11 @@ def time_modulated_norm(norm: nn.GroupNorm, h: torch.Tensor, scale1: torch.Tenso
     if b == 1:
         return F.group_norm(h, norm.num_groups, weight.view(c), bias.view(c), norm.eps)
     if h.is_contiguous():
-        out = F.group_norm(h.view(1, b * c, *h.shape[2:]), b * norm.num_groups, weight.flatten(), bias.flatten(), norm.eps)
+        out = F.group_norm(h.view(1, b * c, *h.shape[2:]), b * norm.num_groups, weight.flatten(), bias.flatten(),
+                           norm.eps)
         return out.view(h.shape)
-    return spatial_affine(F.group_norm(h, norm.num_groups, eps=norm.eps), weight[:, :, None, None], bias[:, :, None, None])
+    h = F.group_norm(h, norm.num_groups, eps=norm.eps)
+    return spatial_affine(h, weight[:, :, None, None], bias[:, :, None, None])
 
 
 class ResnetBlock(nn.Module):
@@ -203,12 +208,12 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x, ctx)
         h = self.conv1(F.silu(h, inplace=untracked(h)))
-        if self.conv_shortcut is not None:  # now, so that a wide input (an up-block concatenation) is freed early
-            x = pointwise_conv(self.conv_shortcut, x)
         scale, shift = self.time_emb_proj(F.silu(temb)).chunk(2, dim=1)
         h = time_modulated_norm(self.norm2, h, 1 + scale, shift)
         h = self.conv2(F.silu(h, inplace=untracked(h)))
-        return h.add_(x) if untracked(h, x) else x + h
+        if self.conv_shortcut is not None:  # last, when the wide norm1 output is gone (peak memory)
+            x = pointwise_conv(self.conv_shortcut, x)
+        return h.add_(x) if untracked(h, x) and h.dtype == x.dtype else x + h
 
 
 class Downsample(nn.Module):
@@ -263,7 +268,8 @@ class UpBlock(nn.Module):
     width is `in_channels`; the others' skips have this level's width.
     """
 
-    def __init__(self, in_channels, prev_channels, out_channels, ctx_channels, temb_channels, num_layers=3, upsample=True):
+    def __init__(self, in_channels, prev_channels, out_channels, ctx_channels, temb_channels, num_layers=3,
+                 upsample=True):
         super().__init__()
         self.resnets = nn.ModuleList()
         for j in range(num_layers):
@@ -272,9 +278,12 @@ class UpBlock(nn.Module):
             self.resnets.append(ResnetBlock(x_channels + skip_channels, out_channels, ctx_channels, temb_channels))
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
-    def forward(self, x, skips, temb, ctx):
+    def forward(self, skips, temb, ctx):
+        """`skips`: the stack of down-path outputs with this block's input on top; both are consumed."""
+        x = skips.pop()
         for resnet in self.resnets:
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb, ctx)
+            x = torch.cat([x, skips.pop()], dim=1)  # its own statement: the inputs are freed before the ResNet runs
+            x = resnet(x, temb, ctx)
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 x = up(x)
@@ -303,7 +312,8 @@ class AttentionPlan(NamedTuple):
     mode "dense": index (N, N) into the flattened bias table (+ one OUTSIDE slot);
     mode "local": index (B*B, S*S), the same for every B x B query tile and its S x S key halo (S = B + 2(w-1)),
                   and key_outside (tiles, 1, S*S), OUTSIDE where a tile's halo leaves the grid, else 0;
-    mode "flex":  block_mask, a FlexAttention BlockMask of the window on the N x N raster.
+    mode "flex":  block_mask, a FlexAttention BlockMask of the window on the N x N raster, and grid_width, gw
+                  as a 0-d tensor (the score and mask functions read it, so compiled kernels are not per grid).
     """
 
     mode: str
@@ -311,6 +321,7 @@ class AttentionPlan(NamedTuple):
     index: torch.Tensor | None = None
     block_mask: object = None
     key_outside: torch.Tensor | None = None
+    grid_width: torch.Tensor | None = None
 
 
 def clear_attention_cache() -> None:
@@ -358,7 +369,7 @@ def dense_index(window: int, gh: int, gw: int, device) -> torch.Tensor:
 
 
 def local_index(window: int, block: int, gh: int, gw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index (block^2, side^2) long, key_outside (tiles, 1, side^2) float) for the windowed path, side = block + 2(w-1).
+    """(index (block^2, side^2) long, key_outside (tiles, 1, side^2) float) of the windowed path; side = block + 2(w-1).
 
     Tile (ty, tx) holds the queries (ty*block + i, tx*block + j) and the keys (ty*block + a - r, tx*block + b - r)
     with r = w - 1, so the offset query - key is (i - a + r, j - b + r) whatever the tile: one index into the flat
@@ -368,7 +379,7 @@ def local_index(window: int, block: int, gh: int, gw: int, device) -> tuple[torc
 
     def build():
         r, side, n = window - 1, block + 2 * (window - 1), 2 * window - 1
-        d = torch.arange(block, device=device)[:, None] - torch.arange(side, device=device)[None, :] + r  # (block, side)
+        d = torch.arange(block, device=device)[:, None] - torch.arange(side, device=device) + r  # (block, side) offsets
         inside = d.abs() <= r
         idx = (d[:, None, :, None] + r) * n + (d[None, :, None, :] + r)  # (i, j, a, b)
         ok = inside[:, None, :, None] & inside[None, :, None, :]
@@ -386,18 +397,29 @@ def local_index(window: int, block: int, gh: int, gw: int, device) -> tuple[torc
     return _cached(("local", window, block, gh, gw, str(device)), build)
 
 
-def flex_block_mask(window: int, gh: int, gw: int, device):
-    """FlexAttention BlockMask of the (2w-1)^2 window on the gh x gw raster (blocks wholly outside are skipped)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def window_mask_mod(window: int, grid_width: torch.Tensor):
+    """FlexAttention mask_mod of the (2w-1)^2 window on a raster `grid_width` tokens wide (a 0-d tensor, so that a
+    compiled kernel is not specialised to one grid)."""
     r = window - 1
 
     def in_window(b, h, q, k):
-        return ((q // gw - k // gw).abs() <= r) & ((q % gw - k % gw).abs() <= r)
+        return ((q // grid_width - k // grid_width).abs() <= r) & ((q % grid_width - k % grid_width).abs() <= r)
+
+    return in_window
+
+
+def flex_block_mask(window: int, gh: int, gw: int, device):
+    """(BlockMask of the (2w-1)^2 window on the gh x gw raster (blocks wholly outside are skipped), grid width as
+    a 0-d tensor)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     n = gh * gw
-    return _cached(("flex", window, gh, gw, str(device)),
-                   lambda: create_block_mask(in_window, None, None, n, n, device=str(device)))
+
+    def build():
+        width = torch.tensor(gw, device=device)
+        return create_block_mask(window_mask_mod(window, width), None, None, n, n, device=str(device)), width
+
+    return _cached(("flex", window, gh, gw, str(device)), build)
 
 
 def flex_supported(device) -> bool:
@@ -435,7 +457,17 @@ def attention_plan(mode: str, window: int, grid, device) -> AttentionPlan:
     if mode == "local":
         index, key_outside = local_index(window, LOCAL_BLOCK, gh, gw, device)
         return AttentionPlan("local", (gh, gw), index=index, key_outside=key_outside)
-    return AttentionPlan("flex", (gh, gw), block_mask=flex_block_mask(window, gh, gw, device))
+    block_mask, width = flex_block_mask(window, gh, gw, device)
+    return AttentionPlan("flex", (gh, gw), block_mask=block_mask, grid_width=width)
+
+
+def compile_flex(backend: str = "inductor"):
+    """flex_attention compiled with dynamic shapes. `flex_window_attention` keeps the batch and the grid out of the
+    dimensions FlexAttention specialises, so one kernel per head size serves every image size and batch (a test
+    counts the compilations over the benchmark grid)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True, backend=backend)
 
 
 _compiled_flex = None
@@ -449,8 +481,27 @@ def flex_attention_fn(device):
     if torch.device(device).type != "cuda":
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = compile_flex()
     return _compiled_flex
+
+
+def compile_failures() -> tuple:
+    """Exceptions that mean "the compiler failed", not "the model is wrong": a run falls back instead of ending."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    return (dynamo_exc.BackendCompilerFailed, dynamo_exc.FailOnRecompileLimitHit, inductor_exc.InductorError,
+            inductor_exc.LoweringException)
+
+
+def warn_once(key: str, message: str) -> None:
+    """One warning line per process and key (fallbacks are announced, never silent, and never repeated per call)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+_WARNED: set = set()
 
 
 class RelativePositionBias(nn.Module):
@@ -512,18 +563,38 @@ def windowed_attention(q, k, v, bias: torch.Tensor, key_outside: torch.Tensor, g
 
 
 def flex_window_attention(q, k, v, table: torch.Tensor, plan: AttentionPlan, window: int) -> torch.Tensor:
-    """FlexAttention: the bias table as a score modification, the window as a block mask. (B, heads, N, d)."""
-    gh, gw = plan.grid
-    r = window - 1
-    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or table.requires_grad):
-        raise UserError("attention=flex has no backward on a CPU: train with attention=local or auto there")
+    """FlexAttention: the bias table as a score modification, the window as a block mask. (B, heads, N, d).
 
-    def add_bias(score, b, h, qi, ki):  # offsets clamped only to stay in the table; the block mask drops them
+    The heads are folded into the batch ((B * heads, 1, N, d); the score function recovers the head as the batch
+    index % heads) and the grid width is a tensor, so one compiled kernel per head size serves every batch size
+    and grid (`flex_attention_fn` compiles with dynamic shapes; FlexAttention specialises the head count, not
+    the batch): a recompilation per shape would exhaust PyTorch's recompile limit and leave it unfused.
+    """
+    b, heads, n, d = q.shape
+    gw = plan.grid_width
+    r = window - 1
+
+    def add_bias(score, bh, _, qi, ki):  # offsets clamped only to stay in the table; the block mask drops them
         dy = (qi // gw - ki // gw).clamp(-r, r) + r
         dx = (qi % gw - ki % gw).clamp(-r, r) + r
-        return score + table[dy, dx, h]
+        return score + table[dy, dx, bh % heads]
 
-    return flex_attention_fn(q.device)(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
+    q, k, v = (t.reshape(b * heads, 1, n, d) for t in (q, k, v))
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attend = flex_attention_fn(q.device)
+    if torch.compiler.is_compiling():
+        out = attend(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
+    elif attend is flex_attention:
+        try:
+            out = attend(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
+        except NotImplementedError as e:  # PyTorch has no FlexAttention backward on a CPU
+            reason = one_line(e).rstrip(".")
+            raise UserError(f"attention=flex: {reason}; train with attention=local or auto here") from None
+    else:  # past the recompile limit PyTorch would run it unfused, with full N x N scores: raise instead
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            out = attend(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
+    return out.view(b, heads, n, d)
 
 
 class Attention(nn.Module):
@@ -643,15 +714,29 @@ class MidTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, feature_block: int | None = None):
         b, c, gh, gw = x.shape
-        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         plan = attention_plan(self.attention, self.window, (gh, gw), x.device)
-        feats = None
-        for i, block in enumerate(self.transformer_blocks):
-            h = block(h, ctx, (gh, gw), plan)
-            if i == feature_block:
-                feats = h
+        try:
+            h, feats = self.run_blocks(tokens, ctx, plan, feature_block)
+        except compile_failures() as e:
+            if plan.mode != "flex":
+                raise
+            # FlexAttention's compiler failed or ran out of recompilations: the windowed path gives the same result
+            warn_once("flex", f"FlexAttention is unavailable ({type(e).__name__}): the SSDD decoder uses "
+                              f"attention=local from now on")
+            self.attention = "local"
+            h, feats = self.run_blocks(tokens, ctx, attention_plan("local", self.window, (gh, gw), x.device),
+                                       feature_block)
         h = self.proj_out(h).transpose(1, 2).reshape(b, c, gh, gw)
         return x + h, feats
+
+    def run_blocks(self, h: torch.Tensor, ctx: torch.Tensor, plan: AttentionPlan, feature_block: int | None):
+        feats = None
+        for i, block in enumerate(self.transformer_blocks):
+            h = block(h, ctx, plan.grid, plan)
+            if i == feature_block:
+                feats = h
+        return h, feats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -739,6 +824,30 @@ class SSDDDecoder(nn.Module):
             elif isinstance(m, RelativePositionBias):
                 nn.init.zeros_(m.relative_bias_table)
 
+    def compile(self, *args, **kwargs):
+        """`nn.Module.compile` (in place, so state-dict keys stay plain), guarded: if the compiler fails on a forward
+        pass (e.g. lowering FlexAttention), the decoder says so in one warning line and goes on with the windowed
+        attention path, compiled again; should that fail too, uncompiled. A run does not end on a compiler bug."""
+        super().compile(*args, **kwargs)
+        compiled = self._compiled_call_impl
+
+        def guarded(*a, **kw):
+            while self._compiled_call_impl is guarded:
+                try:
+                    return compiled(*a, **kw)
+                except compile_failures() as e:
+                    reason = f"{type(e).__name__}: {one_line(e)[:200]}"
+                    if self.mid_block.attention in ("auto", "flex"):  # FlexAttention is the likely culprit
+                        warn_once("compile-flex", f"compiling the SSDD decoder failed ({reason}); "
+                                                  f"compiling it again with attention=local")
+                        self.mid_block.attention = "local"
+                    else:
+                        warn_once("compile", f"compiling the SSDD decoder failed ({reason}); it runs uncompiled")
+                        self._compiled_call_impl = None
+            return self._call_impl(*a, **kw)
+
+        self._compiled_call_impl = guarded
+
     def _check_shapes(self, x_t: torch.Tensor, z: torch.Tensor):
         H, W = x_t.shape[-2:]
         h, w = z.shape[-2:]
@@ -775,7 +884,9 @@ class SSDDDecoder(nn.Module):
         h, feats = self.mid_block(h, ctx, self.repa_block if return_features else None)
 
         for block in self.up_blocks:
-            h = block(h, skips, temb, ctx)
+            skips.append(h)  # each block takes its input off the stack, so that it alone holds it (peak memory)
+            del h
+            h = block(skips, temb, ctx)
         h = self.conv_norm_out(h)
         v = self.conv_out(F.silu(h, inplace=untracked(h))).contiguous()
         return (v, feats) if return_features else v
