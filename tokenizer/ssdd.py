@@ -4,8 +4,8 @@
     z = model.encode(x).mode()                 # x: (B, 3, H, W) in [-1, 1] -> z: (B, 4, H/8, W/8)
     x_rec = model.decode(z, steps=8)           # Euler on the (1 - i/N)^2 grid, from fixed or fresh noise
 
-The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so those
-load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
+The state dict is `encoder.*` + `decoder.*`, exactly the layout of the released files (docs/ARCHITECTURE.md §9), so
+those load unchanged. `decoder="kl"` swaps in the classic KL-VAE decoder (the baseline SSDD is judged against) behind
 the same API. Files written by this project also carry the architecture in their safetensors metadata, so
 `SSDD.from_checkpoint(path)` rebuilds the right model without being told.
 
@@ -187,7 +187,8 @@ class SSDD(nn.Module):
         if layout is not None:  # SD-VAE itself: its decoder is the KL-VAE one
             if not self.is_kl or self.encoder_name != SDVAE_ENCODER:
                 raise UserError(f"{path} is an SD-VAE autoencoder ({layout} layout): load it as "
-                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae model")
+                                f"SSDD(encoder='sdvae', decoder='kl'), or give it as encoder_checkpoint of an sdvae "
+                                f"model")
             state = from_layout(state, self.state_dict())
             check_state_dict(self, state, path, what)
             self.load_state_dict(state, strict=True)
@@ -223,7 +224,8 @@ class SSDD(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> "SSDD":
-        """Build from a file this project wrote (architecture in its metadata); official files need `encoder=`/`decoder=`."""
+        """Build from a file this project wrote (architecture in its metadata); official files need
+        `encoder=`/`decoder=`."""
         meta = read_metadata(path)
         arch = {k: meta[k] for k in ("encoder", "decoder", "encoder_base_channels", "kl_base_channels") if k in meta}
         arch.update(overrides)
@@ -240,14 +242,15 @@ class SSDD(nn.Module):
         """Build from the `ssdd:` section of a YAML file (path) or mapping, as the official `SSDD.build`.
 
         Keys used: encoder, decoder, encoder_base_channels, kl_base_channels, encoder_checkpoint, encoder_train,
-        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile, ema) are ignored.
+        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile,
+        ema) are ignored.
         """
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(config) if isinstance(config, str) else OmegaConf.create(config)
         cfg = OmegaConf.to_container(cfg.get("ssdd", cfg), resolve=True)
-        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint", "encoder_train", "fm_trainer",
-                "fm_sampler", "attention", "checkpoint")
+        keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint",
+                "encoder_train", "fm_trainer", "fm_sampler", "attention", "checkpoint")
         kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
         if checkpoint is not None:
             kwargs["checkpoint"] = checkpoint
@@ -262,7 +265,8 @@ class SSDD(nn.Module):
         """x: (B, 3, H, W) in [-1, 1], H and W multiples of the encoder factor -> posterior over (B, C, H/F, W/F)."""
         self._fetch_sdvae_encoder()
         if not self.has_encoder:
-            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not encode images")
+            raise UserError("this model was loaded from a decoder-only checkpoint: it can decode latents but not "
+                            "encode images")
         f = self.patch_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] % f or x.shape[-2] % f:
             raise UserError(f"encode expects (B, 3, H, W) with H, W multiples of {f}, got {tuple(x.shape)}")
@@ -271,23 +275,34 @@ class SSDD(nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(x_t, t, z)
 
+    def image_shape(self, z: torch.Tensor) -> tuple:
+        """(B, 3, H, W) of the image that latent z (B, C, h, w) decodes to."""
+        f = self.patch_size
+        return (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
+
+    def decode_noise(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The starting noise `decode(z)` draws when given none, on z's device and dtype: drawn on the generator's
+        device (the CPU without one, so a seed gives the same images on any device), then moved. Timings draw it
+        beforehand and pass it as `noise=`, so that they measure the decoder, not the draw and the copy."""
+        noise = torch.randn(self.image_shape(z), generator=generator,
+                            device="cpu" if generator is None else generator.device)
+        return noise.to(device=z.device, dtype=z.dtype)
+
     @torch.compiler.disable  # the sampler loop stays eager; the decoder inside it may be compiled
     def decode(self, z: torch.Tensor, steps: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Latent (B, C, h, w) -> image (B, 3, h*F, w*F) in about [-1, 1] (not clamped).
 
-        `noise` fixes the starting point (same shape as the image); otherwise it is drawn with `generator`.
-        The KL-VAE baseline ignores steps and noise: it decodes in one deterministic pass.
+        `noise` fixes the starting point (same shape as the image: `decode_noise`); otherwise it is drawn with
+        `generator`. The KL-VAE baseline ignores steps and noise: it decodes in one deterministic pass.
         """
         if self.is_kl:
             return self.decoder(z)
         if steps is None:
             steps = 1 if self.single_step else self.default_steps
-        f = self.patch_size
-        shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
+        shape = self.image_shape(z)
         if noise is None:
-            noise = torch.randn(shape, generator=generator, device="cpu" if generator is None else generator.device)
-            noise = noise.to(device=z.device, dtype=z.dtype)
+            noise = self.decode_noise(z, generator)
         elif tuple(noise.shape) != shape:
             raise UserError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         return euler_sample(lambda x, t: self.velocity(x, t, z), noise, steps, power=self.t_pow_shift)
