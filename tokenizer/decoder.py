@@ -579,7 +579,7 @@ def flex_window_attention(q, k, v, table: torch.Tensor, plan: AttentionPlan, win
         dx = (qi % gw - ki % gw).clamp(-r, r) + r
         return score + table[dy, dx, bh % heads]
 
-    q, k, v = (t.reshape(b * heads, 1, n, d) for t in (q, k, v))
+    q, k, v = (t.reshape(b * heads, 1, n, d).contiguous() for t in (q, k, v))  # one layout for every batch size
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = flex_attention_fn(q.device)
