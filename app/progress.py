@@ -4,8 +4,8 @@ machine, and the stop checks (time limit, client gone) that end a job between tw
 The app also watches the networks themselves: forward hooks, installed once per generator, count the DiT's
 evaluations (one or two per sampler step: `dit.progress.dit_evaluations`, the table the CLIs' bars use too) and let
 a job stop between two layers; the generator's progress callback (`Job.stage_done`, the `dit.progress` protocol)
-says when the DiT and each decoder are done. The hooks act only for the thread running a `Job` (`with job:`), so concurrent requests
-on one shared model each see their own.
+says when the DiT and each decoder are done. The hooks act only for the thread running a `Job` (`with job:`), so
+concurrent requests on one shared model each see their own.
 
 The ETA: during the DiT, the remaining evaluations at this run's own pace so far; for the decoders, their measured
 seconds per image-step (`Rates`, from the warm-up and every finished request) times this request's images and steps.

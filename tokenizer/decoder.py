@@ -1,4 +1,5 @@
-"""SSDD pixel-space diffusion decoder (docs/ARCHITECTURE.md §3): a U-Net whose middle block is a local-attention transformer.
+"""SSDD pixel-space diffusion decoder (docs/ARCHITECTURE.md §3): a U-Net whose middle block is a local-attention
+transformer.
 
 The decoder predicts the flow-matching velocity v(x_t, t, z) of an image x_t (B, 3, H, W) at noise level t,
 conditioned on the encoder latent z (B, C, h, w). It is independent of the encoder factor F = H / h: the
@@ -16,20 +17,22 @@ Conditioning paths:
     first LayerNorm (AdaLN).
   * t: sinusoidal embedding -> MLP -> scale/shift after every ResNet's second GroupNorm (not in the transformer).
 
-Parameter names follow the released checkpoints (diffusers-like: down_blocks.i.resnets.j, ...) so official checkpoints load.
+Parameter names follow the released checkpoints (diffusers-like: down_blocks.i.resnets.j, ...) so official
+checkpoints load.
 """
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer.common.errors import UserError
+from tokenizer.common.errors import UserError, one_line
 
-# One table for all sizes (docs/ARCHITECTURE.md §3). Level width = ceil(channels * mult / 32) * 32; the transformer runs at
-# the last width. heads = 4 for S (explicit in the original), else min(16, max(4, width_mid // 64)).
+# One table for all sizes (docs/ARCHITECTURE.md §3). Level width = ceil(channels * mult / 32) * 32; the transformer
+# runs at the last width. heads = 4 for S (explicit in the original), else min(16, max(4, width_mid // 64)).
 DECODER_SIZES = {
     "XS": dict(channels=32, ch_mult=(1, 2, 3, 3), depth=8, heads=4),
     "S": dict(channels=48, ch_mult=(1, 2, 3, 3), depth=8, heads=4),
@@ -99,12 +102,58 @@ class TimestepEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def untracked(*tensors: torch.Tensor) -> bool:
+    """True when autograd records nothing about these tensors: fresh intermediates may then be overwritten in place
+    (inference saves one allocation and one pass over the map per in-place operation; training keeps out-of-place)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D map stored channels-last (and not also plain contiguous, as maps with one channel or pixel are)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def spatial_affine(y: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """y * scale1 + shift for y (B, C, H, W) and scale1/shift (B, C, h, w) nearest-upsampled onto (H, W), h | H, w | W.
+
+    The upsampling is a broadcast, not a copy: y is viewed as (B, h, H/h, w, W/w, C) (channels-last) or
+    (B, C, h, H/h, W) (NCHW, the modulators then repeated along W only), so one pass over y does the whole affine
+    map, in place when untracked. Same values as upsampling first: nearest upsampling by an integer factor
+    repeats each entry.
+    """
+    b, c, H, W = y.shape
+    h, w = scale1.shape[-2:]
+    sy, sx = H // h, W // w
+    if is_channels_last(y):
+        view = y.permute(0, 2, 3, 1).view(b, h, sy, w, sx, c)
+        scale1, shift = (m.permute(0, 2, 3, 1)[:, :, None, :, None] for m in (scale1, shift))  # (B, h, 1, w, 1, C)
+    else:
+        view = y.view(b, c, h, sy, W)
+        scale1, shift = (m.repeat_interleave(sx, dim=-1).unsqueeze(3) for m in (scale1, shift))  # (B, C, h, 1, W)
+    if untracked(y, scale1, shift):
+        torch.addcmul(shift, view, scale1, out=view)
+        return y
+    out = torch.addcmul(shift, view, scale1)  # laid out like `view`, so the reshapes below are views
+    return out.reshape(b, H, W, c).permute(0, 3, 1, 2) if view.dim() == 6 else out.reshape(b, c, H, W)
+
+
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution of a channels-last map on the CPU as one matrix product (MKL), else `conv(x)`.
+
+    With one thread PyTorch sends 1x1 convolutions to its generic path, not oneDNN; a channels-last map is already
+    a (pixels, channels) matrix, so a Linear over the last axis of its (B, H, W, C) view is the same product.
+    """
+    if x.device.type != "cpu" or not is_channels_last(x):
+        return conv(x)
+    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+
+
 class AdaGroupNorm(nn.Module):
     """(B, C, H, W), ctx (B, C0, h, w) -> (B, C, H, W): GroupNorm without affine, then x * (1 + scale) + shift.
 
     scale/shift come from a 1x1 conv of the z-context, so the modulation varies spatially with z. The conv is
-    applied at latent resolution and the result nearest-resized to the feature map (same as resizing first,
-    since a 1x1 conv commutes with nearest resizing, but cheaper).
+    applied at latent resolution and broadcast onto the feature map (`spatial_affine`): a 1x1 conv commutes with
+    nearest resizing, so this equals resizing first, without a full-size copy of scale and shift.
     """
 
     def __init__(self, channels: int, ctx_channels: int, eps: float = 1e-5):
@@ -113,8 +162,31 @@ class AdaGroupNorm(nn.Module):
         self.ctx_proj = nn.Conv2d(ctx_channels, 2 * channels, 1)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        scale, shift = resize_nearest(self.ctx_proj(ctx), x.shape[-2:]).chunk(2, dim=1)
-        return self.norm(x) * (1 + scale) + shift
+        scale, shift = pointwise_conv(self.ctx_proj, ctx).chunk(2, dim=1)
+        size = x.shape[-2:]
+        if size[0] % scale.shape[-2] or size[1] % scale.shape[-1]:  # latent finer than the map (f4, coarsest level)
+            scale, shift = resize_nearest(scale, size), resize_nearest(shift, size)
+        return spatial_affine(self.norm(x), 1 + scale, shift)
+
+
+def time_modulated_norm(norm: nn.GroupNorm, h: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor):
+    """GroupNorm `norm` (its own affine included) of h (B, C, H, W), then * scale1 + shift, both (B, C).
+
+    The norm's affine and the modulation fold into one per-(sample, channel) affine, so a single group_norm pass
+    does everything: for one sample directly; for a batch of NCHW maps, as one sample of B * C channels in B * 32
+    groups (the groups of different samples never mix). Channels-last batches take one more pass.
+    """
+    b, c = scale1.shape
+    weight = scale1 if norm.weight is None else scale1 * norm.weight
+    bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale1)
+    if b == 1:
+        return F.group_norm(h, norm.num_groups, weight.view(c), bias.view(c), norm.eps)
+    if h.is_contiguous():
+        out = F.group_norm(h.view(1, b * c, *h.shape[2:]), b * norm.num_groups, weight.flatten(), bias.flatten(),
+                           norm.eps)
+        return out.view(h.shape)
+    h = F.group_norm(h, norm.num_groups, eps=norm.eps)
+    return spatial_affine(h, weight[:, :, None, None], bias[:, :, None, None])
 
 
 class ResnetBlock(nn.Module):
@@ -134,13 +206,14 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x, ctx)))
-        scale, shift = self.time_emb_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(F.silu(h))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+        h = self.norm1(x, ctx)
+        h = self.conv1(F.silu(h, inplace=untracked(h)))
+        scale, shift = self.time_emb_proj(F.silu(temb)).chunk(2, dim=1)
+        h = time_modulated_norm(self.norm2, h, 1 + scale, shift)
+        h = self.conv2(F.silu(h, inplace=untracked(h)))
+        if self.conv_shortcut is not None:  # last, when the wide norm1 output is gone (peak memory)
+            x = pointwise_conv(self.conv_shortcut, x)
+        return h.add_(x) if untracked(h, x) and h.dtype == x.dtype else x + h
 
 
 class Downsample(nn.Module):
@@ -195,7 +268,8 @@ class UpBlock(nn.Module):
     width is `in_channels`; the others' skips have this level's width.
     """
 
-    def __init__(self, in_channels, prev_channels, out_channels, ctx_channels, temb_channels, num_layers=3, upsample=True):
+    def __init__(self, in_channels, prev_channels, out_channels, ctx_channels, temb_channels, num_layers=3,
+                 upsample=True):
         super().__init__()
         self.resnets = nn.ModuleList()
         for j in range(num_layers):
@@ -204,9 +278,12 @@ class UpBlock(nn.Module):
             self.resnets.append(ResnetBlock(x_channels + skip_channels, out_channels, ctx_channels, temb_channels))
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
-    def forward(self, x, skips, temb, ctx):
+    def forward(self, skips, temb, ctx):
+        """`skips`: the stack of down-path outputs with this block's input on top; both are consumed."""
+        x = skips.pop()
         for resnet in self.resnets:
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb, ctx)
+            x = torch.cat([x, skips.pop()], dim=1)  # its own statement: the inputs are freed before the ResNet runs
+            x = resnet(x, temb, ctx)
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 x = up(x)
@@ -233,14 +310,18 @@ class AttentionPlan(NamedTuple):
     """How the blocks of one forward pass attend: decided once per grid in MidTransformer, shared by all blocks.
 
     mode "dense": index (N, N) into the flattened bias table (+ one OUTSIDE slot);
-    mode "local": index (tiles, B*B, S*S) for B x B query tiles and their S x S key halos (S = B + 2(w-1));
-    mode "flex":  block_mask, a FlexAttention BlockMask of the window on the N x N raster.
+    mode "local": index (B*B, S*S), the same for every B x B query tile and its S x S key halo (S = B + 2(w-1)),
+                  and key_outside (tiles, 1, S*S), OUTSIDE where a tile's halo leaves the grid, else 0;
+    mode "flex":  block_mask, a FlexAttention BlockMask of the window on the N x N raster, and grid_width, gw
+                  as a 0-d tensor (the score and mask functions read it, so compiled kernels are not per grid).
     """
 
     mode: str
     grid: tuple
     index: torch.Tensor | None = None
     block_mask: object = None
+    key_outside: torch.Tensor | None = None
+    grid_width: torch.Tensor | None = None
 
 
 def clear_attention_cache() -> None:
@@ -252,7 +333,8 @@ def attention_memory_bytes(mode: str, grid, heads: int, batch: int, window: int 
     """Rough bytes the middle transformer's attention holds at once in fp32 on this path (index + bias + scores).
 
     dense: an (N, N) int64 index, an (heads, N, N) bias, and scores and softmax of (batch, heads, N, N);
-    local: the same per tile, (tiles, 64, 484), which grows with N. FlexAttention's fused kernel holds none of it.
+    local: a (heads, tiles, 64, 484) bias and the scores of each tile, which grow with N (the index is one tile's).
+    FlexAttention's fused kernel holds none of it.
     """
     n = grid[0] * grid[1]
     if mode == "dense":
@@ -260,13 +342,16 @@ def attention_memory_bytes(mode: str, grid, heads: int, batch: int, window: int 
     if mode == "local":
         side = LOCAL_BLOCK + 2 * (window - 1)
         tiles = -(-grid[0] // LOCAL_BLOCK) * -(-grid[1] // LOCAL_BLOCK)
-        return tiles * LOCAL_BLOCK**2 * side**2 * (8 + 4 * heads * (1 + 2 * batch))
+        return tiles * LOCAL_BLOCK**2 * side**2 * 4 * heads * (1 + 2 * batch)
     return 0
 
 
 def _cached(key, build):
     if key not in _INDEX_CACHE:
-        _INDEX_CACHE[key] = build()
+        # built outside inference mode even when the first caller decodes in it: a training step may reuse the
+        # tensors later, and autograd refuses inference tensors
+        with torch.inference_mode(False):
+            _INDEX_CACHE[key] = build()
     return _INDEX_CACHE[key]
 
 
@@ -286,48 +371,58 @@ def dense_index(window: int, gh: int, gw: int, device) -> torch.Tensor:
     return _cached(("dense", window, gh, gw, str(device)), build)
 
 
-def local_index(window: int, block: int, gh: int, gw: int, device) -> torch.Tensor:
-    """(tiles, block^2, side^2) long for the windowed path, side = block + 2(w-1), tiles in raster order.
+def local_index(window: int, block: int, gh: int, gw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (block^2, side^2) long, key_outside (tiles, 1, side^2) float) of the windowed path; side = block + 2(w-1).
 
     Tile (ty, tx) holds the queries (ty*block + i, tx*block + j) and the keys (ty*block + a - r, tx*block + b - r)
-    with r = w - 1, so the offset query - key is i - a + r whatever the tile. A key gets the OUTSIDE slot when the
-    offset leaves the window or the key lies outside the grid (the zero padding around it).
+    with r = w - 1, so the offset query - key is (i - a + r, j - b + r) whatever the tile: one index into the flat
+    table serves every tile (the OUTSIDE slot where the offset leaves the window). Keys outside the grid (the
+    zero padding around it) differ per tile: key_outside adds OUTSIDE to them. Tiles are in raster order.
     """
 
     def build():
         r, side, n = window - 1, block + 2 * (window - 1), 2 * window - 1
+        d = torch.arange(block, device=device)[:, None] - torch.arange(side, device=device) + r  # (block, side) offsets
+        inside = d.abs() <= r
+        idx = (d[:, None, :, None] + r) * n + (d[None, :, None, :] + r)  # (i, j, a, b)
+        ok = inside[:, None, :, None] & inside[None, :, None, :]
+        idx = torch.where(ok, idx, torch.full_like(idx, n * n)).reshape(block * block, side * side)
 
-        def axis(g):  # per tile along one axis: offset (tiles, block, side) and key validity (tiles, side)
-            tiles = torch.arange(-(-g // block), device=device)
-            q = tiles[:, None] * block + torch.arange(block, device=device)
-            k = tiles[:, None] * block + torch.arange(side, device=device) - r
-            d = q[:, :, None] - k[:, None, :]
-            ok = (d.abs() <= r) & ((k >= 0) & (k < g))[:, None, :]
-            return d + r, ok
+        def keys_in_grid(g):  # (tiles along this axis, side): does each halo key lie on the grid?
+            k = torch.arange(-(-g // block), device=device)[:, None] * block + torch.arange(side, device=device) - r
+            return (k >= 0) & (k < g)
 
-        dy, oky = axis(gh)
-        dx, okx = axis(gw)
-        # (ty, tx, i, j, a, b)
-        idx = dy[:, None, :, None, :, None] * n + dx[None, :, None, :, None, :]
-        ok = oky[:, None, :, None, :, None] & okx[None, :, None, :, None, :]
-        idx = torch.where(ok, idx, torch.full_like(idx, n * n))
-        return idx.reshape(dy.shape[0] * dx.shape[0], block * block, side * side)
+        ky, kx = keys_in_grid(gh), keys_in_grid(gw)
+        ok = (ky[:, None, :, None] & kx[None, :, None, :]).reshape(-1, 1, side * side)  # (tiles, 1, side^2)
+        outside = torch.zeros(ok.shape, device=device).masked_fill_(~ok, OUTSIDE)
+        return idx, outside
 
     return _cached(("local", window, block, gh, gw, str(device)), build)
 
 
-def flex_block_mask(window: int, gh: int, gw: int, device):
-    """FlexAttention BlockMask of the (2w-1)^2 window on the gh x gw raster (blocks wholly outside are skipped)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def window_mask_mod(window: int, grid_width: torch.Tensor):
+    """FlexAttention mask_mod of the (2w-1)^2 window on a raster `grid_width` tokens wide (a 0-d tensor, so that a
+    compiled kernel is not specialised to one grid)."""
     r = window - 1
 
     def in_window(b, h, q, k):
-        return ((q // gw - k // gw).abs() <= r) & ((q % gw - k % gw).abs() <= r)
+        return ((q // grid_width - k // grid_width).abs() <= r) & ((q % grid_width - k % grid_width).abs() <= r)
+
+    return in_window
+
+
+def flex_block_mask(window: int, gh: int, gw: int, device):
+    """(BlockMask of the (2w-1)^2 window on the gh x gw raster (blocks wholly outside are skipped), grid width as
+    a 0-d tensor)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     n = gh * gw
-    return _cached(("flex", window, gh, gw, str(device)),
-                   lambda: create_block_mask(in_window, None, None, n, n, device=str(device)))
+
+    def build():
+        width = torch.tensor(gw, device=device)
+        return create_block_mask(window_mask_mod(window, width), None, None, n, n, device=str(device)), width
+
+    return _cached(("flex", window, gh, gw, str(device)), build)
 
 
 def flex_supported(device) -> bool:
@@ -363,8 +458,19 @@ def attention_plan(mode: str, window: int, grid, device) -> AttentionPlan:
     if mode == "dense":
         return AttentionPlan("dense", (gh, gw), index=dense_index(window, gh, gw, device))
     if mode == "local":
-        return AttentionPlan("local", (gh, gw), index=local_index(window, LOCAL_BLOCK, gh, gw, device))
-    return AttentionPlan("flex", (gh, gw), block_mask=flex_block_mask(window, gh, gw, device))
+        index, key_outside = local_index(window, LOCAL_BLOCK, gh, gw, device)
+        return AttentionPlan("local", (gh, gw), index=index, key_outside=key_outside)
+    block_mask, width = flex_block_mask(window, gh, gw, device)
+    return AttentionPlan("flex", (gh, gw), block_mask=block_mask, grid_width=width)
+
+
+def compile_flex(backend: str = "inductor"):
+    """flex_attention compiled with dynamic shapes. `flex_window_attention` keeps the batch and the grid out of the
+    dimensions FlexAttention specialises, so one kernel per head size serves every image size and batch (a test
+    counts the compilations over the benchmark grid)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True, backend=backend)
 
 
 _compiled_flex = None
@@ -378,8 +484,27 @@ def flex_attention_fn(device):
     if torch.device(device).type != "cuda":
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = compile_flex()
     return _compiled_flex
+
+
+def compile_failures() -> tuple:
+    """Exceptions that mean "the compiler failed", not "the model is wrong": a run falls back instead of ending."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    return (dynamo_exc.BackendCompilerFailed, dynamo_exc.FailOnRecompileLimitHit, inductor_exc.InductorError,
+            inductor_exc.LoweringException)
+
+
+def warn_once(key: str, message: str) -> None:
+    """One warning line per process and key (fallbacks are announced, never silent, and never repeated per call)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+_WARNED: set = set()
 
 
 class RelativePositionBias(nn.Module):
@@ -411,12 +536,14 @@ class RelativePositionBias(nn.Module):
         return self.gather(dense_index(self.window, gh, gw, self.relative_bias_table.device))
 
 
-def windowed_attention(q, k, v, bias: torch.Tensor, grid, window: int, block: int = LOCAL_BLOCK) -> torch.Tensor:
-    """Exact local attention: q, k, v (B, heads, N, d) on a gh x gw raster, bias (heads, tiles, block^2, side^2).
+def windowed_attention(q, k, v, bias: torch.Tensor, key_outside: torch.Tensor, grid, window: int,
+                       block: int = LOCAL_BLOCK) -> torch.Tensor:
+    """Exact local attention: q, k, v (B, heads, N, d) on a gh x gw raster, bias (heads, block^2, side^2) of one
+    tile, key_outside (tiles, 1, side^2) (`local_index`).
 
     The grid is zero-padded to whole tiles (and by w-1 around for the keys); each tile of block x block queries
-    attends to its side x side halo with the gathered bias, OUTSIDE beyond the window or the grid. Work and
-    memory grow with N (side^2 = 484 keys per query) instead of N^2. Returns (B, heads, N, d).
+    attends to its side x side halo with the bias, OUTSIDE beyond the window or the grid. Work and memory grow
+    with N (side^2 = 484 keys per query) instead of N^2. Returns (B, heads, N, d).
     """
     b, h, n, d = q.shape
     gh, gw = grid
@@ -432,25 +559,45 @@ def windowed_attention(q, k, v, bias: torch.Tensor, grid, window: int, block: in
         t = t.unfold(2, side, block).unfold(3, side, block)  # (B, heads, ty, tx, d, side, side)
         return t.permute(0, 1, 2, 3, 5, 6, 4).reshape(b, h * ty * tx, side * side, d)
 
-    mask = bias.reshape(1, h * ty * tx, block * block, side * side).to(q.dtype)
+    mask = (bias.contiguous()[:, None] + key_outside).to(q.dtype).view(1, h * ty * tx, block * block, side * side)
     out = F.scaled_dot_product_attention(q, halo(k), halo(v), attn_mask=mask)
     out = out.view(b, h, ty, tx, block, block, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, ty * block, tx * block, d)
     return out[:, :, :gh, :gw].reshape(b, h, n, d)
 
 
 def flex_window_attention(q, k, v, table: torch.Tensor, plan: AttentionPlan, window: int) -> torch.Tensor:
-    """FlexAttention: the bias table as a score modification, the window as a block mask. (B, heads, N, d)."""
-    gh, gw = plan.grid
-    r = window - 1
-    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or table.requires_grad):
-        raise UserError("attention=flex has no backward on a CPU: train with attention=local or auto there")
+    """FlexAttention: the bias table as a score modification, the window as a block mask. (B, heads, N, d).
 
-    def add_bias(score, b, h, qi, ki):  # offsets clamped only to stay in the table; the block mask drops them
+    The heads are folded into the batch ((B * heads, 1, N, d); the score function recovers the head as the batch
+    index % heads) and the grid width is a tensor, so one compiled kernel per head size serves every batch size
+    and grid (`flex_attention_fn` compiles with dynamic shapes; FlexAttention specialises the head count, not
+    the batch): a recompilation per shape would exhaust PyTorch's recompile limit and leave it unfused.
+    """
+    b, heads, n, d = q.shape
+    gw = plan.grid_width
+    r = window - 1
+
+    def add_bias(score, bh, _, qi, ki):  # offsets clamped only to stay in the table; the block mask drops them
         dy = (qi // gw - ki // gw).clamp(-r, r) + r
         dx = (qi % gw - ki % gw).clamp(-r, r) + r
-        return score + table[dy, dx, h]
+        return score + table[dy, dx, bh % heads]
 
-    return flex_attention_fn(q.device)(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
+    q, k, v = (t.reshape(b * heads, 1, n, d).contiguous() for t in (q, k, v))  # one layout for every batch size
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attend = flex_attention_fn(q.device)
+    if torch.compiler.is_compiling():
+        out = attend(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
+    elif attend is flex_attention:
+        try:
+            out = attend(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
+        except NotImplementedError as e:  # PyTorch has no FlexAttention backward on a CPU
+            reason = one_line(e).rstrip(".")
+            raise UserError(f"attention=flex: {reason}; train with attention=local or auto here") from None
+    else:  # past the recompile limit PyTorch would run it unfused, with full N x N scores: raise instead
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            out = attend(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
+    return out.view(b, heads, n, d)
 
 
 class Attention(nn.Module):
@@ -475,7 +622,7 @@ class Attention(nn.Module):
             # A float mask rules out FlashAttention; PyTorch picks the memory-efficient or math kernel.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=rpb.gather(plan.index).to(q.dtype).unsqueeze(0))
         elif plan.mode == "local":
-            out = windowed_attention(q, k, v, rpb.gather(plan.index), plan.grid, rpb.window)
+            out = windowed_attention(q, k, v, rpb.gather(plan.index), plan.key_outside, plan.grid, rpb.window)
         else:
             out = flex_window_attention(q, k, v, rpb.relative_bias_table, plan, rpb.window)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
@@ -570,15 +717,29 @@ class MidTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, feature_block: int | None = None):
         b, c, gh, gw = x.shape
-        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         plan = attention_plan(self.attention, self.window, (gh, gw), x.device)
-        feats = None
-        for i, block in enumerate(self.transformer_blocks):
-            h = block(h, ctx, (gh, gw), plan)
-            if i == feature_block:
-                feats = h
+        try:
+            h, feats = self.run_blocks(tokens, ctx, plan, feature_block)
+        except compile_failures() as e:
+            if plan.mode != "flex":
+                raise
+            # FlexAttention's compiler failed or ran out of recompilations: the windowed path gives the same result
+            warn_once("flex", f"FlexAttention is unavailable ({type(e).__name__}): the SSDD decoder uses "
+                              f"attention=local from now on")
+            self.attention = "local"
+            h, feats = self.run_blocks(tokens, ctx, attention_plan("local", self.window, (gh, gw), x.device),
+                                       feature_block)
         h = self.proj_out(h).transpose(1, 2).reshape(b, c, gh, gw)
         return x + h, feats
+
+    def run_blocks(self, h: torch.Tensor, ctx: torch.Tensor, plan: AttentionPlan, feature_block: int | None):
+        feats = None
+        for i, block in enumerate(self.transformer_blocks):
+            h = block(h, ctx, plan.grid, plan)
+            if i == feature_block:
+                feats = h
+        return h, feats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -666,6 +827,30 @@ class SSDDDecoder(nn.Module):
             elif isinstance(m, RelativePositionBias):
                 nn.init.zeros_(m.relative_bias_table)
 
+    def compile(self, *args, **kwargs):
+        """`nn.Module.compile` (in place, so state-dict keys stay plain), guarded: if the compiler fails on a forward
+        pass (e.g. lowering FlexAttention), the decoder says so in one warning line and goes on with the windowed
+        attention path, compiled again; should that fail too, uncompiled. A run does not end on a compiler bug."""
+        super().compile(*args, **kwargs)
+        compiled = self._compiled_call_impl
+
+        def guarded(*a, **kw):
+            while self._compiled_call_impl is guarded:
+                try:
+                    return compiled(*a, **kw)
+                except compile_failures() as e:
+                    reason = f"{type(e).__name__}: {one_line(e)[:200]}"
+                    if self.mid_block.attention in ("auto", "flex"):  # FlexAttention is the likely culprit
+                        warn_once("compile-flex", f"compiling the SSDD decoder failed ({reason}); "
+                                                  f"compiling it again with attention=local")
+                        self.mid_block.attention = "local"
+                    else:
+                        warn_once("compile", f"compiling the SSDD decoder failed ({reason}); it runs uncompiled")
+                        self._compiled_call_impl = None
+            return self._call_impl(*a, **kw)
+
+        self._compiled_call_impl = guarded
+
     def _check_shapes(self, x_t: torch.Tensor, z: torch.Tensor):
         H, W = x_t.shape[-2:]
         h, w = z.shape[-2:]
@@ -686,7 +871,14 @@ class SSDDDecoder(nn.Module):
         t_feat = timestep_embedding(t * self.timescale, self.conv_in.out_channels)
         temb = self.time_embedding(t_feat.to(self.time_embedding.linear_1.weight.dtype))  # (B, 4*C0)
 
-        h = self.conv_in(torch.cat([x_t, resize_nearest(z, x_t.shape[-2:])], dim=1))
+        h = torch.cat([x_t, resize_nearest(z, x_t.shape[-2:])], dim=1)
+        if h.device.type == "cpu":
+            # Channels-last feature maps on the CPU: oneDNN's convolutions at these widths run ~1.3x faster on
+            # them, 1x1 convolutions become plain matrix products, and the transformer's tokens are free views.
+            # Every later layer keeps the layout. (On a GPU the `channels_last` training switch decides.)
+            h = h.contiguous(memory_format=torch.channels_last)
+            ctx = ctx.contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(h)
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, temb, ctx)
@@ -695,6 +887,9 @@ class SSDDDecoder(nn.Module):
         h, feats = self.mid_block(h, ctx, self.repa_block if return_features else None)
 
         for block in self.up_blocks:
-            h = block(h, skips, temb, ctx)
-        v = self.conv_out(F.silu(self.conv_norm_out(h)))
+            skips.append(h)  # each block takes its input off the stack, so that it alone holds it (peak memory)
+            del h
+            h = block(skips, temb, ctx)
+        h = self.conv_norm_out(h)
+        v = self.conv_out(F.silu(h, inplace=untracked(h))).contiguous()
         return (v, feats) if return_features else v

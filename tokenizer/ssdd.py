@@ -342,23 +342,34 @@ class SSDD(nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(x_t, t, z)
 
+    def image_shape(self, z: torch.Tensor) -> tuple:
+        """(B, 3, H, W) of the image that latent z (B, C, h, w) decodes to."""
+        f = self.patch_size
+        return (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
+
+    def decode_noise(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The starting noise `decode(z)` draws when given none, on z's device and dtype: drawn on the generator's
+        device (the CPU without one, so a seed gives the same images on any device), then moved. Timings draw it
+        beforehand and pass it as `noise=`, so that they measure the decoder, not the draw and the copy."""
+        noise = torch.randn(self.image_shape(z), generator=generator,
+                            device="cpu" if generator is None else generator.device)
+        return noise.to(device=z.device, dtype=z.dtype)
+
     @torch.compiler.disable  # the sampler loop stays eager; the decoder inside it may be compiled
     def decode(self, z: torch.Tensor, steps: int | None = None, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Latent (B, C, h, w) -> image (B, 3, h*F, w*F) in about [-1, 1] (not clamped).
 
-        `noise` fixes the starting point (same shape as the image); otherwise it is drawn with `generator`.
-        The KL-VAE baseline ignores steps and noise: it decodes in one deterministic pass.
+        `noise` fixes the starting point (same shape as the image: `decode_noise`); otherwise it is drawn with
+        `generator`. The KL-VAE baseline ignores steps and noise: it decodes in one deterministic pass.
         """
         if self.is_kl:
             return self.decoder(z)
         if steps is None:
             steps = 1 if self.single_step else self.default_steps
-        f = self.patch_size
-        shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
+        shape = self.image_shape(z)
         if noise is None:
-            noise = torch.randn(shape, generator=generator, device="cpu" if generator is None else generator.device)
-            noise = noise.to(device=z.device, dtype=z.dtype)
+            noise = self.decode_noise(z, generator)
         elif tuple(noise.shape) != shape:
             raise UserError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         return euler_sample(lambda x, t: self.velocity(x, t, z), noise, steps, power=self.t_pow_shift)

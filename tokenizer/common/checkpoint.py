@@ -238,24 +238,37 @@ def _optimizer_files(optimizer) -> dict:
 
 
 def rng_state() -> dict:
+    """The global RNG states. CUDA: only this process's current device, and only if the process uses CUDA
+    (`get_rng_state_all` would create a context on every visible GPU); each step's randomness comes from its own
+    generator (`tokenizer.common.training.step_generator`) anyway."""
     py = random.getstate()
     np_state = np.random.get_state()
     return {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_initialized() else [],
     }
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s states, on any number of GPUs: the CUDA state goes to this process's current device
+    only, if the process uses CUDA. States written before this layout hold one CUDA state per GPU of the saving
+    process: the one of the current device index is used where it exists (fewer GPUs: the rest is skipped)."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    cuda = state.get("cuda") or []
+    if not cuda or not torch.cuda.is_initialized():
+        return
+    if isinstance(cuda[0], list):  # the older layout: one state per GPU of the saving process
+        device = torch.cuda.current_device()
+        if device >= len(cuda):
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8))
 
 
 # ----------------------------------------------------------------------------- training state
