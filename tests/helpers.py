@@ -131,3 +131,14 @@ def make_folder(root, classes=CLASSES, train=8, val=16, empty=None, corrupt=None
         path = root / "train" / truncated
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return root
+
+
+def snapshot(*roots) -> dict:
+    """{path: (size, mtime, inode)} of every file and folder under the roots: any write changes it."""
+    seen = {}
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                st = os.stat(os.path.join(folder, name))
+                seen[os.path.join(folder, name)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return seen

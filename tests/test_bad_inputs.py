@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ROOT, TINY, make_folder, make_tokenizer, tiny_args
+from helpers import ROOT, TINY, make_folder, make_tokenizer, snapshot, tiny_args
 from PIL import Image
 
 import tokenizer.common.devices as devices
@@ -219,17 +219,6 @@ CASES = [
     ("rec-out-not-an-image", lambda c: rec(c, "--out", str(c.out / "r.txt")), "image file name"),
     ("rec-missing-image", lambda c: rec(c, "--image", str(c.root / "none.png")), "none.png"),
 ]
-
-
-def snapshot(*roots) -> dict:
-    """{path: (size, mtime, inode)} of every file and folder under the roots: any write changes it."""
-    seen = {}
-    for root in roots:
-        for folder, dirs, files in os.walk(root):
-            for name in dirs + files:
-                st = os.stat(os.path.join(folder, name))
-                seen[os.path.join(folder, name)] = (st.st_size, st.st_mtime_ns, st.st_ino)
-    return seen
 
 
 def run_case(c, entry, args, capsys) -> tuple[int, str]:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, ROOT, TINY, make_folder, make_tokenizer, tiny_args
+from helpers import CLASSES, ROOT, TINY, make_folder, make_tokenizer, snapshot, tiny_args
 from omegaconf import OmegaConf
 
 from dit.cache import main as cache_main
@@ -26,16 +26,6 @@ from tokenizer.data import FashionMNIST, ImageFolderDataset, build_dataset, take
 from tokenizer.data_check import select
 from tokenizer.evaluation import reconstruct_split
 from tokenizer.train import main as tok_main
-
-
-def snapshot(*roots) -> dict:
-    seen = {}
-    for root in roots:
-        for folder, dirs, files in os.walk(root):
-            for name in dirs + files:
-                st = os.stat(os.path.join(folder, name))
-                seen[os.path.join(folder, name)] = (st.st_size, st.st_mtime_ns, st.st_ino)
-    return seen
 
 
 def last_error(capsys) -> str:

@@ -22,11 +22,9 @@ Writes <out>.json and <out>.md. Only loopback addresses are contacted.
 """
 
 import argparse
-import ipaddress
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,27 +40,11 @@ import httpx  # noqa: E402
 
 from app.limits import DEFAULT_MAX_COST, LIMITS  # noqa: E402
 from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report  # noqa: E402
+from eval.stress.app_load import free_port, loopback_url  # noqa: E402  (the same loopback rules)
 from tokenizer.common.errors import UserError  # noqa: E402
 
 LEAKS = ("Traceback", "object at 0x", "/tmp/", "/home/", "/work/", "/usr/", "site-packages", "File \"")
 CLIENTS = [f"127.0.0.{i}" for i in range(2, 10)]
-
-
-def loopback_url(url: str) -> str:
-    host = (httpx.URL(url).host or "").strip("[]")
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise UserError(f"--url must be a loopback address such as http://127.0.0.1:7860, got {url!r}")
-    return url.rstrip("/")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_up(url: str, app, log: str | None, timeout: float) -> None:
