@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import statistics
 import sys
 import time
@@ -389,6 +390,12 @@ def fmt(value, spec: str, none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
 
 
+def short(reason: str, lines: int = 2) -> str:
+    """A compiler message on one line: its first lines, without object addresses."""
+    text = " / ".join([line.strip() for line in reason.splitlines() if line.strip()][:lines])
+    return re.sub(r" at 0x[0-9a-f]+", "", text)
+
+
 def pct(fraction) -> str:
     return "n/a" if fraction is None else f"{100 * fraction:.1f} %"
 
@@ -410,8 +417,8 @@ def results_rows(record: dict) -> list:
     dit = s.get("dit_train", {})
     if dit.get("steps_per_s"):
         out.append((f"{dit['info']['model']} training, batch {dit['info']['batch_size']}, bf16 + compile",
-                    f"{dit['steps_per_s']:.2f} steps/s ({dit['images_per_s']:.0f} img/s), "
-                    f"{dit['achieved_tflops']:.0f} TFLOP/s, MFU {pct(dit['mfu_datasheet'])} of the data-sheet peak, "
+                    f"{dit['steps_per_s']:.3g} steps/s ({dit['images_per_s']:.3g} img/s), "
+                    f"{dit['achieved_tflops']:.3g} TFLOP/s, MFU {pct(dit['mfu_datasheet'])} of the data-sheet peak, "
                     f"{pct(dit['mfu_measured_peak'])} of the measured bf16 matmul peak"))
     else:
         out.append(("DiT training", "not measured (see the section's notes)"))
@@ -430,7 +437,7 @@ def results_rows(record: dict) -> list:
     if tok.get("steps_per_s"):
         i = tok["info"]
         out.append((f"tokenizer training, SSDD-{i['decoder']} {i['encoder']}, {i['px']} px, batch {i['batch_size']}, "
-                    "bf16, compiled decoder", f"{tok['steps_per_s']:.2f} steps/s ({tok['images_per_s']:.0f} img/s)"))
+                    "bf16, compiled decoder", f"{tok['steps_per_s']:.3g} steps/s ({tok['images_per_s']:.3g} img/s)"))
     else:
         out.append(("tokenizer training", "not measured (see the section's notes)"))
     return out
@@ -449,8 +456,9 @@ def markdown(record: dict) -> str:
     peaks = record["sections"].get("peaks", {})
     if peaks:
         meas = ", ".join(f"{k} {v['tflops']:.1f} TFLOP/s ({v['n']}x{v['n']})" for k, v in peaks["measured"].items())
-        lines += ["", f"Peaks: data sheet {fmt(peaks['datasheet_bf16_tflops'], '.1f')} TFLOP/s bf16 dense "
-                  f"({peaks['datasheet_source'] or 'no entry for this device'}); measured matmul: {meas or 'none'}."]
+        sheet = (f"{peaks['datasheet_bf16_tflops']:.1f} TFLOP/s ({peaks['datasheet_source']})"
+                 if peaks.get("datasheet_bf16_tflops") else "none for this device")
+        lines += ["", f"Peaks: data-sheet bf16 dense {sheet}; measured matmul: {meas or 'none'}."]
     dec = record["sections"].get("decoders", {})
     if dec.get("rows"):
         lines += ["", "## Decoders", "", "| decoder | px | batch | compiled | images/s | ms/image | first call s | "
@@ -461,7 +469,8 @@ def markdown(record: dict) -> str:
     for name in ("dit_train", "tokenizer_train"):
         sec = record["sections"].get(name, {})
         if sec.get("steps_per_s"):
-            lines += ["", f"## {name}", "", f"- {sec['info']}",
+            info = ", ".join(f"{k} {v}" for k, v in sec["info"].items())
+            lines += ["", f"## {name}", "", f"- {info}",
                       f"- median step {1000 * sec['step_s']:.1f} ms ({len(sec['times_s'])} timed), warm-up steps "
                       f"{sec['warmup_s']} s, recompiles during warm-up {sec['warmup_recompiles']}, while timed "
                       f"{sec['recompiles_while_timed']}; peak {fmt(sec['peak_memory_gib'], '.1f')} GiB"]
@@ -479,7 +488,7 @@ def markdown(record: dict) -> str:
         c = sec.get("compile", {})
         items = ([f"note: {n}" for n in sec.get("notes", [])] + [f"error: {e}" for e in sec.get("errors", [])]
                  + [f"recompile: {r}" for r in c.get("reasons", [])]
-                 + [f"graph break: {k} (x{v})" for k, v in c.get("graph_breaks", {}).items()]
+                 + [f"graph break (x{v}): {short(k)}" for k, v in c.get("graph_breaks", {}).items()]
                  + [f"warning: {w}" for w in c.get("warnings", []) + sec.get("python_warnings", [])])
         if items:
             lines += ["", f"{name}:", "", *[f"- {i}" for i in items]]
