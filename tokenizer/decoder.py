@@ -125,10 +125,10 @@ def spatial_affine(y: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor) -
     h, w = scale1.shape[-2:]
     sy, sx = H // h, W // w
     if is_channels_last(y):
-        view = y.permute(0, 2, 3, 1).view(b, h, sy, w, sx, c)
+        view = y.permute(0, 2, 3, 1).reshape(b, h, sy, w, sx, c)
         scale1, shift = (m.permute(0, 2, 3, 1)[:, :, None, :, None] for m in (scale1, shift))  # (B, h, 1, w, 1, C)
     else:
-        view = y.view(b, c, h, sy, W)
+        view = y.reshape(b, c, h, sy, W)
         scale1, shift = (m.repeat_interleave(sx, dim=-1).unsqueeze(3) for m in (scale1, shift))  # (B, C, h, 1, W)
     if untracked(y, scale1, shift):
         torch.addcmul(shift, view, scale1, out=view)
@@ -180,11 +180,11 @@ def time_modulated_norm(norm: nn.GroupNorm, h: torch.Tensor, scale1: torch.Tenso
     weight = scale1 if norm.weight is None else scale1 * norm.weight
     bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale1)
     if b == 1:
-        return F.group_norm(h, norm.num_groups, weight.view(c), bias.view(c), norm.eps)
+        return F.group_norm(h, norm.num_groups, weight.reshape(c), bias.reshape(c), norm.eps)
     if h.is_contiguous():
-        out = F.group_norm(h.view(1, b * c, *h.shape[2:]), b * norm.num_groups, weight.flatten(), bias.flatten(),
+        out = F.group_norm(h.reshape(1, b * c, *h.shape[2:]), b * norm.num_groups, weight.flatten(), bias.flatten(),
                            norm.eps)
-        return out.view(h.shape)
+        return out.reshape(h.shape)
     h = F.group_norm(h, norm.num_groups, eps=norm.eps)
     return spatial_affine(h, weight[:, :, None, None], bias[:, :, None, None])
 
@@ -551,17 +551,18 @@ def windowed_attention(q, k, v, bias: torch.Tensor, key_outside: torch.Tensor, g
     ty, tx = -(-gh // block), -(-gw // block)
     ph, pw = ty * block - gh, tx * block - gw
 
-    q = F.pad(q.view(b, h, gh, gw, d), (0, 0, 0, pw, 0, ph))
-    q = q.view(b, h, ty, block, tx, block, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h * ty * tx, block * block, d)
+    q = F.pad(q.reshape(b, h, gh, gw, d), (0, 0, 0, pw, 0, ph))
+    q = q.reshape(b, h, ty, block, tx, block, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h * ty * tx, block * block, d)
 
     def halo(t):  # (B, heads, N, d) -> (B, heads * tiles, side^2, d)
-        t = F.pad(t.view(b, h, gh, gw, d), (0, 0, r, r + pw, r, r + ph))
+        t = F.pad(t.reshape(b, h, gh, gw, d), (0, 0, r, r + pw, r, r + ph))
         t = t.unfold(2, side, block).unfold(3, side, block)  # (B, heads, ty, tx, d, side, side)
         return t.permute(0, 1, 2, 3, 5, 6, 4).reshape(b, h * ty * tx, side * side, d)
 
-    mask = (bias.contiguous()[:, None] + key_outside).to(q.dtype).view(1, h * ty * tx, block * block, side * side)
+    mask = (bias.contiguous()[:, None] + key_outside).to(q.dtype).reshape(1, h * ty * tx, block * block, side * side)
     out = F.scaled_dot_product_attention(q, halo(k), halo(v), attn_mask=mask)
-    out = out.view(b, h, ty, tx, block, block, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, ty * block, tx * block, d)
+    out = out.reshape(b, h, ty, tx, block, block, d).permute(0, 1, 2, 4, 3, 5, 6)
+    out = out.reshape(b, h, ty * block, tx * block, d)
     return out[:, :, :gh, :gw].reshape(b, h, n, d)
 
 
@@ -597,7 +598,7 @@ def flex_window_attention(q, k, v, table: torch.Tensor, plan: AttentionPlan, win
     else:  # past the recompile limit PyTorch would run it unfused, with full N x N scores: raise instead
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             out = attend(q, k, v, score_mod=add_bias, block_mask=plan.block_mask)
-    return out.view(b, heads, n, d)
+    return out.reshape(b, heads, n, d)
 
 
 class Attention(nn.Module):
@@ -615,7 +616,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
 
         def split(t):  # (B, N, C) -> (B, heads, N, C/heads)
-            return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+            return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
 
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
         if plan.mode == "dense":
