@@ -310,7 +310,7 @@ def test_tokenizer_trainer_bf16_autocast_steps(tmp_path, monkeypatch, fresh_acce
 
 @pytest.mark.slow
 def test_dit_trainer_bf16_autocast_steps(tmp_path, monkeypatch, fresh_accelerate_state):
-    from dit_fixtures import make_tokenizer, tiny_args
+    from helpers import make_tokenizer, tiny_args
 
     from dit.cache import main as cache_main
     from dit.train import main as train_main
