@@ -131,9 +131,10 @@ def spatial_affine(y: torch.Tensor, scale1: torch.Tensor, shift: torch.Tensor) -
         view = y.reshape(b, c, h, sy, W)
         scale1, shift = (m.repeat_interleave(sx, dim=-1).unsqueeze(3) for m in (scale1, shift))  # (B, C, h, 1, W)
     if untracked(y, scale1, shift):
-        torch.addcmul(shift, view, scale1, out=view)
-        return y
-    out = torch.addcmul(shift, view, scale1)  # laid out like `view`, so the reshapes below are views
+        out = torch.addcmul(shift, view, scale1, out=view)  # into y itself: `view` only splits y's axes
+    else:
+        out = torch.addcmul(shift, view, scale1)  # laid out like `view`, so the reshapes below are views
+    # the result is read back through `out`, not `y`: correct even where a compiler's reshape made `view` a copy
     return out.reshape(b, H, W, c).permute(0, 3, 1, 2) if view.dim() == 6 else out.reshape(b, c, H, W)
 
 
