@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,26 +39,11 @@ import httpx  # noqa: E402
 
 from app.limits import DEFAULT_MAX_COST, LIMITS  # noqa: E402
 from eval.lib.report import command_line, machine_info, markdown_table, run_script, today, write_report  # noqa: E402
-from eval.stress.app_load import free_port, loopback_url  # noqa: E402  (the same loopback rules)
+from eval.stress.app_load import free_port, loopback_url, wait_until_up  # noqa: E402  (the same loopback rules)
 from tokenizer.common.errors import UserError  # noqa: E402
 
 LEAKS = ("Traceback", "object at 0x", "/tmp/", "/home/", "/work/", "/usr/", "site-packages", "File \"")
 CLIENTS = [f"127.0.0.{i}" for i in range(2, 10)]
-
-
-def wait_until_up(url: str, app, log: str | None, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while True:
-        if app is not None and app.poll() is not None:
-            last = open(log).read().strip().splitlines()[-1:] if log else []
-            raise UserError(f"the app exited with status {app.returncode}: {' '.join(last) or 'no output'}")
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise UserError(f"the app at {url} did not answer within {timeout:.0f} s") from None
-            time.sleep(0.5)
 
 
 def client(address: str, timeout: float) -> httpx.Client:
