@@ -3,7 +3,8 @@ ratios, for SSDD decoders against the SD-VAE-sized KL-VAE decoders (ours and dif
 
     OMP_NUM_THREADS=1 python eval/decoder_efficiency.py --out docs/reports/decoder_efficiency_cpu
     # defaults: SSDD-S and SSDD-M in 1 step, our KL-VAE decoder and diffusers' AutoencoderKL decoder (base width 128,
-    # the SD-VAE's), 256 px, batch 1 and 4, fp32, one thread on a CPU
+    # the SD-VAE's; both upsample the classic way), and ours again with SSDD's sub-pixel upsampling (what the same
+    # exact shortcut would give the baseline), 256 px, batch 1 and 4, fp32, one thread on a CPU
     python eval/decoder_efficiency.py --device cuda --batch-sizes 1 32 --out docs/reports/decoder_efficiency_gpu
 
 Weights are random (speed does not depend on them). diffusers is an optional extra: without it its row is left out
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from eval.lib.decoders import DIFFUSERS, DecoderUnavailable, build_decode_fn, decoder_inputs
+from eval.lib.decoders import DIFFUSERS, KL_SUBPIXEL, DecoderUnavailable, build_decode_fn, decoder_inputs
 from eval.lib.flops import count_flops_by_op, matmul_call, matmul_peak
 from eval.lib.report import command_line, load_average, machine_info, run_script, save_figure, today, write_report
 from eval.lib.timing import inference, take_turns
@@ -37,7 +38,7 @@ from tokenizer.common.training import enable_tf32
 from tokenizer.decoder import DECODER_SIZES
 from tokenizer.encoder import parse_encoder_name
 
-KL_DECODERS = ("kl", DIFFUSERS)
+KL_DECODERS = ("kl", KL_SUBPIXEL, DIFFUSERS)
 NOISY_SPREAD = 1.5  # slowest / fastest timed call above this marks a row as disturbed
 
 
@@ -47,12 +48,14 @@ def canonical(name: str) -> str:
         return low
     if str(name).upper() in DECODER_SIZES:
         return str(name).upper()
-    raise UserError(f"unknown decoder {name!r}: choose from kl, {DIFFUSERS}, {', '.join(DECODER_SIZES)}")
+    raise UserError(f"unknown decoder {name!r}: choose from {', '.join(KL_DECODERS)}, {', '.join(DECODER_SIZES)}")
 
 
 def label(decoder: str, steps: int, kl_base: int) -> str:
     if decoder == "kl":
         return f"KL-VAE (ours, base {kl_base})"
+    if decoder == KL_SUBPIXEL:
+        return f"KL-VAE (ours, base {kl_base}, sub-pixel upsampling)"
     if decoder == DIFFUSERS:
         return f"AutoencoderKL (diffusers, base {kl_base})"
     return f"SSDD-{decoder} {steps}-step"
@@ -220,8 +223,10 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--decoders", nargs="+", default=["S", "M", "kl", DIFFUSERS],
-                    help=f"SSDD sizes ({', '.join(DECODER_SIZES)}), kl (ours) and/or {DIFFUSERS} (AutoencoderKL)")
+    ap.add_argument("--decoders", nargs="+", default=["S", "M", "kl", DIFFUSERS, KL_SUBPIXEL],
+                    help=f"SSDD sizes ({', '.join(DECODER_SIZES)}), kl (ours), {DIFFUSERS} (AutoencoderKL) and/or "
+                         f"{KL_SUBPIXEL} (ours with SSDD's sub-pixel upsampling: what the same shortcut gives the "
+                         "baseline)")
     ap.add_argument("--steps", type=int, default=1, help="SSDD sampler steps (the KL-VAEs: always one pass)")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])

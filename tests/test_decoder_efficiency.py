@@ -68,13 +68,13 @@ def test_diffusers_decoder_matches_ours_in_size_and_flops(one_thread):
 @pytest.mark.slow
 def test_tiny_efficiency_run(tmp_path, one_thread):
     out = str(tmp_path / "eff")
-    decoders = ["XS", "kl", "diffusers"]
+    decoders = ["XS", "kl", "kl-subpixel", "diffusers"]
     argv = ["--decoders", *decoders, "--kl-base-channels", "32", "--size", "32", "--batch-sizes", "1", "2",
             "--warmup", "0", "--repeats", "2", "--peak-size", "128", "--device", "cpu", "--out", out]
     assert efficiency.main(argv) == 0
     r = json.load(open(out + ".json"))
     rows = {(x["decoder"], x["batch"]): x for x in r["rows"]}
-    built = decoders if HAS_DIFFUSERS else decoders[:2]
+    built = decoders if HAS_DIFFUSERS else decoders[:3]
     assert set(rows) == {(d, b) for d in built for b in (1, 2)}
     peak = r["peak"]
     assert peak["gflops"] == max(peak["start_gflops"], peak["end_gflops"], peak["in_turns_best_gflops"]) > 0
@@ -84,12 +84,14 @@ def test_tiny_efficiency_run(tmp_path, one_thread):
         assert x["gflops"] == pytest.approx(x["gflop_per_image"] * x["images_per_s"])
         assert x["peak_fraction"] == pytest.approx(x["gflops"] / peak["gflops"])
     assert rows[("XS", 1)]["gflop_per_image"] == rows[("XS", 2)]["gflop_per_image"] > 0
+    # the same KL decoder with sub-pixel upsampling: its three upsampling convs cost 16/36 of what they did
+    assert 0.5 < rows[("kl-subpixel", 1)]["gflop_per_image"] / rows[("kl", 1)]["gflop_per_image"] < 0.95
     assert "convolution" in " ".join(r["flops_by_op"]["SSDD-XS 1-step"])
     md = open(out + ".md").read()
     assert "| decoder | params | batch | GFLOP/image | images/s | ms/image | GFLOP/s | of the peak |" in md
     assert "taken in turns, one after each timed decoder call: " in md
     assert "- SSDD-XS 1-step vs KL-VAE (ours, base 32), batch 2: **" in md
-    assert "python eval/decoder_efficiency.py --decoders XS kl diffusers" in md
+    assert "python eval/decoder_efficiency.py --decoders XS kl kl-subpixel diffusers" in md
     assert os.path.getsize(out + ".png") > 1000
     if not HAS_DIFFUSERS:
         assert any("diffusers is not installed" in n for n in r["notes"])

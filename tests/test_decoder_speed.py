@@ -1,8 +1,9 @@
 """The SSDD decoder's fast paths compute the plain formulas: modulation broadcast from latent resolution instead of
-upsampled copies, the time modulation folded into group_norm, in-place activations in inference, 1x1 convolutions
-as matrix products, channels-last maps on the CPU. A reference forward written with the plain operations (what the
-decoder computed before, on NCHW maps and dense attention) gives the same outputs and gradients with the same
-state dict; a 1,024-px SSDD-S decode stays under 4 GB resident."""
+upsampled copies, upsampling convolutions folded to 2x2 kernels at the coarse resolution, the time modulation
+folded into group_norm, in-place activations in inference, 1x1 convolutions as matrix products, channels-last maps
+and cache-sized batch chunks on the CPU. A reference forward written with the plain operations (what the decoder
+computed before, on NCHW maps and dense attention) gives the same outputs and gradients with the same state dict;
+a 1,024-px SSDD-S decode stays under 4 GB resident."""
 
 import os
 import subprocess
@@ -19,6 +20,7 @@ from tokenizer.decoder import (
     pointwise_conv,
     resize_nearest,
     spatial_affine,
+    subpixel_upsample_conv,
     time_modulated_norm,
     timestep_embedding,
 )
@@ -75,7 +77,7 @@ def ref_forward(d: SSDDDecoder, x_t, t, z):
         for resnet in block.resnets:
             h = ref_resnet(resnet, torch.cat([h, skips.pop()], dim=1), temb, ctx)
         if block.upsamplers is not None:
-            h = block.upsamplers[0](h)
+            h = block.upsamplers[0].conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # upsampled copy
     return d.conv_out(F.silu(d.conv_norm_out(h)))
 
 
@@ -118,6 +120,28 @@ def test_decoder_equals_the_plain_reference(factor, z_channels, batch, hw):
         grads.append((out.detach(), xx.grad, zz.grad, params))
     for what, a, b in zip(("output", "x grad", "z grad", "parameter grads"), grads[1], grads[0]):
         assert rel(a, b) <= 1e-5, (what, rel(a, b))
+
+
+def test_cpu_inference_decodes_big_batches_in_chunks(monkeypatch):
+    """A CPU inference batch whose maps pass the cache budget runs in chunks; outputs and REPA tokens are the whole
+    batch's. Training (tracked) and small maps run in one call."""
+    import tokenizer.decoder as decoder
+
+    model = random_decoder()
+    x, z, t = torch.randn(3, 3, 32, 32), torch.randn(3, 4, 4, 4), torch.rand(3)
+    with torch.inference_mode():
+        whole_v, whole_f = model(x, t, z, return_features=True)
+        assert model.cpu_chunk(x, z) == 3
+        monkeypatch.setattr(decoder, "CPU_CHUNK_BYTES", 2 * 32 * 32 * 32 * 4)  # two XS images (C0 = 32) per call
+        assert model.cpu_chunk(x, z) == 2
+        calls = []
+        monkeypatch.setattr(model, "forward_batch", lambda *a: calls.append(a[0].shape[0]) or
+                            SSDDDecoder.forward_batch(model, *a))
+        v, f = model(x, t, z, return_features=True)
+        assert model(x, t[:1], z).shape == x.shape  # one t for the batch
+    assert calls == [2, 1, 2, 1]
+    assert rel(v, whole_v) <= 1e-6 and rel(f, whole_f) <= 1e-6
+    assert model.cpu_chunk(x, z.requires_grad_()) == 3  # tracked: one call
 
 
 def test_state_dict_unchanged_and_features_returned():
@@ -178,6 +202,36 @@ def test_ada_group_norm_on_every_latent_factor():
             c = ctx.contiguous(memory_format=layout)
             with torch.inference_mode():
                 torch.testing.assert_close(norm(x, c), ref_adagn(norm, x, ctx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("grad", [False, True])
+def test_subpixel_upsample_conv_is_upsample_then_conv(layout, grad):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1)
+    x = torch.randn(2, 32, 5, 7).contiguous(memory_format=layout).requires_grad_(grad)
+    expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    got = subpixel_upsample_conv(conv, x)
+    assert got.shape == (2, 48, 10, 14) and rel(got, expected) <= 1e-6
+    assert got.is_contiguous(memory_format=layout)
+    if grad:
+        (ge,) = torch.autograd.grad((expected * expected.detach()).sum(), conv.weight)
+        (gg,) = torch.autograd.grad((got * expected.detach()).sum(), conv.weight)
+        assert rel(gg, ge) <= 1e-6
+
+
+def test_kl_decoder_subpixel_option_same_function():
+    """The KL-VAE baseline upsamples the classic way by default; the option gives it the same exact shortcut."""
+    from tokenizer.kl_decoder import build_kl_decoder
+
+    torch.manual_seed(0)
+    classic = build_kl_decoder("f8c4", base_channels=32)
+    fast = build_kl_decoder("f8c4", base_channels=32, subpixel_upsample=True)
+    fast.load_state_dict(classic.state_dict())
+    assert not any(m.subpixel for m in classic.modules() if hasattr(m, "subpixel"))
+    z = torch.randn(1, 4, 6, 5)
+    with torch.no_grad():
+        assert rel(fast(z), classic(z)) <= 1e-5
 
 
 def test_pointwise_conv_is_the_1x1_convolution():

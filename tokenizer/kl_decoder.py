@@ -36,12 +36,12 @@ from tokenizer.encoder import VALID_FACTORS, Encoder, MidBlock, ResnetBlock, _no
 class UpLevel(nn.Module):
     """One resolution level: `block` (num_res_blocks + 1 ResNets) then, except on the finest level, `upsample`."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool, subpixel: bool):
         super().__init__()
         self.block = nn.ModuleList(
             ResnetBlock(in_channels if j == 0 else out_channels, out_channels) for j in range(num_blocks)
         )
-        self.upsample = Upsample(out_channels) if upsample else None
+        self.upsample = Upsample(out_channels, subpixel) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.block:
@@ -53,11 +53,15 @@ class KLDecoder(nn.Module):
     """Latent (B, z_channels, h, w) -> image (B, 3, h * patch_size, w * patch_size), about [-1, 1] (not clamped).
 
     `base_channels` < 128 only serves small CPU runs; every width must stay divisible by 32 (GroupNorm).
+    `subpixel_upsample`: False (default) upsamples as LDM and diffusers do, nearest x2 then a 3x3 conv, so this
+    decoder stays the classic baseline SSDD is measured against; True gives it SSDD's exact shortcut
+    (`tokenizer.decoder.subpixel_upsample_conv`), same weights and outputs, fewer FLOPs.
     """
 
     num_res_blocks = 2  # as the encoder; the decoder uses num_res_blocks + 1 ResNets per level (LDM)
 
-    def __init__(self, z_channels: int = 4, patch_size: int = 8, base_channels: int = 128):
+    def __init__(self, z_channels: int = 4, patch_size: int = 8, base_channels: int = 128,
+                 subpixel_upsample: bool = False):
         super().__init__()
         if patch_size not in VALID_FACTORS:
             raise UserError(f"KL decoder patch size must be one of {VALID_FACTORS}, got {patch_size}")
@@ -78,7 +82,8 @@ class KLDecoder(nn.Module):
         self.mid = MidBlock(widths[-1])
         # Level i takes the width of level i + 1 (the coarser one it comes from); the coarsest takes the mid width.
         self.up = nn.ModuleList(
-            UpLevel(widths[min(i + 1, n - 1)], widths[i], self.num_res_blocks + 1, upsample=i > 0)
+            UpLevel(widths[min(i + 1, n - 1)], widths[i], self.num_res_blocks + 1, upsample=i > 0,
+                    subpixel=subpixel_upsample)
             for i in range(n)
         )
         self.norm_out = _norm(widths[0])
@@ -105,7 +110,8 @@ class KLDecoder(nn.Module):
         return self.conv_out.weight
 
 
-def build_kl_decoder(encoder_name: str, base_channels: int = 128) -> KLDecoder:
+def build_kl_decoder(encoder_name: str, base_channels: int = 128, subpixel_upsample: bool = False) -> KLDecoder:
     """KL decoder matching an 'f{F}c{C}' encoder, e.g. build_kl_decoder('f8c4')."""
     patch_size, z_channels = parse_encoder_name(encoder_name)
-    return KLDecoder(z_channels=z_channels, patch_size=patch_size, base_channels=base_channels)
+    return KLDecoder(z_channels=z_channels, patch_size=patch_size, base_channels=base_channels,
+                     subpixel_upsample=subpixel_upsample)

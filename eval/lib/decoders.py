@@ -17,6 +17,7 @@ from tokenizer.kl_decoder import build_kl_decoder
 from tokenizer.ssdd import SSDD
 
 DIFFUSERS = "diffusers"  # the decoder name of diffusers' AutoencoderKL (an optional extra)
+KL_SUBPIXEL = "kl-subpixel"  # our KL-VAE decoder given SSDD's exact sub-pixel upsampling (same weights, fewer FLOPs)
 
 
 class DecoderUnavailable(Exception):
@@ -56,24 +57,25 @@ def build_decode_fn(decoder: str, encoder: str, kl_base_channels: int, device, c
     """-> (decode(z, noise, steps=1, attention="auto") callable, parameter count, latent (C, F)). Random weights,
     eval mode.
 
-    `decoder` is "kl" (the KL-VAE decoder, `kl_base_channels` wide), "diffusers" (diffusers' AutoencoderKL decoder
-    of the same width; DecoderUnavailable without diffusers) or an SSDD size; `noise` is the SSDD sampler's start
+    `decoder` is "kl" (the KL-VAE decoder, `kl_base_channels` wide), "kl-subpixel" (the same with SSDD's sub-pixel
+    upsampling), "diffusers" (diffusers' AutoencoderKL decoder of the same width; DecoderUnavailable without
+    diffusers) or an SSDD size; `noise` is the SSDD sampler's start
     (shape of the image; `decoder_inputs` draws it), `attention` the SSDD middle transformer's path for the call.
     The KL-VAEs ignore both, and steps. `compile_options` go to torch.compile (e.g. {"dynamic": False}).
     """
     f, c = parse_encoder_name(encoder)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     options = compile_options or {}
-    if decoder in ("kl", DIFFUSERS):
-        if decoder == "kl":
-            model = build_kl_decoder(encoder, kl_base_channels)
+    if decoder in ("kl", KL_SUBPIXEL, DIFFUSERS):
+        if decoder != DIFFUSERS:
+            model = build_kl_decoder(encoder, kl_base_channels, subpixel_upsample=decoder == KL_SUBPIXEL)
             call = model
         else:
             model = diffusers_kl_decoder(encoder, kl_base_channels)
             call = model.decode
         model = model.eval().requires_grad_(False).to(device, memory_format=fmt)
         fn = torch.compile(call, **options) if compile_ else call
-        if decoder == "kl":
+        if decoder != DIFFUSERS:
             return (lambda z, noise=None, steps=1, attention=None: fn(z)), n_params(model), (c, f)
         return (lambda z, noise=None, steps=1, attention=None: fn(z).sample), n_params(model), (c, f)
     # SSDD.decode is the code path users call (its Euler loop). Its encoder is never run: a 32-wide one only supplies
@@ -82,7 +84,7 @@ def build_decode_fn(decoder: str, encoder: str, kl_base_channels: int, device, c
     model.decoder.to(device, memory_format=fmt)
     mid, params = model.decoder.mid_block, n_params(model.decoder)
     if compile_:
-        model.decoder = torch.compile(model.decoder, **options)
+        model.decoder.compile(**options)  # in place, with its fallback: a compiler failure costs a warning, not the run
 
     def decode(z, noise, steps=1, attention="auto"):
         if noise is None:
