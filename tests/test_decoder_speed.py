@@ -35,7 +35,7 @@ def single_thread(one_thread):  # conftest.py
 
 
 def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+    return float(((a - b).norm() / b.norm()).detach())
 
 
 # ----------------------------------------------------------------------------- the plain formulas

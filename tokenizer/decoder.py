@@ -49,7 +49,7 @@ TOKEN_STRIDE = 8  # pixels per transformer token side: 3 stride-2 down-samplings
 # CPU inference decodes a batch in chunks whose finest feature map (C0 x H x W fp32 per image) fits in this many
 # bytes: past the last-level cache the norms, activations and concatenations wait on memory. Measured on a 2-core
 # EPYC (32 MiB L3, one thread, 256 px): batch 4 in one call ran SSDD-M at 84 GFLOP/s and SSDD-S at 77, one image
-# at a time at 93 and 88 (docs/RESULTS.md). No operation mixes images, so chunks give the same result.
+# at a time at 92 and 87 (docs/RESULTS.md §10). No operation mixes images, so chunks give the same result.
 CPU_CHUNK_BYTES = 8 << 20
 
 
