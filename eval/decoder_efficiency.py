@@ -6,6 +6,8 @@ ratios, for SSDD decoders against the SD-VAE-sized KL-VAE decoders (ours and dif
     # the SD-VAE's; both upsample the classic way), and ours again with SSDD's sub-pixel upsampling (what the same
     # exact shortcut would give the baseline), 256 px, batch 1 and 4, fp32, one thread on a CPU
     python eval/decoder_efficiency.py --device cuda --batch-sizes 1 32 --out docs/reports/decoder_efficiency_gpu
+    # is the sub-pixel upsampling faster on this device too? SSDD-M both ways, in one run
+    python eval/decoder_efficiency.py --decoders M M-nearest kl diffusers --out docs/reports/decoder_upsampling
 
 Weights are random (speed does not depend on them). diffusers is an optional extra: without it its row is left out
 with a note. Each decoder's FLOPs are counted by torch's counter (eval/lib/flops.py: matrix products, convolutions,
@@ -46,9 +48,11 @@ def canonical(name: str) -> str:
     low = str(name).lower()
     if low in KL_DECODERS:
         return low
-    if str(name).upper() in DECODER_SIZES:
-        return str(name).upper()
-    raise UserError(f"unknown decoder {name!r}: choose from {', '.join(KL_DECODERS)}, {', '.join(DECODER_SIZES)}")
+    size, dash, mode = str(name).partition("-")
+    if size.upper() in DECODER_SIZES and (not dash or mode.lower() == "nearest"):
+        return size.upper() + (dash and "-nearest")
+    raise UserError(f"unknown decoder {name!r}: choose from {', '.join(KL_DECODERS)}, {', '.join(DECODER_SIZES)} "
+                    f"(an SSDD size may end in -nearest)")
 
 
 def label(decoder: str, steps: int, kl_base: int) -> str:
@@ -58,7 +62,8 @@ def label(decoder: str, steps: int, kl_base: int) -> str:
         return f"KL-VAE (ours, base {kl_base}, sub-pixel upsampling)"
     if decoder == DIFFUSERS:
         return f"AutoencoderKL (diffusers, base {kl_base})"
-    return f"SSDD-{decoder} {steps}-step"
+    size, _, mode = decoder.partition("-")
+    return f"SSDD-{size} {steps}-step" + (f" ({mode} upsampling)" if mode else "")
 
 
 def ratio_lines(rows: list) -> list:
@@ -224,7 +229,8 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--decoders", nargs="+", default=["S", "M", "kl", DIFFUSERS, KL_SUBPIXEL],
-                    help=f"SSDD sizes ({', '.join(DECODER_SIZES)}), kl (ours), {DIFFUSERS} (AutoencoderKL) and/or "
+                    help=f"SSDD sizes ({', '.join(DECODER_SIZES)}; M-nearest: M with its upsamplings computed as "
+                         "written, not sub-pixel), kl (ours), {DIFFUSERS} (AutoencoderKL) and/or "
                          f"{KL_SUBPIXEL} (ours with SSDD's sub-pixel upsampling: what the same shortcut gives the "
                          "baseline)")
     ap.add_argument("--steps", type=int, default=1, help="SSDD sampler steps (the KL-VAEs: always one pass)")

@@ -102,3 +102,14 @@ def test_unknown_decoder_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown decoder 'XXL'" in err and "diffusers" in err
     assert not os.path.exists(tmp_path / "e.json")
+
+
+def test_decoder_names_with_an_upsampling_mode(tmp_path, capsys):
+    assert efficiency.canonical("m-nearest") == "M-nearest" and efficiency.canonical("KL-SUBPIXEL") == "kl-subpixel"
+    assert efficiency.label("M-nearest", 1, 128) == "SSDD-M 1-step (nearest upsampling)"
+    fn, _, latent = build_decode_fn("XS-nearest", "f8c4", 32, torch.device("cpu"), compile_=False)
+    z, noise = decoder_inputs(1, latent, 32, "cpu")
+    with torch.inference_mode():
+        assert fn(z, noise, 1).shape == (1, 3, 32, 32)
+    assert efficiency.main(["--decoders", "M-bilinear", "--out", str(tmp_path / "e")]) == 2
+    assert "unknown decoder 'M-bilinear'" in capsys.readouterr().err

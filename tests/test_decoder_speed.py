@@ -144,6 +144,30 @@ def test_cpu_inference_decodes_big_batches_in_chunks(monkeypatch):
     assert model.cpu_chunk(x, z.requires_grad_()) == 3  # tracked: one call
 
 
+def test_upsample_mode_from_config_same_result():
+    """ssdd.upsample=nearest runs the upsamplings as written: same weights, same images; a wrong value is refused."""
+    from tokenizer.common.config import load_config
+    from tokenizer.common.errors import UserError
+    from tokenizer.common.validation import check_config
+    from tokenizer.config_checks import SSDD_CHECKS
+    from tokenizer.evaluation import model_from_config
+
+    fast = random_decoder()
+    plain = SSDD.build({"ssdd": {"encoder": "f8c4", "encoder_base_channels": 32, "decoder": "XS",
+                                 "upsample": "nearest"}}).decoder
+    plain.load_state_dict(fast.state_dict())
+    assert all(not m.subpixel for m in plain.modules() if hasattr(m, "subpixel"))
+    x, z, t = torch.randn(1, 3, 64, 64), torch.randn(1, 4, 8, 8), torch.rand(1)
+    with torch.inference_mode():
+        assert rel(fast(x, t, z), plain(x, t, z)) <= 1e-5
+    cfg = load_config("ssdd.yaml", ["ssdd.decoder=XS", "ssdd.encoder_base_channels=32", "ssdd.upsample=nearest"])
+    assert not model_from_config(cfg).decoder.up_blocks[0].upsamplers[0].subpixel
+    with pytest.raises(UserError, match="ssdd.upsample"):
+        check_config(load_config("ssdd.yaml", ["ssdd.upsample=bilinear"]), SSDD_CHECKS)
+    with pytest.raises(UserError, match="unknown upsample mode 'bilinear'"):
+        SSDDDecoder("XS", upsample="bilinear")
+
+
 def test_state_dict_unchanged_and_features_returned():
     """Same keys and shapes as the released layout (test_tokenizer_models checks names); REPA's tokens come back."""
     model = random_decoder("S")

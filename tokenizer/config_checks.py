@@ -22,7 +22,7 @@ from tokenizer.common.validation import (
 )
 from tokenizer.data import dataset_kind
 from tokenizer.data_check import SUBSETS
-from tokenizer.decoder import ATTENTION_MODES, DECODER_SIZES
+from tokenizer.decoder import ATTENTION_MODES, DECODER_SIZES, UPSAMPLE_MODES
 from tokenizer.encoder import parse_encoder_name
 
 # The data keys both trainers add to the shared rules (tokenizer.data, tokenizer.data_check).
@@ -84,6 +84,7 @@ SSDD_CHECKS = trainer_checks({
     "ssdd.compile": boolean,
     "ssdd.channels_last": boolean,
     "ssdd.attention": choice(*ATTENTION_MODES),
+    "ssdd.upsample": choice(*UPSAMPLE_MODES),
     "ssdd.checkpoint": optional(text),
     "ssdd.encoder": Rule("an encoder name f<F>c<C>, F in {4, 8, 16, 32} (e.g. f8c4)", _encoder_name),
     "ssdd.encoder_base_channels": integer(32, multiple_of=32),  # GroupNorm(32) needs multiples of 32

@@ -46,6 +46,7 @@ DECODER_SIZES = {
 }
 
 TOKEN_STRIDE = 8  # pixels per transformer token side: 3 stride-2 down-samplings
+UPSAMPLE_MODES = ("subpixel", "nearest")  # how `Upsample` computes nearest x2 + 3x3 conv (same function)
 # CPU inference decodes a batch in chunks whose finest feature map (C0 x H x W fp32 per image) fits in this many
 # bytes: past the last-level cache the norms, activations and concatenations wait on memory. Measured on a 2-core
 # EPYC (32 MiB L3, one thread, 256 px): batch 4 in one call ran SSDD-M at 84 GFLOP/s and SSDD-S at 77, one image
@@ -809,13 +810,16 @@ class SSDDDecoder(nn.Module):
     Returns v (B, 3, H, W), or (v, feats) with feats (B, H/8 * W/8, C_mid) from block `repa_block`.
     `attention`: auto | dense | local | flex, how the middle transformer applies its 15x15 window (same result;
     auto picks per grid and device, see `resolve_attention`). Settable later through `self.mid_block.attention`.
+    `upsample`: subpixel | nearest, how the three upsamplings are computed (same result; `Upsample`).
     """
 
     def __init__(self, size: str = "M", z_channels: int = 4, attn_window: int = 8, timescale: float = 1000.0,
-                 attention: str = "auto"):
+                 attention: str = "auto", upsample: str = "subpixel"):
         super().__init__()
         if size not in DECODER_SIZES:
             raise UserError(f"unknown decoder size {size!r}: choose one of {', '.join(DECODER_SIZES)}")
+        if upsample not in UPSAMPLE_MODES:
+            raise UserError(f"unknown upsample mode {upsample!r}: choose one of {', '.join(UPSAMPLE_MODES)}")
         cfg = DECODER_SIZES[size]
         self.size = size
         self.z_channels = z_channels
@@ -854,6 +858,9 @@ class SSDDDecoder(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(32, c0, eps=1e-5)
         self.conv_out = nn.Conv2d(c0, 3, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, Upsample):
+                m.subpixel = upsample == "subpixel"
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -99,6 +99,7 @@ def model_from_config(cfg) -> SSDD:
             encoder_base_channels=s.encoder_base_channels,
             kl_base_channels=s.kl_base_channels,
             attention=s.get("attention", "auto"),
+            upsample=s.get("upsample", "subpixel"),
         )
         if not model.is_kl:
             model.decoder.repa_block = min(cfg.aux_losses.repa.i_extract, model.decoder.depth // 2)

@@ -134,14 +134,17 @@ class SSDD(nn.Module):
         single_step: bool = False,
         kl_base_channels: int = 128,
         attention: str = "auto",
+        upsample: str = "subpixel",
     ):
         super().__init__()
         self.encoder = build_encoder(encoder, encoder_base_channels) if isinstance(encoder, str) else encoder
         if decoder == "kl":  # the KL-VAE baseline: one deterministic conv pass, trained with L1 (+ LPIPS, GAN)
             self.decoder = KLDecoder(self.encoder.z_channels, self.encoder.patch_size, kl_base_channels)
         else:
-            # attention: how the middle transformer applies its window (auto | dense | local | flex; same result)
-            self.decoder = SSDDDecoder(decoder, z_channels=self.encoder.z_channels, attention=attention)
+            # attention: how the middle transformer applies its window (auto | dense | local | flex; same result);
+            # upsample: how the upsamplings are computed (subpixel | nearest; same result)
+            self.decoder = SSDDDecoder(decoder, z_channels=self.encoder.z_channels, attention=attention,
+                                       upsample=upsample)
         self.kl_base_channels = kl_base_channels
         self.encoder_name = encoder if isinstance(encoder, str) else type(encoder).__name__
         self.decoder_name = decoder
@@ -309,15 +312,15 @@ class SSDD(nn.Module):
         """Build from the `ssdd:` section of a YAML file (path) or mapping, as the official `SSDD.build`.
 
         Keys used: encoder, decoder, encoder_base_channels, kl_base_channels, encoder_checkpoint, encoder_train,
-        fm_trainer, fm_sampler, attention, checkpoint (the `checkpoint` argument wins). Training-only keys (compile,
-        ema) are ignored.
+        fm_trainer, fm_sampler, attention, upsample, checkpoint (the `checkpoint` argument wins). Training-only keys
+        (compile, ema) are ignored.
         """
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(config) if isinstance(config, str) else OmegaConf.create(config)
         cfg = OmegaConf.to_container(cfg.get("ssdd", cfg), resolve=True)
         keys = ("encoder", "decoder", "encoder_base_channels", "kl_base_channels", "encoder_checkpoint",
-                "encoder_train", "fm_trainer", "fm_sampler", "attention", "checkpoint")
+                "encoder_train", "fm_trainer", "fm_sampler", "attention", "upsample", "checkpoint")
         kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
         if checkpoint is not None:
             kwargs["checkpoint"] = checkpoint

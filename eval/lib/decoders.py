@@ -59,9 +59,10 @@ def build_decode_fn(decoder: str, encoder: str, kl_base_channels: int, device, c
 
     `decoder` is "kl" (the KL-VAE decoder, `kl_base_channels` wide), "kl-subpixel" (the same with SSDD's sub-pixel
     upsampling), "diffusers" (diffusers' AutoencoderKL decoder of the same width; DecoderUnavailable without
-    diffusers) or an SSDD size; `noise` is the SSDD sampler's start
-    (shape of the image; `decoder_inputs` draws it), `attention` the SSDD middle transformer's path for the call.
-    The KL-VAEs ignore both, and steps. `compile_options` go to torch.compile (e.g. {"dynamic": False}).
+    diffusers) or an SSDD size, optionally "<size>-nearest" (upsamplings computed as written, not sub-pixel);
+    `noise` is the SSDD sampler's start (shape of the image; `decoder_inputs` draws it), `attention` the SSDD
+    middle transformer's path for the call. The KL-VAEs ignore both, and steps. `compile_options` go to
+    torch.compile (e.g. {"dynamic": False}).
     """
     f, c = parse_encoder_name(encoder)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -80,7 +81,9 @@ def build_decode_fn(decoder: str, encoder: str, kl_base_channels: int, device, c
         return (lambda z, noise=None, steps=1, attention=None: fn(z).sample), n_params(model), (c, f)
     # SSDD.decode is the code path users call (its Euler loop). Its encoder is never run: a 32-wide one only supplies
     # the patch size and channel count, and stays on the CPU.
-    model = SSDD(encoder=build_encoder(encoder, base_channels=32), decoder=decoder).eval().requires_grad_(False)
+    size, _, upsample = decoder.partition("-")
+    model = SSDD(encoder=build_encoder(encoder, base_channels=32), decoder=size, upsample=upsample or "subpixel")
+    model = model.eval().requires_grad_(False)
     model.decoder.to(device, memory_format=fmt)
     mid, params = model.decoder.mid_block, n_params(model.decoder)
     if compile_:
