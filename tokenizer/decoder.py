@@ -261,16 +261,12 @@ def subpixel_upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     b, _, h, w = x.shape
     o = conv.out_channels
     y = F.conv2d(F.pad(x, (1, 1, 1, 1)), subpixel_kernels(conv.weight), conv.bias.repeat(4))  # (B, 4O, h+1, w+1)
-    # output pixel (2i + a, 2j + c) = y[parity (a, c), i + a, j + c]
-    if is_channels_last(x):
-        out = y.new_empty(b, h, 2, w, 2, o)
-        for k, (a, c) in enumerate(PHASES):
-            out[:, :, a, :, c] = y[:, k * o:(k + 1) * o, a:a + h, c:c + w].permute(0, 2, 3, 1)
-        return out.reshape(b, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
-    out = y.new_empty(b, o, h, 2, w, 2)
-    for k, (a, c) in enumerate(PHASES):
-        out[:, :, :, a, :, c] = y[:, k * o:(k + 1) * o, a:a + h, c:c + w]
-    return out.reshape(b, o, 2 * h, 2 * w)
+    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    out = torch.empty(b, o, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=layout)
+    parities = out.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (B, O, h, 2, w, 2): a view in either layout
+    for k, (a, c) in enumerate(PHASES):  # output pixel (2i + a, 2j + c) = y[parity (a, c), i + a, j + c]
+        parities[:, :, :, a, :, c] = y[:, k * o:(k + 1) * o, a:a + h, c:c + w]
+    return out
 
 
 class Upsample(nn.Module):
@@ -322,14 +318,14 @@ class UpBlock(nn.Module):
     """
 
     def __init__(self, in_channels, prev_channels, out_channels, ctx_channels, temb_channels, num_layers=3,
-                 upsample=True):
+                 upsample=True, subpixel=True):
         super().__init__()
         self.resnets = nn.ModuleList()
         for j in range(num_layers):
             skip_channels = in_channels if j == num_layers - 1 else out_channels
             x_channels = prev_channels if j == 0 else out_channels
             self.resnets.append(ResnetBlock(x_channels + skip_channels, out_channels, ctx_channels, temb_channels))
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+        self.upsamplers = nn.ModuleList([Upsample(out_channels, subpixel)]) if upsample else None
 
     def forward(self, skips, temb, ctx):
         """`skips`: the stack of down-path outputs with this block's input on top; both are consumed."""
@@ -853,14 +849,12 @@ class SSDDDecoder(nn.Module):
                 temb_channels=temb_dim,
                 num_layers=3,
                 upsample=i < n - 1,
+                subpixel=upsample == "subpixel",
             )
             for i in range(n)
         )
         self.conv_norm_out = nn.GroupNorm(32, c0, eps=1e-5)
         self.conv_out = nn.Conv2d(c0, 3, 3, padding=1)
-        for m in self.modules():
-            if isinstance(m, Upsample):
-                m.subpixel = upsample == "subpixel"
         self.initialize_weights()
 
     def initialize_weights(self):
